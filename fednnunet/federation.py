@@ -1,0 +1,256 @@
+"""Which sites exist, which cases each holds, and where each site's files live.
+
+A federation is a normal nnU-Net raw dataset (``$nnUNet_raw/DatasetXXX_Name`` with ``dataset.json``,
+``imagesTr``, ``labelsTr``) plus ``sites.json``, which assigns every training case to exactly one
+site. See documentation/data_contract.md.
+
+A :class:`Site` only ever builds paths for its own cases: every file a site touches comes from
+:meth:`Site.image_files` / :meth:`Site.label_file`, which refuse a case of another site.
+"""
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+from fednnunet.errors import FederationError
+
+SITES_FILE = 'sites.json'
+UNLABELLED_IMAGES_FOLDER = 'imagesTrUnlabelled'
+_SITE_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
+_SITE_KEYS = {'cases', 'unlabelled', 'channels', 'gpu_memory_gb', 'raw_folder'}
+
+
+def dataset_name_from_id(dataset_name_or_id) -> str:
+    """nnU-Net's lookup of ``DatasetXXX_Name``, with an error a user can act on."""
+    try:
+        return maybe_convert_to_dataset_name(dataset_name_or_id)
+    except RuntimeError as e:
+        raise FederationError(f"dataset {dataset_name_or_id!r} was not found under nnUNet_raw="
+                              f"{nnUNet_raw!r}, nnUNet_preprocessed or nnUNet_results ({e})",
+                              field='dataset id') from None
+
+
+def server_folder(dataset_name: str) -> str:
+    """Where the server keeps the merged fingerprint, the negotiated dataset.json and the plans.
+
+    This is nnU-Net's own preprocessed dataset folder, so stock tools find the plans there."""
+    return os.path.join(str(nnUNet_preprocessed), dataset_name)
+
+
+def site_folder(dataset_name: str, site_name: str) -> str:
+    """A site's own nnU-Net preprocessed dataset folder (plans, splits, preprocessed cases).
+
+    On a real federation this folder lives on the site's machine; in simulation all sites share one
+    disk, each under its own folder."""
+    return os.path.join(server_folder(dataset_name), 'sites', site_name)
+
+
+def load_json(path: str, site: Optional[str] = None, what: str = 'json') -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FederationError(f"{path} does not exist", site=site, field=what) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FederationError(f"{path} is not valid JSON ({e})", site=site, field=what) from None
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital: a name, the nnU-Net raw folder holding its images, and its cases."""
+    name: str
+    raw_folder: str
+    cases: Tuple[str, ...]
+    unlabelled: Tuple[str, ...] = ()
+    channels: Optional[Tuple[str, ...]] = None
+    gpu_memory_gb: Optional[float] = None
+    _dataset_json: dict = field(default=None, repr=False, compare=False)
+
+    @property
+    def dataset_json(self) -> dict:
+        """The site's own view of dataset.json (its raw folder's file)."""
+        if self._dataset_json is None:
+            object.__setattr__(self, '_dataset_json',
+                               load_json(os.path.join(self.raw_folder, 'dataset.json'), self.name, 'dataset.json'))
+        return self._dataset_json
+
+    @property
+    def channel_names(self) -> Dict[str, str]:
+        dj = self.dataset_json
+        if 'channel_names' in dj:
+            return dj['channel_names']
+        if 'modality' in dj:
+            return dj['modality']
+        raise FederationError("dataset.json has neither 'channel_names' nor 'modality'", site=self.name,
+                              field='channel_names')
+
+    @property
+    def file_ending(self) -> str:
+        try:
+            return self.dataset_json['file_ending']
+        except KeyError:
+            raise FederationError("dataset.json has no 'file_ending'", site=self.name, field='file_ending') from None
+
+    def _check_own(self, case: str, allowed: Iterable[str]):
+        if case not in allowed:
+            raise FederationError('this case does not belong to this site; a site only reads its own cases',
+                                  site=self.name, case=case)
+
+    def image_files(self, case: str) -> List[str]:
+        """Paths of the case's channel files, following nnU-Net's naming (``case_XXXX.ending``)."""
+        self._check_own(case, self.cases)
+        explicit = self.dataset_json.get('dataset')
+        if explicit is not None:
+            try:
+                files = explicit[case]['images']
+            except KeyError:
+                raise FederationError("dataset.json's 'dataset' has no images for this case", site=self.name,
+                                      case=case, field='dataset') from None
+            return [self._resolve(f) for f in files]
+        return [os.path.join(self.raw_folder, 'imagesTr', f'{case}_{int(c):04d}{self.file_ending}')
+                for c in sorted(self.channel_names, key=int)]
+
+    def label_file(self, case: str) -> str:
+        self._check_own(case, self.cases)
+        explicit = self.dataset_json.get('dataset')
+        if explicit is not None:
+            try:
+                return self._resolve(explicit[case]['label'])
+            except KeyError:
+                raise FederationError("dataset.json's 'dataset' has no label for this case", site=self.name,
+                                      case=case, field='dataset') from None
+        return os.path.join(self.raw_folder, 'labelsTr', f'{case}{self.file_ending}')
+
+    def unlabelled_image_files(self, case: str) -> List[str]:
+        self._check_own(case, self.unlabelled)
+        return [os.path.join(self.raw_folder, UNLABELLED_IMAGES_FOLDER, f'{case}_{int(c):04d}{self.file_ending}')
+                for c in sorted(self.channel_names, key=int)]
+
+    def _resolve(self, path: str) -> str:
+        path = os.path.expandvars(path)
+        return path if os.path.isabs(path) else os.path.abspath(os.path.join(self.raw_folder, path))
+
+    def check_files_exist(self):
+        """Every file of every own case exists (no reading): a missing file names site, case and field."""
+        for case in self.cases:
+            for ch, f in zip(sorted(self.channel_names, key=int), self.image_files(case)):
+                if not os.path.isfile(f):
+                    raise FederationError(f'image file {f} is missing', site=self.name, case=case,
+                                          field=f'channel {ch} ({self.channel_names[ch]})')
+            if not os.path.isfile(self.label_file(case)):
+                raise FederationError(f'label file {self.label_file(case)} is missing', site=self.name, case=case,
+                                      field='label')
+        for case in self.unlabelled:
+            for ch, f in zip(sorted(self.channel_names, key=int), self.unlabelled_image_files(case)):
+                if not os.path.isfile(f):
+                    raise FederationError(f'unlabelled image file {f} is missing', site=self.name, case=case,
+                                          field=f'channel {ch}')
+
+
+@dataclass
+class Federation:
+    """All sites of one dataset, as described by ``sites.json`` in the pooled raw folder."""
+    dataset_name: str
+    raw_folder: str
+    sites: Dict[str, Site]
+
+    @property
+    def site_names(self) -> List[str]:
+        return list(self.sites)
+
+    @classmethod
+    def from_raw(cls, dataset_name_or_id, only_sites: Optional[Sequence[str]] = None) -> 'Federation':
+        dataset_name = dataset_name_from_id(dataset_name_or_id)
+        raw_folder = os.path.join(str(nnUNet_raw), dataset_name)
+        return cls.from_folder(raw_folder, only_sites)
+
+    @classmethod
+    def from_folder(cls, raw_folder: str, only_sites: Optional[Sequence[str]] = None) -> 'Federation':
+        raw_folder = os.path.abspath(raw_folder)
+        sites_file = os.path.join(raw_folder, SITES_FILE)
+        if not os.path.isfile(sites_file):
+            raise FederationError(f'{sites_file} is missing: a federation needs a sites.json that assigns every '
+                                  f'training case to one site (documentation/data_contract.md)', field=SITES_FILE)
+        spec = load_json(sites_file, what=SITES_FILE)
+        sites = parse_sites(spec, raw_folder)
+        federation = cls(os.path.basename(raw_folder), raw_folder, sites)
+        federation.validate()
+        if only_sites:
+            unknown = [s for s in only_sites if s not in sites]
+            if unknown:
+                raise FederationError(f'unknown site(s) {unknown}; sites.json has {list(sites)}', field='--sites')
+            federation.sites = {s: sites[s] for s in only_sites}
+        return federation
+
+    def validate(self):
+        """The sites.json contract: every case at exactly one site, no empty site, files present."""
+        owner: Dict[str, str] = {}
+        for site in self.sites.values():
+            for case in site.cases + site.unlabelled:
+                if case in owner and owner[case] != site.name:
+                    raise FederationError(f"case is assigned to two sites: '{owner[case]}' and '{site.name}'",
+                                          case=case, field=SITES_FILE)
+                if case in owner:
+                    raise FederationError('case is listed twice', site=site.name, case=case, field=SITES_FILE)
+                owner[case] = site.name
+            if len(site.cases) == 0:
+                raise FederationError('site has no labelled training case; every site needs at least one',
+                                      site=site.name, field='cases')
+        pooled_labels = os.path.join(self.raw_folder, 'labelsTr')
+        pooled_json = os.path.join(self.raw_folder, 'dataset.json')
+        if os.path.isdir(pooled_labels) and os.path.isfile(pooled_json):
+            ending = load_json(pooled_json, what='dataset.json').get('file_ending', '')
+            for f in sorted(os.listdir(pooled_labels)):
+                if ending and f.endswith(ending):
+                    case = f[:-len(ending)]
+                    if case not in owner:
+                        raise FederationError('case is in labelsTr but assigned to no site in sites.json',
+                                              case=case, field=SITES_FILE)
+        for site in self.sites.values():
+            site.check_files_exist()
+
+
+def parse_sites(spec: dict, raw_folder: str) -> Dict[str, Site]:
+    if not isinstance(spec, dict) or not isinstance(spec.get('sites'), dict) or not spec['sites']:
+        raise FederationError("sites.json must be an object with a non-empty 'sites' object "
+                              "(site name -> {'cases': [...]})", field=SITES_FILE)
+    sites = {}
+    for name, entry in spec['sites'].items():
+        if not _SITE_NAME.match(name):
+            raise FederationError('site names may hold letters, digits, _ . - only', site=name, field='name')
+        if not isinstance(entry, dict):
+            raise FederationError('a site entry must be an object', site=name, field=SITES_FILE)
+        unknown = set(entry) - _SITE_KEYS
+        if unknown:
+            raise FederationError(f'unknown key(s) {sorted(unknown)}; allowed: {sorted(_SITE_KEYS)}', site=name,
+                                  field=SITES_FILE)
+        cases = entry.get('cases', [])
+        if not isinstance(cases, list) or not all(isinstance(c, str) for c in cases):
+            raise FederationError("'cases' must be a list of case identifiers", site=name, field='cases')
+        unlabelled = entry.get('unlabelled', [])
+        if not isinstance(unlabelled, list) or not all(isinstance(c, str) for c in unlabelled):
+            raise FederationError("'unlabelled' must be a list of case identifiers", site=name, field='unlabelled')
+        channels = entry.get('channels')
+        if channels is not None and (not isinstance(channels, list) or not all(isinstance(c, str) for c in channels)):
+            raise FederationError("'channels' must be a list of channel names", site=name, field='channels')
+        memory = entry.get('gpu_memory_gb')
+        if memory is not None and (not isinstance(memory, (int, float)) or memory <= 0):
+            raise FederationError("'gpu_memory_gb' must be a positive number", site=name, field='gpu_memory_gb')
+        site_raw = entry.get('raw_folder', raw_folder)
+        if not os.path.isabs(site_raw):
+            site_raw = os.path.join(raw_folder, site_raw)
+        sites[name] = Site(name=name, raw_folder=os.path.abspath(site_raw), cases=tuple(sorted(cases)),
+                           unlabelled=tuple(sorted(unlabelled)),
+                           channels=tuple(channels) if channels is not None else None,
+                           gpu_memory_gb=float(memory) if memory is not None else None)
+    return sites
+
+
+def write_sites_json(raw_folder: str, assignment: Dict[str, dict]):
+    """Writes sites.json ({site: {'cases': [...], ...}})."""
+    with open(os.path.join(raw_folder, SITES_FILE), 'w') as f:
+        json.dump({'sites': assignment}, f, indent=2)

@@ -1,0 +1,91 @@
+"""The server's side of ``fednnunet_plan_and_preprocess``: describe -> fingerprint -> plan -> preprocess.
+
+Each phase is a round of plain-data messages through an engine (in-process simulation or Flower):
+
+1. ``describe``: every site reports its dataset.json view, reader/writer, case count and device memory;
+   the server checks they agree (:func:`fednnunet.planners.negotiation.negotiate`).
+2. ``fingerprint``: every site runs nnU-Net's per-case analysis with the pooled per-case sample budget
+   and returns moments and per-case geometry.
+3. ``count_leq`` (a few rounds): the exact federated order-statistic search for median/percentiles;
+   then ``release_fingerprint``: sites delete their private sample.
+4. The server runs nnU-Net's planner on the merged fingerprint (no images) -> one plans.json.
+5. ``preprocess``: every site preprocesses its own cases with those plans.
+
+Nothing is written on the server before every site's fingerprint has arrived, so bad input at any site
+stops the run with that site's error and no server output.
+"""
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from fednnunet.federation import server_folder
+from fednnunet.fingerprint import merge_site_fingerprints, samples_per_case
+from fednnunet.planners.negotiation import negotiate, plan_federation
+from fednnunet.wire import Message
+
+NNUNET_DEFAULT_CONFIGURATIONS = ('2d', '3d_fullres', '3d_lowres')
+
+
+def federated_fingerprint(engine, gpu_memory_gb: Optional[float] = None) -> dict:
+    """Phases 1-3. Returns {'negotiation', 'fingerprint', 'site_fingerprints', 'count_rounds'}."""
+    descriptions = engine.ask_all(Message('describe'))
+    negotiation = negotiate([descriptions[s].config for s in engine.site_names], gpu_memory_gb)
+    n_total = negotiation['dataset_json']['numTraining']
+    request = Message('fingerprint', {'reader_writer': negotiation['reader_writer'],
+                                      'num_samples_per_case': samples_per_case(n_total)})
+    site_fps = [r.config for r in engine.ask_all(request).values()]
+
+    rounds = {'n': 0}
+
+    def count_leq(thresholds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        rounds['n'] += 1
+        replies = engine.ask_all(Message('count_leq', arrays=thresholds))
+        return {c: sum(r.arrays[c] for r in replies.values()) for c in thresholds}
+
+    fingerprint = merge_site_fingerprints(site_fps, count_leq)
+    engine.ask_all(Message('release_fingerprint'))
+    return {'negotiation': negotiation, 'fingerprint': fingerprint, 'site_fingerprints': site_fps,
+            'count_rounds': rounds['n']}
+
+
+def plan_and_preprocess(engine, dataset_name: str, configurations: Sequence[str] = NNUNET_DEFAULT_CONFIGURATIONS,
+                        planner_name: str = 'ExperimentPlanner', gpu_memory_gb: Optional[float] = None,
+                        plans_name: Optional[str] = None, overwrite_target_spacing: Optional[List[float]] = None,
+                        preprocess: bool = True) -> dict:
+    """Runs all phases; returns a summary that is also written to <server folder>/federation/negotiation_<plans>.json."""
+    t0 = time.time()
+    fp = federated_fingerprint(engine, gpu_memory_gb)
+    t_fingerprint = time.time() - t0
+    plans, plans_identifier = plan_federation(dataset_name, fp['negotiation'], fp['fingerprint'], planner_name,
+                                              plans_name, overwrite_target_spacing)
+    t_plan = time.time() - t0 - t_fingerprint
+    plans_file = os.path.join(server_folder(dataset_name), plans_identifier + '.json')
+    with open(plans_file) as f:
+        plans = json.load(f)  # exactly what nnU-Net wrote, JSON-clean
+
+    summary = {
+        'dataset_name': dataset_name, 'planner': planner_name, 'plans_identifier': plans_identifier,
+        'sites': fp['negotiation']['sites'], 'gpu_memory_target_gb': fp['negotiation']['gpu_memory_target_gb'],
+        'reader_writer': fp['negotiation']['reader_writer'], 'order_statistic_rounds': fp['count_rounds'],
+        'seconds': {'fingerprint': t_fingerprint, 'plan': t_plan}, 'preprocessed': {},
+    }
+    if preprocess:
+        wanted = [c for c in configurations if c in plans['configurations']]
+        for c in configurations:
+            if c not in wanted:
+                print(f'INFO: configuration {c} is not in the plans {plans_identifier}; skipping it (as nnU-Net does).')
+        t1 = time.time()
+        reports = engine.ask_all(Message('preprocess', {'plans': plans, 'dataset_json': fp['negotiation']['dataset_json'],
+                                                        'configurations': wanted}))
+        summary['seconds']['preprocess'] = time.time() - t1
+        summary['preprocessed'] = {c: sorted(reports) for c in wanted}
+    record_folder = os.path.join(server_folder(dataset_name), 'federation')
+    os.makedirs(record_folder, exist_ok=True)
+    tmp = os.path.join(record_folder, f'negotiation_{plans_identifier}.json.partial')
+    with open(tmp, 'w') as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(record_folder, f'negotiation_{plans_identifier}.json'))
+    return summary

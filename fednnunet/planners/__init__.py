@@ -1,0 +1,1 @@
+"""Federated planning: negotiation over nnU-Net's experiment planners, and a CPU preset."""

@@ -1,0 +1,110 @@
+"""Per-site preprocessing with the shared plans, into the site's own nnU-Net preprocessed folder.
+
+Every case goes through nnU-Net's own preprocessor (``DefaultPreprocessor.run_case_save`` or whichever
+class the plans name), so a site's folder is exactly what ``nnUNetv2_preprocess`` would produce for
+those cases: ``<data_identifier>/{case}.b2nd|_seg.b2nd|.pkl``, ``gt_segmentations/``, the plans,
+``dataset.json`` and a per-site ``splits_final.json`` that never mixes sites.
+"""
+import json
+import os
+import shutil
+from typing import Dict, List, Sequence
+
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from fednnunet.errors import FederationError
+from fednnunet.federation import Site
+from fednnunet.parallel import run_per_case
+
+NNUNET_SPLIT_SEED = 12345
+NUM_FOLDS = 5
+
+
+def site_splits(cases: Sequence[str], num_folds: int = NUM_FOLDS) -> List[Dict[str, List[str]]]:
+    """nnU-Net's seeded 5-fold split of one site's cases, valid for every fold 0..4 whatever the site size.
+
+    5 or more cases: exactly nnU-Net's ``generate_crossval_split``. 2-4 cases: a leave-one-out split
+    (nnU-Net's KFold with n folds) repeated to fill 5 folds. 1 case: it trains and validates on it (nnU-Net
+    does the same for fold 'all'); the site's validation score is then not a held-out estimate.
+    """
+    keys = sorted(cases)
+    if len(keys) >= num_folds:
+        return generate_crossval_split(keys, seed=NNUNET_SPLIT_SEED, n_splits=num_folds)
+    if len(keys) == 1:
+        return [{'train': list(keys), 'val': list(keys)} for _ in range(num_folds)]
+    base = generate_crossval_split(keys, seed=NNUNET_SPLIT_SEED, n_splits=len(keys))
+    return [base[i % len(base)] for i in range(num_folds)]
+
+
+def _preprocess_case(preprocessor_class_name: str, output_truncated: str, image_files: List[str], label_file: str,
+                     plans: dict, configuration: str, dataset_json: dict, site: str, case: str):
+    plans_manager = PlansManager(plans)
+    cm = plans_manager.get_configuration(configuration)
+    try:
+        cm.preprocessor_class(verbose=False).run_case_save(output_truncated, image_files, label_file, plans_manager,
+                                                           cm, dataset_json)
+    except FederationError:
+        raise
+    except Exception as e:
+        raise FederationError(f'preprocessing failed ({type(e).__name__}: {e})', site=site, case=case,
+                              field=configuration) from e
+
+
+def _splits_cover(splits_file: str, cases: Sequence[str]) -> bool:
+    """An existing splits_final.json is kept (as nnU-Net does) only if every fold covers exactly this
+    site's cases; a stale one from another case list is replaced."""
+    if not os.path.isfile(splits_file):
+        return False
+    with open(splits_file) as f:
+        splits = json.load(f)
+    return len(splits) > 0 and all(set(s['train']) | set(s['val']) == set(cases) for s in splits)
+
+
+def _atomic_json(path: str, obj):
+    tmp = path + '.partial'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=4)
+    os.replace(tmp, path)
+
+
+def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations: Sequence[str], out_folder: str,
+                    num_processes: int = 1) -> dict:
+    """Preprocesses the site's own cases for each configuration. Each output folder is written under a
+    ``.partial`` name and renamed when complete, so an interrupted run never leaves a folder that looks
+    done. Returns a short report (cases and shapes per configuration) for the server's log."""
+    os.makedirs(out_folder, exist_ok=True)
+    plans_manager = PlansManager(plans)
+    report = {'site': site.name, 'configurations': {}}
+    for c in configurations:
+        if c not in plans_manager.available_configurations:
+            raise FederationError(f'configuration {c!r} is not in the plans (available: '
+                                  f'{plans_manager.available_configurations})', site=site.name, field='-c')
+        cm = plans_manager.get_configuration(c)
+        final = os.path.join(out_folder, cm.data_identifier)
+        partial = final + '.partial'
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        args = [(cm.preprocessor_name, os.path.join(partial, case), site.image_files(case), site.label_file(case),
+                 plans, c, dataset_json, site.name, case) for case in site.cases]
+        run_per_case(_preprocess_case, args, num_processes, f'[site {site.name}] preprocess {c}')
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        report['configurations'][c] = {'data_identifier': cm.data_identifier, 'num_cases': len(site.cases)}
+
+    gt = os.path.join(out_folder, 'gt_segmentations')
+    gt_partial = gt + '.partial'
+    shutil.rmtree(gt_partial, ignore_errors=True)
+    os.makedirs(gt_partial)
+    for case in site.cases:
+        shutil.copyfile(site.label_file(case), os.path.join(gt_partial, case + dataset_json['file_ending']))
+    shutil.rmtree(gt, ignore_errors=True)
+    os.replace(gt_partial, gt)
+
+    _atomic_json(os.path.join(out_folder, 'dataset.json'), dataset_json)
+    _atomic_json(os.path.join(out_folder, plans['plans_name'] + '.json'), plans)
+    splits_file = os.path.join(out_folder, 'splits_final.json')
+    if not _splits_cover(splits_file, site.cases):
+        _atomic_json(splits_file, site_splits(site.cases))
+    report['num_cases'] = len(site.cases)
+    return report

@@ -1,0 +1,65 @@
+"""What a site does when the server asks: one handler per message kind.
+
+A :class:`SiteWorker` keeps no state in memory between requests. Whatever must survive from one
+request to the next (the sorted foreground sample of the fingerprint, later the optimizer state) lives
+on the site's own disk, because the Flower engine starts a fresh process for every message.
+"""
+import os
+from typing import Callable, Dict
+
+from fednnunet.federation import Site, site_folder
+from fednnunet.fingerprint import count_values_leq, fingerprint_site, release_private_sample
+from fednnunet.planners.negotiation import describe_site
+from fednnunet.preprocessing import preprocess_site
+from fednnunet.wire import Message
+
+
+class SiteWorker:
+    def __init__(self, site: Site, dataset_name: str, num_processes: int = 1):
+        self.site = site
+        self.dataset_name = dataset_name
+        self.num_processes = num_processes
+        self.handlers: Dict[str, Callable[[Message], Message]] = {
+            'describe': self.describe,
+            'fingerprint': self.fingerprint,
+            'count_leq': self.count_leq,
+            'release_fingerprint': self.release_fingerprint,
+            'preprocess': self.preprocess,
+        }
+
+    @property
+    def folder(self) -> str:
+        """The site's nnU-Net preprocessed dataset folder (see federation.site_folder)."""
+        return site_folder(self.dataset_name, self.site.name)
+
+    @property
+    def private_folder(self) -> str:
+        """Scratch that never leaves the site (e.g. its sampled foreground intensities)."""
+        return os.path.join(self.folder, 'private')
+
+    def handle(self, message: Message) -> Message:
+        try:
+            handler = self.handlers[message.kind]
+        except KeyError:
+            raise ValueError(f"site '{self.site.name}' does not know the request {message.kind!r}") from None
+        return handler(message)
+
+    def describe(self, message: Message) -> Message:
+        return Message('description', describe_site(self.site))
+
+    def fingerprint(self, message: Message) -> Message:
+        fp = fingerprint_site(self.site, message.config['reader_writer'], int(message.config['num_samples_per_case']),
+                              self.private_folder, self.num_processes)
+        return Message('site_fingerprint', fp)
+
+    def count_leq(self, message: Message) -> Message:
+        return Message('counts', arrays=count_values_leq(self.private_folder, message.arrays))
+
+    def release_fingerprint(self, message: Message) -> Message:
+        release_private_sample(self.private_folder)
+        return Message('released')
+
+    def preprocess(self, message: Message) -> Message:
+        report = preprocess_site(self.site, message.config['plans'], message.config['dataset_json'],
+                                 message.config['configurations'], self.folder, self.num_processes)
+        return Message('preprocessed', report)

@@ -1,0 +1,1 @@
+"""Federated trainers: nnUNetTrainer subclasses that run federated rounds in place of epochs."""
