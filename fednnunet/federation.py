@@ -178,16 +178,19 @@ class Federation:
         spec = load_json(sites_file, what=SITES_FILE)
         sites = parse_sites(spec, raw_folder)
         federation = cls(os.path.basename(raw_folder), raw_folder, sites)
-        federation.validate()
+        federation.validate_assignment()
         if only_sites:
             unknown = [s for s in only_sites if s not in sites]
             if unknown:
                 raise FederationError(f'unknown site(s) {unknown}; sites.json has {list(sites)}', field='--sites')
             federation.sites = {s: sites[s] for s in only_sites}
+        for site in federation.sites.values():
+            site.check_files_exist()
         return federation
 
-    def validate(self):
-        """The sites.json contract: every case at exactly one site, no empty site, files present."""
+    def validate_assignment(self):
+        """The sites.json contract: every case at exactly one site, no site without a labelled case. Reads
+        no image: only sites.json, dataset.json and the names in the pooled labelsTr (if there is one)."""
         owner: Dict[str, str] = {}
         for site in self.sites.values():
             for case in site.cases + site.unlabelled:
@@ -210,8 +213,6 @@ class Federation:
                     if case not in owner:
                         raise FederationError('case is in labelsTr but assigned to no site in sites.json',
                                               case=case, field=SITES_FILE)
-        for site in self.sites.values():
-            site.check_files_exist()
 
 
 def parse_sites(spec: dict, raw_folder: str) -> Dict[str, Site]:

@@ -48,7 +48,11 @@ def _checked_reader(base, site: str, case: str, n_channels: int, expected_labels
     (so every file is read once): readable, channel count, no NaN, labels declared, geometry matches."""
 
     class CheckedReader(base):
+        _reading_seg = False  # several readers implement read_seg through read_images
+
         def read_images(self, image_fnames):
+            if self._reading_seg:
+                return super().read_images(image_fnames)
             try:
                 images, props = super().read_images(image_fnames)
             except Exception as e:
@@ -69,11 +73,14 @@ def _checked_reader(base, site: str, case: str, n_channels: int, expected_labels
             return images, props
 
         def read_seg(self, seg_fname):
+            self._reading_seg = True
             try:
                 seg, props = super().read_seg(seg_fname)
             except Exception as e:
                 raise FederationError(f'cannot read label file {seg_fname} ({type(e).__name__}: {e})', site=site,
                                       case=case, field='label') from None
+            finally:
+                self._reading_seg = False
             if seg.shape[1:] != seen.get('shape'):
                 raise FederationError(f'label shape {seg.shape[1:]} differs from image shape {seen.get("shape")}',
                                       site=site, case=case, field='label')

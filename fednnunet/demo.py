@@ -1,0 +1,416 @@
+"""A deterministic multi-site demo federation built from real anatomy.
+
+Anatomy: the MNI ICBM152 2009a (nonlinear, symmetric) T1 template and its grey- and white-matter
+probability maps, which nilearn ships inside its wheel (``nilearn/datasets/data/``); loading them
+needs no network. The T1 template is skull-stripped: zero outside the brain.
+
+Subjects: every case is the template pulled through its own random smooth transform (a small
+affine: rotation, scale, translation; plus a smooth displacement field of a few mm), the same
+transform for T1, grey matter, white matter and the brain mask, so image and label always agree.
+Label per voxel: 0 outside the brain, else the argmax over (CSF/other = 1-gm-wm, gm, wm).
+
+Sites: each site samples its subjects on its own voxel grid (spacing, slice thickness: the image is
+the partial-volume average over the voxel) and adds its scanner's signature: gamma, a smooth
+multiplicative bias field, Rician noise and an intensity scale. Outside the brain the image is
+exactly 0, as for any skull-stripped scan, so nnU-Net's crop-to-nonzero has something to crop.
+
+Determinism: case ``i`` of site ``s`` draws its randomness from ``(seed, s, i)`` only (anatomy and
+scanner from separate streams), so the same seed gives byte-identical arrays, and adding, removing
+or reconfiguring one site leaves every other site's cases unchanged.
+
+See documentation/demo_federation.md.
+"""
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+DEMO_DATASET_ID = 501
+DEMO_DATASET_NAME = 'FedBrainDemo'
+LABELS = {'background': 0, 'grey_matter': 1, 'white_matter': 2}
+CHANNEL_NAMES = {'0': 'T1'}
+FILE_ENDING = '.nii.gz'
+
+# Field of view shared by all sites, in MNI (RAS) mm: the template brain's bounding box
+# (x -72..72, y -107..73, z -72..82) with a margin for the deformations. The template itself ends at
+# z = -72 (its brain stem is cut there), so the demo brains have a flat inferior cut too.
+FOV_LO = np.array([-84.0, -121.0, -83.0])
+FOV_HI = np.array([84.0, 87.0, 93.0])
+FOV_CENTER = (FOV_LO + FOV_HI) / 2
+
+# Anatomical variability between subjects.
+ROTATION_DEG = 5.0          # uniform in +-this, about each axis
+SCALE_RANGE = 0.05          # global scale uniform in 1 +- this
+AXIS_SCALE_RANGE = 0.02     # and per axis another 1 +- this
+TRANSLATION_MM = 3.0        # uniform in +-this, per axis
+WARP_CONTROL_MM = 32.0      # control point spacing of the displacement field
+WARP_STD_MM = 3.0           # std of the control point displacements (per component)
+TISSUE_CONTRAST_STD = 0.02  # per-subject jitter of grey/white matter T1 intensity (template units 0..1)
+BIAS_CONTROL_POINTS = 4     # bias field: cubic spline through 4x4x4 random values over the FOV
+
+
+@dataclass(frozen=True)
+class SiteScanner:
+    """How one site's scanner differs from the others.
+
+    ``spacing`` is the voxel spacing in x, y, z (world order) *relative to the base grid*: the base
+    grid spans the field of view with ``size`` voxels along its longest axis (y), so its spacing is
+    ``base_spacing_mm(size)`` (3.25 mm for size 64). ``(1, 1, 3)`` is a site with 3x thicker slices
+    along z. See :func:`site_spacing_mm` / :func:`site_shape` for the actual grid of a site.
+
+    Intensity model, inside the brain (outside it the image is 0): ``intensity_scale * Rician(
+    bias * t1 ** gamma, noise_std * mean)`` where t1 is the subject's template intensity (0..1),
+    bias is ``exp(bias_strength * f)`` for a smooth random field f with max |f| = 1 (so
+    bias_strength is the largest log gain), and the Rician noise has std ``noise_std`` times the
+    mean brain signal.
+    """
+    name: str
+    n_cases: int
+    spacing: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    intensity_scale: float = 1000.0
+    gamma: float = 1.0
+    bias_strength: float = 0.0
+    noise_std: float = 0.02
+    description: str = ''
+
+    def __post_init__(self):
+        if not re.match(r'^[A-Za-z0-9][A-Za-z0-9.-]*$', self.name):
+            raise ValueError(f'site name {self.name!r}: use letters, digits, . or - (no underscore: case ids '
+                             f'are <site>_<index>)')
+        if int(self.n_cases) < 1:
+            raise ValueError(f'site {self.name!r}: n_cases must be >= 1')
+        if len(self.spacing) != 3 or not all(s > 0 for s in self.spacing):
+            raise ValueError(f'site {self.name!r}: spacing must be 3 positive factors (x, y, z)')
+        if self.intensity_scale <= 0 or self.gamma <= 0 or self.bias_strength < 0 or self.noise_std < 0:
+            raise ValueError(f'site {self.name!r}: need intensity_scale > 0, gamma > 0, bias_strength >= 0, '
+                             f'noise_std >= 0')
+
+    def case_ids(self) -> Tuple[str, ...]:
+        return tuple(f'{self.name}_{i:03d}' for i in range(self.n_cases))
+
+
+DEFAULT_SITES: Tuple[SiteScanner, ...] = (
+    SiteScanner('A', 10, (1.0, 1.0, 1.0), intensity_scale=1000.0, gamma=1.0, bias_strength=0.05, noise_std=0.02,
+                description='large reference site: isotropic, clean'),
+    SiteScanner('B', 8, (1.0, 1.0, 3.0), intensity_scale=800.0, gamma=0.9, bias_strength=0.1, noise_std=0.03,
+                description='thick axial slices (3x along z)'),
+    SiteScanner('C', 4, (1.2, 1.2, 1.2), intensity_scale=1500.0, gamma=1.6, bias_strength=0.4, noise_std=0.03,
+                description='small, strong bias field and gamma'),
+    SiteScanner('D', 3, (1.0, 1.0, 1.5), intensity_scale=250.0, gamma=0.75, bias_strength=0.15, noise_std=0.08,
+                description='small, other intensity scale, noisy'),
+)
+
+TEST_SITES: Tuple[SiteScanner, ...] = (
+    SiteScanner('A', 3, (1.0, 1.0, 1.0), intensity_scale=1000.0, gamma=1.0, bias_strength=0.05, noise_std=0.02,
+                description='isotropic, clean'),
+    SiteScanner('B', 2, (1.0, 1.0, 2.0), intensity_scale=800.0, gamma=0.9, bias_strength=0.1, noise_std=0.03,
+                description='thick slices (2x along z)'),
+    SiteScanner('C', 2, (1.2, 1.2, 1.2), intensity_scale=300.0, gamma=1.5, bias_strength=0.35, noise_std=0.06,
+                description='strong bias, gamma, noise'),
+)
+
+
+# ----------------------------------------------------------------------------------------- grids
+
+def base_spacing_mm(size: int) -> float:
+    """Isotropic spacing of the base grid: ``size`` voxels along the field of view's longest axis."""
+    if int(size) < 8:
+        raise ValueError(f'size must be >= 8 (got {size})')
+    return float((FOV_HI - FOV_LO).max() / int(size))
+
+
+def site_spacing_mm(site: SiteScanner, size: int) -> Tuple[float, float, float]:
+    """The site's voxel spacing in mm, x, y, z (what the NIfTI header says)."""
+    base = base_spacing_mm(size)
+    return tuple(float(base * f) for f in site.spacing)
+
+
+def site_shape(site: SiteScanner, size: int) -> Tuple[int, int, int]:
+    """The site's image shape in x, y, z voxel order (SimpleITK / nnU-Net arrays are z, y, x)."""
+    return tuple(max(1, int(round(float(e) / s))) for e, s in zip(FOV_HI - FOV_LO, site_spacing_mm(site, size)))
+
+
+def _grid_origin(spacing: Sequence[float], shape: Sequence[int]) -> np.ndarray:
+    """World (RAS mm) position of voxel (0, 0, 0): the grid is centred in the field of view."""
+    return FOV_CENTER - (np.asarray(shape) - 1) / 2 * np.asarray(spacing)
+
+
+def _fwhm_sigma(target_mm: float, have_mm: float) -> float:
+    """Gaussian sigma (mm) taking a resolution of ``have_mm`` to a voxel of ``target_mm`` (FWHM = voxel)."""
+    return float(np.sqrt(max(target_mm ** 2 - have_mm ** 2, 0.0)) / 2.3548)
+
+
+# ------------------------------------------------------------------------------------- template
+
+@functools.lru_cache(maxsize=4)
+def _template(work_spacing: float):
+    """T1, GM, WM and brain mask (float32, 0..1) over the field of view on an isotropic working grid.
+
+    Loaded from the files inside nilearn's wheel at their native 1 mm (``resolution=None``: no
+    resampling by nilearn, no download), then smoothed and resampled to ``work_spacing``."""
+    from nilearn.datasets import load_mni152_gm_template, load_mni152_template, load_mni152_wm_template
+    imgs = [load_mni152_template(), load_mni152_gm_template(), load_mni152_wm_template()]
+    affine = imgs[0].affine
+    for img in imgs[1:]:
+        if img.shape != imgs[0].shape or not np.allclose(img.affine, affine):
+            raise RuntimeError('nilearn MNI152 T1 / GM / WM templates do not share one grid')
+    maps = [np.asarray(img.dataobj, dtype=np.float32) for img in imgs]
+    maps.append((maps[0] > 0).astype(np.float32))  # the T1 template is skull-stripped: brain = nonzero
+    native = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    shape = tuple(int(np.ceil(e / work_spacing)) + 1 for e in FOV_HI - FOV_LO)
+    origin = FOV_CENTER - (np.asarray(shape) - 1) / 2 * work_spacing
+    axes = [origin[a] + work_spacing * np.arange(shape[a]) for a in range(3)]
+    world = np.stack(np.meshgrid(*axes, indexing='ij')).reshape(3, -1)
+    inv = np.linalg.inv(affine)
+    vox = (inv[:3, :3] @ world + inv[:3, 3:4]).reshape((3,) + shape)
+    out = []
+    for m in maps:
+        sigma = [_fwhm_sigma(work_spacing, n) / n for n in native]
+        if max(sigma) > 0.1:
+            m = ndimage.gaussian_filter(m, sigma, mode='constant', truncate=3.0)
+        out.append(ndimage.map_coordinates(m, vox, order=1, mode='constant', cval=0.0).astype(np.float32))
+    return tuple(out), origin
+
+
+def _work_spacing(size: int) -> float:
+    """Working resolution: half the base spacing (enough to anti-alias), never finer than the 1 mm template."""
+    return round(max(1.0, base_spacing_mm(size) / 2), 4)
+
+
+def _site_maps(size: int, spacing_mm: Sequence[float]):
+    """Template maps pre-blurred to the site's voxel size (slice profile / partial volume)."""
+    w = _work_spacing(size)
+    maps, origin = _template(w)
+    sigma = [_fwhm_sigma(s, w) / w for s in spacing_mm]
+    if max(sigma) > 0.1:
+        maps = tuple(ndimage.gaussian_filter(m, sigma, mode='constant', truncate=3.0) for m in maps)
+    return maps, origin, w
+
+
+# ---------------------------------------------------------------------------------- randomness
+
+def _case_rngs(seed: int, site_name: str, index: int):
+    """Independent generators for (anatomy, scanner) from (seed, site, case index) only."""
+    key = zlib.crc32(site_name.encode('utf-8'))
+    children = np.random.SeedSequence([int(seed), key, int(index)]).spawn(2)
+    return np.random.default_rng(children[0]), np.random.default_rng(children[1])
+
+
+def _rotation(angles_rad: np.ndarray) -> np.ndarray:
+    cx, cy, cz = np.cos(angles_rad)
+    sx, sy, sz = np.sin(angles_rad)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _control_grid_field(values: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Cubic spline through ``values`` (a regular control grid spanning the FOV) at world ``points`` (3, N)."""
+    n = np.asarray(values.shape[-3:])
+    idx = (points - FOV_LO[:, None]) / (FOV_HI - FOV_LO)[:, None] * (n - 1)[:, None]
+    if values.ndim == 3:
+        return ndimage.map_coordinates(values, idx, order=3, mode='nearest')
+    return np.stack([ndimage.map_coordinates(v, idx, order=3, mode='nearest') for v in values])
+
+
+def _subject_transform(rng: np.random.Generator):
+    """The subject's anatomy: a map from subject world mm to template world mm, plus tissue contrast.
+
+    Drawn in a fixed order from the anatomy generator and independent of the site's grid, so a
+    subject is the same anatomy at any size or spacing."""
+    angles = np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG, 3))
+    scale = rng.uniform(1 - SCALE_RANGE, 1 + SCALE_RANGE) * rng.uniform(1 - AXIS_SCALE_RANGE, 1 + AXIS_SCALE_RANGE, 3)
+    shift = rng.uniform(-TRANSLATION_MM, TRANSLATION_MM, 3)
+    n_ctrl = tuple(int(np.ceil(e / WARP_CONTROL_MM)) + 1 for e in FOV_HI - FOV_LO)
+    warp = rng.normal(0.0, WARP_STD_MM, (3,) + n_ctrl)
+    contrast = rng.normal(0.0, TISSUE_CONTRAST_STD, 2)
+    # subject -> template: inverse of "scale, then rotate" about the FOV centre
+    matrix = np.diag(1.0 / scale) @ _rotation(angles).T
+
+    def to_template(points: np.ndarray) -> np.ndarray:
+        centred = points - FOV_CENTER[:, None]
+        return matrix @ centred + FOV_CENTER[:, None] - shift[:, None] + _control_grid_field(warp, points)
+
+    return to_template, contrast
+
+
+# ----------------------------------------------------------------------------------------- cases
+
+def generate_case(site: SiteScanner, index: int, size: int = 64, seed: int = 0, _maps=None):
+    """One case of one site, in memory.
+
+    Returns ``(image, label, spacing_mm)``: image float32 and label uint8, both indexed x, y, z
+    (world axes, RAS), spacing in mm x, y, z."""
+    spacing = site_spacing_mm(site, size)
+    shape = site_shape(site, size)
+    maps, work_origin, w = _maps if _maps is not None else _site_maps(size, spacing)
+    rng_anatomy, rng_scanner = _case_rngs(seed, site.name, index)
+    to_template, contrast = _subject_transform(rng_anatomy)
+
+    origin = _grid_origin(spacing, shape)
+    axes = [origin[a] + spacing[a] * np.arange(shape[a]) for a in range(3)]
+    points = np.stack(np.meshgrid(*axes, indexing='ij')).reshape(3, -1)
+    vox = (to_template(points) - work_origin[:, None]) / w
+    t1, gm, wm, brain = (ndimage.map_coordinates(m, vox, order=1, mode='constant', cval=0.0).reshape(shape)
+                         for m in maps)
+
+    mask = brain > 0.5
+    tissue = np.stack([1.0 - gm - wm, gm, wm])
+    label = np.where(mask, np.argmax(tissue, axis=0), 0).astype(np.uint8)
+    present = set(np.unique(label).tolist())
+    if not {1, 2} <= present:
+        raise RuntimeError(f'case {site.name}_{index:03d} at size {size} has labels {sorted(present)}; '
+                           f'grey and white matter must both be present: use a larger size')
+
+    # scanner: gamma, bias field, Rician noise, intensity scale; exactly 0 outside the brain
+    signal = np.clip(t1 + contrast[0] * gm + contrast[1] * wm, 0.0, None) ** site.gamma
+    bias_values = rng_scanner.normal(0.0, 1.0, (BIAS_CONTROL_POINTS,) * 3)
+    field = _control_grid_field(bias_values, points).reshape(shape)
+    field /= max(float(np.abs(field).max()), 1e-6)
+    signal = signal * np.exp(site.bias_strength * field)
+    sigma = site.noise_std * float(signal[mask].mean())
+    noise = rng_scanner.normal(0.0, sigma, (2,) + shape)
+    signal = np.sqrt((signal + noise[0]) ** 2 + noise[1] ** 2)
+    image = np.where(mask, signal * site.intensity_scale, 0.0).astype(np.float32)
+    return image, label, spacing
+
+
+def _write_nifti(array_xyz: np.ndarray, spacing: Sequence[float], origin_ras: np.ndarray, path: str):
+    """Writes an x, y, z (RAS) array with SimpleITK (LPS world: x and y flip sign)."""
+    import SimpleITK as sitk
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array_xyz.transpose(2, 1, 0)))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin((-float(origin_ras[0]), -float(origin_ras[1]), float(origin_ras[2])))
+    img.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, path, useCompression=True)
+
+
+# ----------------------------------------------------------------------------------------- build
+
+def dataset_folder_name(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DATASET_NAME) -> str:
+    return f'Dataset{int(dataset_id):03d}_{name}'
+
+
+def _check_sites(sites: Iterable[SiteScanner]) -> Tuple[SiteScanner, ...]:
+    sites = tuple(sites)
+    if not sites:
+        raise ValueError('need at least one site')
+    names = [s.name for s in sites]
+    if len(set(names)) != len(names):
+        raise ValueError(f'site names must be unique, got {names}')
+    return sites
+
+
+def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DATASET_NAME,
+                          raw_root: Optional[str] = None, size: int = 64, seed: int = 0,
+                          sites: Sequence[SiteScanner] = DEFAULT_SITES, overwrite: bool = False,
+                          verbose: bool = True) -> str:
+    """Writes ``<raw_root or $nnUNet_raw>/Dataset{id:03d}_{name}/`` with dataset.json, imagesTr/,
+    labelsTr/ and sites.json. Returns the folder.
+
+    The folder is built under a hidden temporary sibling and renamed into place at the end, so an
+    interrupted build never leaves a folder that looks complete. An existing folder raises
+    FileExistsError unless ``overwrite=True``, which replaces it."""
+    from fednnunet.federation import Federation, write_sites_json
+
+    sites = _check_sites(sites)
+    if raw_root is None:
+        raw_root = os.environ.get('nnUNet_raw')
+        if not raw_root:
+            raise ValueError('no raw_root given and $nnUNet_raw is not set')
+    raw_root = os.path.abspath(raw_root)
+    folder_name = dataset_folder_name(dataset_id, name)
+    target = os.path.join(raw_root, folder_name)
+    _check_target(raw_root, target, int(dataset_id), overwrite)
+    os.makedirs(raw_root, exist_ok=True)
+
+    t_start = time.perf_counter()
+    tmp = tempfile.mkdtemp(prefix=f'.{folder_name}.building-', dir=raw_root)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the dataset should look like any other folder
+        images_dir = os.path.join(tmp, 'imagesTr')
+        labels_dir = os.path.join(tmp, 'labelsTr')
+        os.makedirs(images_dir)
+        os.makedirs(labels_dir)
+        assignment: Dict[str, dict] = {}
+        for site in sites:
+            t0 = time.perf_counter()
+            spacing = site_spacing_mm(site, size)
+            shape = site_shape(site, size)
+            maps = _site_maps(size, spacing)
+            origin = _grid_origin(spacing, shape)
+            for i, case in enumerate(site.case_ids()):
+                image, label, _ = generate_case(site, i, size, seed, _maps=maps)
+                _write_nifti(image, spacing, origin, os.path.join(images_dir, f'{case}_0000{FILE_ENDING}'))
+                _write_nifti(label, spacing, origin, os.path.join(labels_dir, f'{case}{FILE_ENDING}'))
+            assignment[site.name] = {'cases': list(site.case_ids())}
+            if verbose:
+                print(f'[demo] site {site.name}: {site.n_cases} cases, shape {shape} (x,y,z), spacing '
+                      f'{tuple(round(s, 3) for s in spacing)} mm, {time.perf_counter() - t0:.1f} s', flush=True)
+        n_cases = sum(s.n_cases for s in sites)
+        dataset_json = {
+            'channel_names': dict(CHANNEL_NAMES),
+            'labels': dict(LABELS),
+            'numTraining': n_cases,
+            'file_ending': FILE_ENDING,
+            'name': name,
+            'description': (f'fednnunet demo federation: brain tissue segmentation, {len(sites)} sites '
+                            f'({", ".join(f"{s.name}: {s.n_cases}" for s in sites)} cases), synthetic subjects '
+                            f'from random deformations of the MNI ICBM152 2009a T1 template and its GM/WM '
+                            f'probability maps (as shipped with nilearn), size={size}, seed={seed}.'),
+            'reference': 'Fonov et al., NeuroImage 54(1) 2011; Fonov et al., NeuroImage 47 S102 2009 '
+                         '(MNI ICBM152 2009a, Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging '
+                         'Centre, Montreal Neurological Institute, McGill University)',
+        }
+        with open(os.path.join(tmp, 'dataset.json'), 'w') as f:
+            json.dump(dataset_json, f, indent=2)
+        write_sites_json(tmp, assignment)
+        Federation.from_folder(tmp)  # the contract holds before the folder becomes visible
+        _move_into_place(tmp, target, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        print(f'[demo] wrote {target} ({n_cases} cases, {time.perf_counter() - t_start:.1f} s)', flush=True)
+    return target
+
+
+def _check_target(raw_root: str, target: str, dataset_id: int, overwrite: bool):
+    if os.path.exists(target) and not overwrite:
+        raise FileExistsError(f'{target} already exists; pass overwrite=True to replace it '
+                              f'(or choose another dataset id / name)')
+    prefix = f'Dataset{dataset_id:03d}_'
+    if os.path.isdir(raw_root):
+        clash = [d for d in os.listdir(raw_root) if d.startswith(prefix) and
+                 os.path.join(raw_root, d) != target]
+        if clash:
+            raise FileExistsError(f'{raw_root} already holds {clash} with dataset id {dataset_id}; nnU-Net needs '
+                                  f'dataset ids to be unique: choose another id or remove it')
+
+
+def _move_into_place(tmp: str, target: str, overwrite: bool):
+    if not os.path.exists(target):
+        os.rename(tmp, target)
+        return
+    if not overwrite:
+        raise FileExistsError(f'{target} appeared while building; pass overwrite=True to replace it')
+    old = tmp + '-old'
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

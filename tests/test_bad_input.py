@@ -1,0 +1,168 @@
+"""Bad federation input: a clear error naming site, case and field, and no server output that looks done."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from fednnunet.cli import plan_and_preprocess_entry
+from fednnunet.engines.simulation import SimulationEngine
+from fednnunet.errors import FederationError
+from fednnunet.federation import Federation, server_folder
+from fednnunet.plan_and_preprocess import plan_and_preprocess
+
+from conftest import DATASET_NAME
+
+
+def _sites(raw):
+    with open(raw / 'sites.json') as f:
+        return json.load(f)
+
+
+def _write_sites(raw, spec):
+    with open(raw / 'sites.json', 'w') as f:
+        json.dump(spec, f)
+
+
+def _run(raw):
+    fed = Federation.from_folder(str(raw))
+    return plan_and_preprocess(SimulationEngine.for_federation(fed), DATASET_NAME, ['3d_fullres'], 'nnUNetPlannerCPU')
+
+
+def _assert_nothing_on_server():
+    folder = server_folder(DATASET_NAME)
+    written = os.listdir(folder) if os.path.isdir(folder) else []
+    assert [f for f in written if f != 'sites'] == [], written
+
+
+def _separate_site(raw, tmp_path, site, edit_dataset_json):
+    """Gives `site` its own raw folder (as on its own machine) with an edited dataset.json."""
+    spec = _sites(raw)
+    own = tmp_path / f'own_{site}' / DATASET_NAME
+    shutil.copytree(raw, own)
+    with open(own / 'dataset.json') as f:
+        dj = json.load(f)
+    edit_dataset_json(dj)
+    with open(own / 'dataset.json', 'w') as f:
+        json.dump(dj, f)
+    spec['sites'][site]['raw_folder'] = str(own)
+    _write_sites(raw, spec)
+
+
+def test_label_value_not_declared(raw_copy):
+    f = raw_copy / 'labelsTr' / 'C_000.nii.gz'
+    img = sitk.ReadImage(str(f))
+    arr = sitk.GetArrayFromImage(img)
+    arr[arr.shape[0] // 2, arr.shape[1] // 2, arr.shape[2] // 2] = 3
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(img)
+    sitk.WriteImage(out, str(f))
+    with pytest.raises(FederationError, match=r"site 'C', case 'C_000', field 'labels'.*\[3\.0\]") as e:
+        _run(raw_copy)
+    assert (e.value.site, e.value.case, e.value.field) == ('C', 'C_000', 'labels')
+    _assert_nothing_on_server()
+
+
+def test_sites_disagree_on_labels(raw_copy, tmp_path):
+    _separate_site(raw_copy, tmp_path, 'B', lambda dj: dj['labels'].update({'csf': 3}))
+    with pytest.raises(FederationError, match=r"site 'B', field 'labels'.*differs from site 'A'"):
+        _run(raw_copy)
+    _assert_nothing_on_server()
+
+
+def test_sites_disagree_on_channel_names(raw_copy, tmp_path):
+    _separate_site(raw_copy, tmp_path, 'C', lambda dj: dj.update({'channel_names': {'0': 'T2'}}))
+    with pytest.raises(FederationError, match=r"site 'C', field 'channel_names'"):
+        _run(raw_copy)
+    _assert_nothing_on_server()
+
+
+def test_site_declares_other_channels(raw_copy):
+    spec = _sites(raw_copy)
+    spec['sites']['A']['channels'] = ['T1', 'FLAIR']
+    _write_sites(raw_copy, spec)
+    with pytest.raises(FederationError, match=r"site 'A', field 'channels'"):
+        _run(raw_copy)
+    _assert_nothing_on_server()
+
+
+def test_missing_channel_file(raw_copy, tmp_path):
+    _separate_site(raw_copy, tmp_path, 'B', lambda dj: dj.update({'channel_names': {'0': 'T1', '1': 'T2'}}))
+    with pytest.raises(FederationError, match=r"site 'B', case 'B_000', field 'channel 1 \(T2\)'.*missing"):
+        _run(raw_copy)
+
+
+def test_case_assigned_to_two_sites(raw_copy):
+    spec = _sites(raw_copy)
+    spec['sites']['B']['cases'].append('A_001')
+    _write_sites(raw_copy, spec)
+    with pytest.raises(FederationError, match=r"case 'A_001', field 'sites.json'.*two sites: 'A' and 'B'"):
+        Federation.from_folder(str(raw_copy))
+
+
+def test_case_assigned_to_no_site(raw_copy):
+    spec = _sites(raw_copy)
+    spec['sites']['A']['cases'].remove('A_002')
+    _write_sites(raw_copy, spec)
+    with pytest.raises(FederationError, match=r"case 'A_002', field 'sites.json'.*assigned to no site"):
+        Federation.from_folder(str(raw_copy))
+
+
+def test_site_with_zero_cases(raw_copy):
+    spec = _sites(raw_copy)
+    spec['sites']['D'] = {'cases': []}
+    _write_sites(raw_copy, spec)
+    with pytest.raises(FederationError, match=r"site 'D', field 'cases'.*no labelled training case"):
+        Federation.from_folder(str(raw_copy))
+
+
+def test_unreadable_image(raw_copy):
+    (raw_copy / 'imagesTr' / 'C_001_0000.nii.gz').write_bytes(b'this is not a nifti file')
+    with pytest.raises(FederationError, match=r"site 'C', case 'C_001', field 'channel 0'.*cannot read") as e:
+        _run(raw_copy)
+    assert 'C_001_0000.nii.gz' in str(e.value)
+    _assert_nothing_on_server()
+
+
+def test_unreadable_first_image_fails_at_describe(raw_copy):
+    (raw_copy / 'imagesTr' / 'B_000_0000.nii.gz').write_bytes(b'garbage')
+    with pytest.raises(FederationError, match=r"site 'B', case 'B_000', field 'images'.*no nnU-Net reader"):
+        _run(raw_copy)
+    _assert_nothing_on_server()
+
+
+def test_label_shape_differs_from_image(raw_copy):
+    f = raw_copy / 'labelsTr' / 'A_001.nii.gz'
+    img = sitk.ReadImage(str(f))
+    arr = sitk.GetArrayFromImage(img)[:-2]
+    out = sitk.GetImageFromArray(arr)
+    out.SetSpacing(img.GetSpacing())
+    out.SetOrigin(img.GetOrigin())
+    sitk.WriteImage(out, str(f))
+    with pytest.raises(FederationError, match=r"site 'A', case 'A_001', field 'label'.*shape"):
+        _run(raw_copy)
+    _assert_nothing_on_server()
+
+
+def test_malformed_sites_json(raw_copy):
+    (raw_copy / 'sites.json').write_text('{"sites": {"A": {"cases": "A_000"}}}')
+    with pytest.raises(FederationError, match=r"site 'A', field 'cases'"):
+        Federation.from_folder(str(raw_copy))
+    (raw_copy / 'sites.json').write_text('not json')
+    with pytest.raises(FederationError, match='not valid JSON'):
+        Federation.from_folder(str(raw_copy))
+    os.remove(raw_copy / 'sites.json')
+    with pytest.raises(FederationError, match='sites.json is missing'):
+        Federation.from_folder(str(raw_copy))
+
+
+def test_cli_reports_wrong_ids_and_sites(raw_copy, capsys):
+    with pytest.raises(SystemExit) as e:
+        plan_and_preprocess_entry(['-d', '999', '-np', '1'])
+    assert e.value.code == 2
+    assert "dataset '999'" in capsys.readouterr().err or "dataset 999" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plan_and_preprocess_entry(['-d', '501', '--sites', 'A', 'Z', '-np', '1'])
+    assert "unknown site(s) ['Z']" in capsys.readouterr().err
