@@ -23,6 +23,7 @@ import numpy as np
 
 from fednnunet.federation import server_folder
 from fednnunet.fingerprint import merge_site_fingerprints, samples_per_case
+from fednnunet.jsonio import write_json
 from fednnunet.planners.negotiation import negotiate, plan_federation
 from fednnunet.wire import Message
 
@@ -82,10 +83,6 @@ def plan_and_preprocess(engine, dataset_name: str, configurations: Sequence[str]
                                                         'configurations': wanted}))
         summary['seconds']['preprocess'] = time.time() - t1
         summary['preprocessed'] = {c: sorted(reports) for c in wanted}
-    record_folder = os.path.join(server_folder(dataset_name), 'federation')
-    os.makedirs(record_folder, exist_ok=True)
-    tmp = os.path.join(record_folder, f'negotiation_{plans_identifier}.json.partial')
-    with open(tmp, 'w') as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, os.path.join(record_folder, f'negotiation_{plans_identifier}.json'))
+    write_json(os.path.join(server_folder(dataset_name), 'federation', f'negotiation_{plans_identifier}.json'), summary,
+               indent=2)
     return summary

@@ -15,6 +15,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from fednnunet.errors import FederationError
 from fednnunet.federation import Site
+from fednnunet.jsonio import write_json
 from fednnunet.parallel import run_per_case
 
 NNUNET_SPLIT_SEED = 12345
@@ -61,13 +62,6 @@ def _splits_cover(splits_file: str, cases: Sequence[str]) -> bool:
     return len(splits) > 0 and all(set(s['train']) | set(s['val']) == set(cases) for s in splits)
 
 
-def _atomic_json(path: str, obj):
-    tmp = path + '.partial'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=4)
-    os.replace(tmp, path)
-
-
 def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations: Sequence[str], out_folder: str,
                     num_processes: int = 1) -> dict:
     """Preprocesses the site's own cases for each configuration. Each output folder is written under a
@@ -101,10 +95,10 @@ def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations:
     shutil.rmtree(gt, ignore_errors=True)
     os.replace(gt_partial, gt)
 
-    _atomic_json(os.path.join(out_folder, 'dataset.json'), dataset_json)
-    _atomic_json(os.path.join(out_folder, plans['plans_name'] + '.json'), plans)
+    write_json(os.path.join(out_folder, 'dataset.json'), dataset_json)
+    write_json(os.path.join(out_folder, plans['plans_name'] + '.json'), plans)
     splits_file = os.path.join(out_folder, 'splits_final.json')
     if not _splits_cover(splits_file, site.cases):
-        _atomic_json(splits_file, site_splits(site.cases))
+        write_json(splits_file, site_splits(site.cases))
     report['num_cases'] = len(site.cases)
     return report

@@ -8,7 +8,8 @@ import os
 from typing import Callable, Dict
 
 from fednnunet.federation import Site, site_folder
-from fednnunet.fingerprint import count_values_leq, fingerprint_site, release_private_sample
+from fednnunet.fingerprint import count_values_leq, fingerprint_site, merge_site_fingerprints, release_private_sample
+from fednnunet.jsonio import write_json
 from fednnunet.planners.negotiation import describe_site
 from fednnunet.preprocessing import preprocess_site
 from fednnunet.wire import Message
@@ -50,6 +51,10 @@ class SiteWorker:
     def fingerprint(self, message: Message) -> Message:
         fp = fingerprint_site(self.site, message.config['reader_writer'], int(message.config['num_samples_per_case']),
                               self.private_folder, self.num_processes)
+        # the site's own fingerprint in nnU-Net's format, merged from its part alone; it stays at the site (nnU-Net
+        # copies a fingerprint next to every trained model)
+        own = merge_site_fingerprints([fp], lambda thresholds: count_values_leq(self.private_folder, thresholds))
+        write_json(os.path.join(self.folder, 'dataset_fingerprint.json'), own)
         return Message('site_fingerprint', fp)
 
     def count_leq(self, message: Message) -> Message:

@@ -23,6 +23,7 @@ from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 import fednnunet
 from fednnunet.errors import FederationError
 from fednnunet.federation import Site, server_folder
+from fednnunet.jsonio import write_json
 
 # What every site must agree on. A mismatch names the site and the field.
 AGREED_FIELDS = ('fednnunet_version', 'nnunetv2_version', 'labels', 'channel_names', 'file_ending',
@@ -159,18 +160,11 @@ def plan_federation(dataset_name: str, negotiation: dict, fingerprint: dict, pla
     dataset_fingerprint.json, dataset.json and the plans; returns (plans, plans identifier)."""
     out = server_folder(dataset_name)
     os.makedirs(out, exist_ok=True)
-    _write_json(os.path.join(out, 'dataset_fingerprint.json'), fingerprint)
+    write_json(os.path.join(out, 'dataset_fingerprint.json'), fingerprint)
     planner = federated_planner_class(find_planner_class(planner_name), negotiation['reader_writer'])
     with data_free_raw_dataset(dataset_name, negotiation['dataset_json']):
         plans, plans_identifier = plan_experiment_dataset(dataset_name, planner, negotiation['gpu_memory_target_gb'],
                                            preprocessor_name, overwrite_target_spacing, plans_name)
     # the planner copied the stand-in dataset.json; the negotiated one is the real contract
-    _write_json(os.path.join(out, 'dataset.json'), negotiation['dataset_json'])
+    write_json(os.path.join(out, 'dataset.json'), negotiation['dataset_json'])
     return plans, plans_identifier
-
-
-def _write_json(path: str, obj):
-    tmp = path + '.partial'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=4, sort_keys=False)
-    os.replace(tmp, path)
