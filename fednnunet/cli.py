@@ -59,6 +59,209 @@ def plan_and_preprocess_entry(argv=None):
         _fail(e)
 
 
+def _add_federation_args(parser):
+    parser.add_argument('--sites', nargs='+', default=None, help='only these sites of sites.json (default: all)')
+    parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'],
+                        help="as nnU-Net's; without CUDA fednnunet falls back to the CPU with a notice")
+    parser.add_argument('-np', type=int, default=1,
+                        help='processes per site for prediction/export (default 1: in-process)')
+    parser.add_argument('--verbose', action='store_true', help="show the sites' nnU-Net logs on the console")
+
+
+def _fold(value: str):
+    return value if value == 'all' else int(value)
+
+
+def train_entry(argv=None):
+    from fednnunet.methods import CENTRALIZED, METHODS, PLANNED
+    parser = argparse.ArgumentParser(
+        prog='fednnunet_train',
+        description='Federated nnU-Net training: rounds of nnU-Net epochs at every site, merged by the method\'s '
+                    'strategy. Results go to nnU-Net\'s layout under nnUNet_results.')
+    parser.add_argument('dataset_name_or_id')
+    parser.add_argument('configuration', help='e.g. 3d_fullres, 2d')
+    parser.add_argument('fold', nargs='?', default='0', help='0-4 or all (default 0)')
+    parser.add_argument('--method', default='fedavg', help=f'one of {sorted(METHODS) + [CENTRALIZED]} '
+                                                           f'(planned: {sorted(PLANNED)})')
+    parser.add_argument('-p', default='nnUNetPlans', help='plans identifier (default nnUNetPlans; the demo uses '
+                                                          'nnUNetCPUPlans)')
+    parser.add_argument('--rounds', type=int, default=1000, help="federated rounds (nnU-Net's epochs; default 1000)")
+    parser.add_argument('--local-iterations', type=int, default=250,
+                        help="nnU-Net iterations per site and round (nnU-Net's epoch; default 250)")
+    parser.add_argument('--val-iterations', type=int, default=50,
+                        help="nnU-Net validation iterations per site and round (default 50)")
+    parser.add_argument('--seed', type=int, default=12345)
+    parser.add_argument('--continue', dest='continue_training', action='store_true',
+                        help='resume from the last round checkpoint')
+    parser.add_argument('--mu', type=float, default=None, help='fedprox: proximal weight (default 0.01)')
+    parser.add_argument('--head-fraction', type=float, default=None,
+                        help='fedrep: share of each round\'s iterations that train only the heads (default 0.2)')
+    parser.add_argument('--weighting', choices=['num_examples', 'uniform'], default='num_examples',
+                        help='FedAvg weights: training cases per site (default) or uniform')
+    parser.add_argument('--state-in-memory', action='store_true',
+                        help="simulation: keep sites' states between rounds in memory instead of on disk "
+                             "(--continue then needs a run that kept them on disk)")
+    parser.add_argument('--no-val', action='store_true', help='skip the final validation at every site')
+    _add_federation_args(parser)
+    args = parser.parse_args(argv)
+
+    from fednnunet.engines.simulation import SimulationEngine
+    from fednnunet.evaluation import format_table
+    from fednnunet.federation import Federation
+    from fednnunet.methods import get_method
+
+    hyperparameters = {k: v for k, v in (('mu', args.mu), ('head_fraction', args.head_fraction)) if v is not None}
+    try:
+        federation = Federation.from_raw(args.dataset_name_or_id, args.sites)
+        engine = SimulationEngine.for_federation(federation, args.np, device=args.device,
+                                                 state_in_memory=args.state_in_memory, verbose=args.verbose)
+        if args.method == CENTRALIZED:
+            if hyperparameters:
+                raise FederationError(f'{sorted(hyperparameters)} do not apply to --method centralized')
+            result = run_centralized(engine, federation, args)
+        else:
+            method = get_method(args.method)
+            for k in hyperparameters:
+                if k not in method.trainer.hyperparameters:
+                    raise FederationError(f'--{k.replace("_", "-")} is not a hyper-parameter of {args.method}',
+                                          field=k)
+            from fednnunet.training_server import FederatedTraining, TrainingConfig
+            config = TrainingConfig(federation.dataset_name, args.configuration, _fold(args.fold), args.method, args.p,
+                                    args.rounds, args.local_iterations, args.val_iterations, args.seed,
+                                    hyperparameters, {'weighting': args.weighting}, validate=not args.no_val)
+            result = FederatedTraining(engine, config).run(continue_training=args.continue_training)
+    except (FederationError, NotImplementedError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+    print(f"results: {result['results_folder']}")
+    if result.get('final_validation'):
+        print(format_table(result['final_validation'], f"{args.method}: final validation, fold {args.fold}"))
+
+
+def run_centralized(engine, federation, args) -> dict:
+    """The pooled baseline, then every site measures the model on its own validation cases."""
+    from fednnunet.centralized import train_centralized
+    from fednnunet.evaluation import pooled_summary
+    from fednnunet.site_training import resolve_device
+    from fednnunet.trainers.centralized import CentralizedTrainer
+    from fednnunet.wire import Message
+    trainer = train_centralized(federation.dataset_name, federation.site_names, args.configuration, _fold(args.fold),
+                                args.p, args.rounds, args.local_iterations, args.val_iterations, args.seed,
+                                resolve_device(args.device), args.continue_training)
+    result = {'method': 'centralized', 'results_folder': trainer.output_folder_base, 'final_validation': None}
+    if not args.no_val:
+        replies = engine.ask_all(Message('evaluate', {
+            'results_folder_name': CentralizedTrainer.__name__ + '__' + args.p + '__' + args.configuration,
+            'model': 'global', 'checkpoint': 'checkpoint_final.pth', 'fold': _fold(args.fold)}))
+        result['final_validation'] = pooled_summary({s: r.config['summary'] for s, r in replies.items()})
+    return result
+
+
+def evaluate_entry(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='fednnunet_evaluate',
+        description='Every site predicts its own validation cases with the trained model and measures them '
+                    '(nnU-Net\'s metrics + HD95); prints per-site Dice/HD95 and the pooled Dice (exact, from summed '
+                    'TP/FP/FN) and writes them to JSON.')
+    parser.add_argument('-d', required=True)
+    parser.add_argument('-c', required=True)
+    parser.add_argument('-f', default='0')
+    parser.add_argument('--method', default='fedavg')
+    parser.add_argument('-p', default='nnUNetPlans')
+    parser.add_argument('-chk', default='checkpoint_final.pth')
+    parser.add_argument('--model', choices=['auto', 'global', 'site'], default='auto',
+                        help="global: the merged model; site: each site's personalized model; auto: global where the "
+                             "method has one, else site")
+    parser.add_argument('-o', default=None, help='JSON output file (default: in the results fold folder)')
+    _add_federation_args(parser)
+    args = parser.parse_args(argv)
+
+    from fednnunet.engines.simulation import SimulationEngine
+    from fednnunet.evaluation import format_table, pooled_summary
+    from fednnunet.federation import Federation
+    from fednnunet.jsonio import write_json
+    from fednnunet.methods import CENTRALIZED, get_method
+    from fednnunet.site_training import results_folder
+    from fednnunet.trainers.centralized import CentralizedTrainer
+    from fednnunet.wire import Message
+
+    try:
+        federation = Federation.from_raw(args.d, args.sites)
+        if args.method == CENTRALIZED:
+            trainer_class, has_global = CentralizedTrainer, True
+        else:
+            method = get_method(args.method)
+            trainer_class, has_global = method.trainer, method.has_global_model
+        model = args.model if args.model != 'auto' else ('global' if has_global else 'site')
+        if model == 'global' and not has_global:
+            raise FederationError(f'{args.method} keeps parts of the model at the sites and has no global model; '
+                                  f'use --model site', field='--model')
+        engine = SimulationEngine.for_federation(federation, args.np, device=args.device, verbose=args.verbose)
+        base = results_folder(federation.dataset_name, trainer_class, args.p, args.c)
+        replies = engine.ask_all(Message('evaluate', {
+            'results_folder_name': os.path.basename(base), 'model': model, 'checkpoint': args.chk,
+            'fold': _fold(args.f)}))
+    except (FederationError, NotImplementedError, ValueError) as e:
+        _fail(e)
+    pooled = pooled_summary({s: r.config['summary'] for s, r in replies.items()})
+    out = args.o or os.path.join(base, f'fold_{args.f}', f'evaluation_{model}_{os.path.splitext(args.chk)[0]}.json')
+    write_json(out, {'method': args.method, 'model': model, 'checkpoint': args.chk, **pooled})
+    print(format_table(pooled, f'{args.method} ({model} model, {args.chk}), fold {args.f}'))
+    print(f'written to {out}')
+
+
+def predict_entry(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='fednnunet_predict',
+        description="Predicts new scans with nnU-Net's predictor and a federated model: the global model, or with "
+                    "--site a site's personalized model (its local layers loaded).")
+    parser.add_argument('-i', required=True, help='input folder (nnU-Net naming: CASE_XXXX.ending)')
+    parser.add_argument('-o', required=True, help='output folder')
+    parser.add_argument('-d', required=True)
+    parser.add_argument('-c', required=True)
+    parser.add_argument('-f', default='0')
+    parser.add_argument('--method', default='fedavg')
+    parser.add_argument('-p', default='nnUNetPlans')
+    parser.add_argument('-chk', default='checkpoint_final.pth')
+    parser.add_argument('--site', default=None, help="use this site's personalized model")
+    parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
+    parser.add_argument('-npp', type=int, default=0, help='processes for pre/postprocessing (0: in-process)')
+    parser.add_argument('--disable_tta', action='store_true', help='no mirroring at test time (as nnU-Net)')
+    parser.add_argument('--save_probabilities', action='store_true')
+    args = parser.parse_args(argv)
+
+    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+
+    from fednnunet.federation import dataset_name_from_id
+    from fednnunet.inference import load_predictor, predict_cases
+    from fednnunet.methods import CENTRALIZED, get_method
+    from fednnunet.site_training import resolve_device, results_folder
+    from fednnunet.trainers.centralized import CentralizedTrainer
+
+    try:
+        dataset_name = dataset_name_from_id(args.d)
+        if args.method == CENTRALIZED:
+            trainer_class, has_global = CentralizedTrainer, True
+        else:
+            method = get_method(args.method)
+            trainer_class, has_global = method.trainer, method.has_global_model
+        base = results_folder(dataset_name, trainer_class, args.p, args.c)
+        if args.site is None and not has_global:
+            raise FederationError(f'{args.method} keeps parts of the model at the sites; choose a site\'s '
+                                  f'personalized model with --site', field='--site')
+        model_folder = os.path.join(base, 'sites', args.site) if args.site else base
+        predictor = load_predictor(model_folder, _fold(args.f), args.chk, resolve_device(args.device),
+                                   use_mirroring=not args.disable_tta, allow_tqdm=True)
+        ending = predictor.dataset_json['file_ending']
+        lists = create_lists_from_splitted_dataset_folder(args.i, ending)
+        if not lists:
+            raise FederationError(f'no image named CASE_XXXX{ending} in {args.i}', field='-i')
+        cases = [os.path.basename(files[0])[:-len(ending) - 5] for files in lists]
+        predict_cases(predictor, lists, [os.path.join(args.o, c) for c in cases], args.npp, args.save_probabilities)
+    except (FederationError, NotImplementedError, ValueError) as e:
+        _fail(e)
+    print(f'{len(cases)} case(s) predicted into {args.o}')
+
+
 def demo_data_entry(argv=None):
     parser = argparse.ArgumentParser(prog='fednnunet_demo_data',
                                      description='Builds the demo federation (brain tissue, MNI152 anatomy from '

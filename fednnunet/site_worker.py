@@ -7,31 +7,44 @@ on the site's own disk, because the Flower engine starts a fresh process for eve
 import os
 from typing import Callable, Dict
 
+from fednnunet import site_training
 from fednnunet.federation import Site, site_folder
 from fednnunet.fingerprint import count_values_leq, fingerprint_site, merge_site_fingerprints, release_private_sample
 from fednnunet.jsonio import write_json
 from fednnunet.planners.negotiation import describe_site
 from fednnunet.preprocessing import preprocess_site
+from fednnunet.site_training import SiteStateStore
 from fednnunet.wire import Message
 
 
 class SiteWorker:
-    def __init__(self, site: Site, dataset_name: str, num_processes: int = 1):
+    def __init__(self, site: Site, dataset_name: str, num_processes: int = 1, device: str = 'cuda',
+                 state_in_memory: bool = False, verbose: bool = False):
         self.site = site
         self.dataset_name = dataset_name
         self.num_processes = num_processes
+        self.device_name = device
+        self.verbose = verbose
+        self.state_store = SiteStateStore(in_memory=state_in_memory)
         self.handlers: Dict[str, Callable[[Message], Message]] = {
             'describe': self.describe,
             'fingerprint': self.fingerprint,
             'count_leq': self.count_leq,
             'release_fingerprint': self.release_fingerprint,
             'preprocess': self.preprocess,
+            'fit': lambda m: site_training.fit(self, m),
+            'finish': lambda m: site_training.finish(self, m),
+            'evaluate': lambda m: site_training.evaluate(self, m),
         }
 
     @property
     def folder(self) -> str:
         """The site's nnU-Net preprocessed dataset folder (see federation.site_folder)."""
         return site_folder(self.dataset_name, self.site.name)
+
+    @property
+    def device(self):
+        return site_training.resolve_device(self.device_name)
 
     @property
     def private_folder(self) -> str:

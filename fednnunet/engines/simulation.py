@@ -35,6 +35,7 @@ class SimulationEngine:
         return self.ask({s: message for s in self.workers})
 
     @classmethod
-    def for_federation(cls, federation, num_processes: int = 1) -> 'SimulationEngine':
-        return cls({name: SiteWorker(site, federation.dataset_name, num_processes)
+    def for_federation(cls, federation, num_processes: int = 1, **worker_options) -> 'SimulationEngine':
+        """One worker per site; worker_options: device, state_in_memory, verbose (see SiteWorker)."""
+        return cls({name: SiteWorker(site, federation.dataset_name, num_processes, **worker_options)
                     for name, site in federation.sites.items()})

@@ -1,0 +1,135 @@
+"""Per-site evaluation with nnU-Net's metrics, HD95, and the pooled Dice across sites.
+
+A site predicts its own validation cases and computes per-case metrics locally (nnU-Net's
+``compute_metrics``: TP/FP/FN/TN, Dice, IoU per label; plus the 95th percentile Hausdorff distance in mm).
+Only these numbers leave the site. The pooled Dice per label is exact: 2 sum TP / (2 sum TP + sum FP + sum FN)
+over all sites' cases.
+"""
+import contextlib
+import io
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from nnunetv2.evaluation.evaluate_predictions import compute_metrics, region_or_label_to_mask, save_summary_json
+from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+
+
+def surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+
+
+def hd95(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float]) -> float:
+    """95th percentile of the symmetric surface distances (mm). NaN when both masks are empty, inf when only
+    one is (no surface to measure against)."""
+    if not reference.any() and not prediction.any():
+        return float('nan')
+    if not reference.any() or not prediction.any():
+        return float('inf')
+    s_ref, s_pred = surface(reference), surface(prediction)
+    to_ref = ndimage.distance_transform_edt(~s_ref, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~s_pred, sampling=spacing)
+    distances = np.concatenate([to_ref[s_pred], to_pred[s_ref]])
+    return float(np.percentile(distances, 95))
+
+
+def case_metrics(reference_file: str, prediction_file: str, reader, labels: List, ignore_label=None) -> dict:
+    """nnU-Net's per-case metrics with an 'HD95' entry per label."""
+    result = compute_metrics(reference_file, prediction_file, reader, labels, ignore_label)
+    ref, props = reader.read_seg(reference_file)
+    pred, _ = reader.read_seg(prediction_file)
+    spacing = list(props['spacing'])[-(ref.ndim - 1):]
+    for label in labels:
+        result['metrics'][label]['HD95'] = hd95(region_or_label_to_mask(ref[0], label),
+                                                region_or_label_to_mask(pred[0], label), spacing)
+    return result
+
+
+def summarize_cases(results: List[dict], labels: List) -> dict:
+    """nnU-Net's summary layout (metric_per_case, mean, foreground_mean), HD95 included (inf excluded from
+    means, counted in 'HD95_undefined')."""
+    means = {}
+    for label in labels:
+        means[label] = {}
+        for metric in results[0]['metrics'][label]:
+            values = np.array([r['metrics'][label][metric] for r in results], dtype=np.float64)
+            if metric == 'HD95':
+                means[label]['HD95_undefined'] = int(np.sum(~np.isfinite(values)))
+                values = values[np.isfinite(values)]
+            means[label][metric] = float(np.nanmean(values)) if values.size else float('nan')
+    foreground = {m: float(np.nanmean([means[k][m] for k in means if k not in (0, '0')]))
+                  for m in means[labels[0]] if m != 'HD95_undefined'}
+    summary = {'metric_per_case': results, 'mean': means, 'foreground_mean': foreground}
+    recursive_fix_for_json_export(summary)
+    return summary
+
+
+def evaluate_cases(predictor, cases: Sequence[str], image_files: Dict[str, List[str]], label_files: Dict[str, str],
+                   output_folder: str, num_processes: int = 0, verbose: bool = False) -> dict:
+    """Predicts ``cases`` with nnU-Net's predictor into ``output_folder`` and writes nnU-Net's summary.json (with
+    HD95) there. Returns the summary as written (label keys as strings)."""
+    from fednnunet.inference import predict_cases
+    os.makedirs(output_folder, exist_ok=True)
+    ending = predictor.dataset_json['file_ending']
+    with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
+        predict_cases(predictor, [image_files[c] for c in cases], [os.path.join(output_folder, c) for c in cases],
+                      num_processes)
+    lm = predictor.plans_manager.get_label_manager(predictor.dataset_json)
+    labels = lm.foreground_regions if lm.has_regions else lm.foreground_labels
+    reader = predictor.plans_manager.image_reader_writer_class()
+    results = [case_metrics(label_files[c], os.path.join(output_folder, c + ending), reader, labels,
+                            lm.ignore_label) for c in cases]
+    save_summary_json(summarize_cases(results, labels), os.path.join(output_folder, 'summary.json'))
+    with open(os.path.join(output_folder, 'summary.json')) as f:
+        return json.load(f)  # the JSON form (labels as strings), as it travels to the server
+
+
+def pooled_summary(site_summaries: Dict[str, Optional[dict]]) -> dict:
+    """Per-site mean Dice and HD95 per label, and the pooled Dice per label from summed TP/FP/FN."""
+    out = {'per_site': {}, 'pooled': {}}
+    totals: Dict[str, np.ndarray] = {}
+    for site, summary in sorted(site_summaries.items()):
+        if summary is None:
+            continue
+        row = {}
+        for label, m in summary['mean'].items():
+            row[str(label)] = {'Dice': m['Dice'], 'HD95': m.get('HD95')}
+        row['foreground_mean'] = {'Dice': summary['foreground_mean']['Dice'],
+                                  'HD95': summary['foreground_mean'].get('HD95')}
+        row['num_cases'] = len(summary['metric_per_case'])
+        out['per_site'][site] = row
+        for case in summary['metric_per_case']:
+            for label, m in case['metrics'].items():
+                totals.setdefault(str(label), np.zeros(3))
+                totals[str(label)] += [m['TP'], m['FP'], m['FN']]
+    for label, (tp, fp, fn) in sorted(totals.items()):
+        out['pooled'][label] = {'Dice': float(2 * tp / (2 * tp + fp + fn)) if (2 * tp + fp + fn) > 0 else None,
+                                'TP': int(tp), 'FP': int(fp), 'FN': int(fn)}
+    if out['pooled']:
+        dices = [v['Dice'] for v in out['pooled'].values() if v['Dice'] is not None]
+        out['pooled_foreground_mean_dice'] = float(np.mean(dices)) if dices else None
+    return out
+
+
+def format_table(pooled: dict, title: str = '') -> str:
+    """A plain-text table: one row per site, then the pooled row."""
+    sites = pooled['per_site']
+    labels = sorted(pooled['pooled'], key=lambda x: (len(x), x))
+    header = ['site', 'cases'] + [f'Dice {lb}' for lb in labels] + ['mean Dice', 'mean HD95 [mm]']
+    rows = []
+    for site, row in sites.items():
+        rows.append([site, str(row['num_cases'])] + [_f(row[lb]['Dice']) for lb in labels] +
+                    [_f(row['foreground_mean']['Dice']), _f(row['foreground_mean']['HD95'], 2)])
+    rows.append(['pooled', str(sum(r['num_cases'] for r in sites.values()))] +
+                [_f(pooled['pooled'][lb]['Dice']) for lb in labels] + [_f(pooled.get('pooled_foreground_mean_dice')), ''])
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    lines = ([title] if title else []) + ['  '.join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ['  '.join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return '\n'.join(lines)
+
+
+def _f(x, digits=4):
+    return '-' if x is None or (isinstance(x, float) and np.isnan(x)) else f'{x:.{digits}f}'

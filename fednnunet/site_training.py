@@ -1,0 +1,186 @@
+"""What a site does for training: build its FederatedTrainer for a round, keep its state between rounds,
+deliver its final (personalized) model in nnU-Net's layout.
+
+A site's state between rounds (network incl. its local layers, SGD momentum, logs) is kept by a
+:class:`SiteStateStore`: on the site's disk (default; what the Flower engine needs, since every message
+starts a fresh process) or in memory (simulation). Both give identical rounds: every round re-seeds from
+(seed, site, round).
+"""
+import multiprocessing
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
+
+from nnunetv2.paths import nnUNet_results
+
+from fednnunet.methods import get_method
+from fednnunet.trainers.base import FederatedTrainer, cpu_copy, to_plain
+from fednnunet.wire import Message
+
+_cpu_notice_shown = False
+
+
+def resolve_device(name: str = 'cuda') -> torch.device:
+    """nnU-Net's -device; without CUDA, the CPU with a one-line notice instead of a crash."""
+    global _cpu_notice_shown
+    if name not in ('cuda', 'cpu', 'mps'):
+        raise ValueError(f"-device must be cpu, cuda or mps, not {name!r}")
+    if name == 'cuda' and not torch.cuda.is_available():
+        if not _cpu_notice_shown:
+            print('fednnunet: CUDA is not available; training and inference run on the CPU.')
+            _cpu_notice_shown = True
+        name = 'cpu'
+    if name == 'cpu':
+        torch.set_num_threads(multiprocessing.cpu_count())
+    return torch.device(name)
+
+
+class SiteStateStore:
+    """A site's state after each completed round: ``round_XXXX.pth`` in the site's results fold folder, or
+    in memory. Keeps the last two (a server that failed before saving its round resumes from the previous)."""
+
+    def __init__(self, in_memory: bool = False):
+        self.in_memory = in_memory
+        self._memory: Dict[str, Dict[int, dict]] = {}
+
+    @staticmethod
+    def _folder(trainer: FederatedTrainer) -> str:
+        return join(trainer.output_folder, 'site_state')
+
+    def save(self, trainer: FederatedTrainer, rounds_done: int, state: dict):
+        folder = self._folder(trainer)
+        if self.in_memory:
+            kept = self._memory.setdefault(folder, {})
+            kept[rounds_done] = cpu_copy(state)
+            for r in sorted(kept)[:-2]:
+                del kept[r]
+            return
+        os.makedirs(folder, exist_ok=True)
+        path = join(folder, f'round_{rounds_done:04d}.pth')
+        torch.save(state, path + '.partial')
+        os.replace(path + '.partial', path)
+        for f in sorted(f for f in os.listdir(folder) if f.startswith('round_') and f.endswith('.pth'))[:-2]:
+            os.remove(join(folder, f))
+
+    def latest(self, trainer: FederatedTrainer, at_most: int) -> Tuple[Optional[int], Optional[dict]]:
+        """The newest state with at most ``at_most`` completed rounds."""
+        folder = self._folder(trainer)
+        if self.in_memory:
+            kept = self._memory.get(folder, {})
+            rounds = [r for r in kept if r <= at_most]
+            return (max(rounds), cpu_copy(kept[max(rounds)])) if rounds else (None, None)
+        if not os.path.isdir(folder):
+            return None, None
+        rounds = sorted(int(f[6:10]) for f in os.listdir(folder)
+                        if f.startswith('round_') and f.endswith('.pth') and int(f[6:10]) <= at_most)
+        if not rounds:
+            return None, None
+        return rounds[-1], torch.load(join(folder, f'round_{rounds[-1]:04d}.pth'), map_location='cpu',
+                                      weights_only=True)
+
+
+def results_folder(dataset_name: str, trainer_class, plans_identifier: str, configuration: str) -> str:
+    return join(str(nnUNet_results), dataset_name, trainer_class.results_folder_name(plans_identifier, configuration))
+
+
+def build_site_trainer(worker, config: dict) -> FederatedTrainer:
+    """The site's trainer for one message: plans and dataset.json come from the site's own folder."""
+    method = get_method(config['method'])
+    plans = load_json(join(worker.folder, config['plans_identifier'] + '.json'))
+    plans['continue_training'] = False
+    dataset_json = load_json(join(worker.folder, 'dataset.json'))
+    trainer = method.trainer(plans, config['configuration'], config['fold'], dataset_json, worker.device)
+    trainer.verbose = worker.verbose
+    trainer.configure_federation(
+        worker.site.name, config['site_index'], worker.folder,
+        results_folder(worker.dataset_name, method.trainer, config['plans_identifier'], config['configuration']),
+        config['rounds'], config['local_iterations'], config['val_iterations'], config['seed'],
+        config.get('hyperparameters') or {})
+    return trainer
+
+
+def fit(worker, message: Message) -> Message:
+    """One round: load the site's state, train, keep the new state, return the shared part and metrics."""
+    config = message.config
+    round_index = int(config['round'])
+    trainer = build_site_trainer(worker, config)
+    try:
+        trainer.start(round_index)
+        resumed_from, state = worker.state_store.latest(trainer, at_most=round_index)
+        if state is not None:
+            trainer.load_site_state(state)
+        shared, metrics = trainer.train_round(round_index, dict(message.arrays))
+        worker.state_store.save(trainer, round_index + 1, trainer.site_state())
+    finally:
+        trainer.close()
+    metrics['state_from_round'] = resumed_from
+    return Message('update', {'num_examples': metrics['num_training_cases'], 'metrics': to_plain(metrics)},
+                   arrays=shared)
+
+
+def finish(worker, message: Message) -> Message:
+    """After the last round: the site's final model (received shared keys + its local keys) becomes
+    ``sites/<site>/fold_X/checkpoint_final.pth``; then the site predicts its validation cases with it (nnU-Net's
+    predictor) and measures them into ``fold_X/validation/summary.json``, as nnU-Net's final validation does."""
+    config = message.config
+    rounds = int(config['rounds'])
+    trainer = build_site_trainer(worker, config)
+    try:
+        trainer.start(rounds)
+        _, state = worker.state_store.latest(trainer, at_most=rounds)
+        if state is None:
+            raise RuntimeError(f"site '{worker.site.name}' has no training state to finish from")
+        trainer.load_site_state(state)
+        if message.arrays:
+            trainer.load_shared_state(dict(message.arrays))
+        trainer.current_epoch = rounds - 1  # nnU-Net stores current_epoch + 1
+        trainer.save_checkpoint(join(trainer.output_folder, 'checkpoint_final.pth'))
+        trainer.current_epoch = rounds
+        trainer.logger.plot_progress_png(trainer.output_folder)
+        summary = None
+        if config.get('validate', True):
+            summary = evaluate_model(worker, config, trainer.output_folder_base, 'checkpoint_final.pth',
+                                     join(trainer.output_folder, 'validation'))
+    finally:
+        trainer.close()
+    return Message('finished', to_plain({
+        'validation_summary': summary,
+        'inference_allowed_mirroring_axes': trainer.inference_allowed_mirroring_axes,
+        'num_training_cases': trainer.num_training_cases,
+    }))
+
+
+def validation_cases(worker, fold) -> list:
+    """The site's validation cases of ``fold`` (its own splits_final.json; fold 'all': every case)."""
+    if fold == 'all':
+        return list(worker.site.cases)
+    splits = load_json(join(worker.folder, 'splits_final.json'))
+    return list(splits[int(fold)]['val'])
+
+
+def evaluate_model(worker, config: dict, model_folder: str, checkpoint: str, output_folder: str) -> dict:
+    """Predicts the site's validation cases with the model in ``model_folder`` and measures them (nnU-Net's
+    metrics + HD95); writes predictions and summary.json to ``output_folder``."""
+    from fednnunet.evaluation import evaluate_cases
+    from fednnunet.inference import load_predictor
+    predictor = load_predictor(model_folder, config['fold'], checkpoint, worker.device)
+    cases = validation_cases(worker, config['fold'])
+    return evaluate_cases(predictor, cases, {c: worker.site.image_files(c) for c in cases},
+                          {c: worker.site.label_file(c) for c in cases}, output_folder,
+                          num_processes=worker.num_processes if worker.num_processes > 1 else 0,
+                          verbose=worker.verbose)
+
+
+def evaluate(worker, message: Message) -> Message:
+    """``fednnunet_evaluate`` at a site: the global model or the site's own (``config['model']``), on the site's
+    validation cases. Only per-case metrics leave the site."""
+    config = message.config
+    base = join(str(nnUNet_results), worker.dataset_name, config['results_folder_name'])
+    site_base = join(base, 'sites', worker.site.name)
+    model_folder = site_base if config['model'] == 'site' else base
+    stem = os.path.splitext(config['checkpoint'])[0]
+    output = join(site_base, f"fold_{config['fold']}", f"evaluation_{config['model']}_{stem}")
+    summary = evaluate_model(worker, config, model_folder, config['checkpoint'], output)
+    return Message('evaluation', to_plain({'summary': summary, 'output_folder': output}))

@@ -1,0 +1,127 @@
+"""Server-side merge rules. A strategy never sees images; it sees what sites send: named arrays, their
+number of training cases and their metrics.
+
+The API is built for what the methods need:
+- keys shared by only some sites (per-modality encoders averaged over the sites that have that modality):
+  :class:`FedAvg` averages every key over exactly the sites that sent it;
+- sites with different architectures exchanging predictions instead of weights: updates are arbitrary named
+  arrays, and :meth:`Strategy.configure_fit` decides per site what is sent, so a strategy can distribute
+  predictions (or other sites' heads, read-only) instead of weights;
+- a training step on server-held data: :meth:`Strategy.server_step` runs after every merge.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+
+@dataclass
+class SiteUpdate:
+    site: str
+    arrays: Dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict = field(default_factory=dict)
+
+
+class Strategy:
+    """Base class: what the server sends each site, and how it merges the replies.
+
+    ``weighting``: how sites' updates weigh in a mean: by their number of training cases (default, as FedAvg)
+    or 'uniform' (as the lab's public code does)."""
+    #: False when the server merges no model (then no method using it has a global model)
+    produces_global_model = True
+
+    def __init__(self, weighting: str = 'num_examples'):
+        if weighting not in ('num_examples', 'uniform'):
+            raise ValueError(f"weighting must be 'num_examples' or 'uniform', not {weighting!r}")
+        self.weighting = weighting
+
+    def weight(self, update: 'SiteUpdate') -> float:
+        return 1.0 if self.weighting == 'uniform' else float(update.num_examples)
+
+    def initial_state(self, network_state: Dict[str, np.ndarray], shared_keys: List[str]) -> Dict[str, np.ndarray]:
+        """The global state before round 0: the shared part of the (seeded) initial network."""
+        return {k: np.array(network_state[k], copy=True) for k in shared_keys}
+
+    def configure_fit(self, round_index: int, site: str, global_state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """The arrays sent to ``site`` for this round (default: the global state)."""
+        return global_state
+
+    def aggregate(self, round_index: int, updates: List[SiteUpdate],
+                  global_state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def server_step(self, round_index: int, global_state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Training on server-held data after the merge (e.g. HSSF's calibration on a public set). Default:
+        none."""
+        return global_state
+
+    def state(self) -> dict:
+        """Anything the strategy must keep across a resume (plain data)."""
+        return {}
+
+    def load_state(self, state: dict):
+        pass
+
+
+def weighted_mean(arrays: List[np.ndarray], weights: List[float]) -> np.ndarray:
+    """sum_i w_i x_i / sum_i w_i, accumulated in float64, returned in the arrays' dtype."""
+    total = float(sum(weights))
+    out = np.zeros(arrays[0].shape, dtype=np.float64)
+    for a, w in zip(arrays, weights):
+        out += np.asarray(a, dtype=np.float64) * (w / total)
+    return out.astype(arrays[0].dtype, copy=False)
+
+
+class FedAvg(Strategy):
+    """McMahan et al. (2017): the mean of the sites' arrays weighted by their number of training cases
+    (``weighting='uniform'``: unweighted). A key is averaged over the sites that sent it; a key nobody sent keeps
+    its previous value. Integer arrays (counters) must agree and are kept."""
+
+    def aggregate(self, round_index, updates, global_state):
+        if not updates:
+            raise ValueError('no site update to merge')
+        merged = dict(global_state)
+        keys = sorted({k for u in updates for k in u.arrays})
+        for k in keys:
+            senders = [u for u in updates if k in u.arrays]
+            arrays = [np.asarray(u.arrays[k]) for u in senders]
+            shapes = {a.shape for a in arrays}
+            if len(shapes) != 1:
+                raise ValueError(f"sites sent {k} with different shapes: "
+                                 f"{ {u.site: u.arrays[k].shape for u in senders} }")
+            if arrays[0].dtype.kind != 'f':
+                if any(not np.array_equal(a, arrays[0]) for a in arrays[1:]):
+                    raise ValueError(f'sites disagree on the non-float array {k}')
+                merged[k] = arrays[0]
+                continue
+            weights = [self.weight(u) for u in senders]
+            if sum(weights) <= 0:
+                raise ValueError(f'sites that sent {k} report no training case')
+            merged[k] = weighted_mean(arrays, weights)
+        return merged
+
+
+class NoAggregation(Strategy):
+    """Each site trains alone (the 'local' baseline): nothing is sent, nothing merged."""
+    produces_global_model = False
+
+    def initial_state(self, network_state, shared_keys):
+        return {}
+
+    def configure_fit(self, round_index, site, global_state):
+        return {}
+
+    def aggregate(self, round_index, updates, global_state):
+        return {}
+
+
+def pooled_dice(metrics: Dict[str, dict]) -> Optional[List[float]]:
+    """Pooled (global) pseudo Dice per class from the sites' summed TP/FP/FN, as nnU-Net computes it."""
+    if not metrics:
+        return None
+    tp = np.sum([m['tp'] for m in metrics.values()], 0)
+    fp = np.sum([m['fp'] for m in metrics.values()], 0)
+    fn = np.sum([m['fn'] for m in metrics.values()], 0)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return [float(x) for x in 2 * tp / (2 * tp + fp + fn)]

@@ -1,0 +1,308 @@
+"""FederatedTrainer: nnU-Net's trainer, run one federated round at a time.
+
+One round is one nnU-Net epoch at one site: validation of the model the site received, then
+``local_iterations`` of nnU-Net's own ``train_step`` with its own data loaders, augmentation, deep
+supervision, loss and gradient clipping. The poly learning rate is indexed by the round, so it spans all
+rounds (``num_epochs`` = rounds); the optimizer state (SGD momentum) stays with the site between rounds.
+
+The only interface engines see is :meth:`train_round` and :meth:`shared_keys` (and the state a site keeps
+between rounds, :meth:`site_state`/:meth:`load_site_state`). A method subclasses this trainer: it says which
+state keys it shares and what a site does in a round (extra loss terms, which parameters train when).
+"""
+import contextlib
+import io
+import random
+import time
+import warnings
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, maybe_mkdir_p
+from torch import nn
+
+from nnunetv2.training.logging.nnunet_logger import MetaLogger
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+
+
+def round_seed(seed: int, site_index: int, round_index: int) -> int:
+    """A seed per (run, site, round): every round starts from the same random state whether the site kept
+    its trainer in memory, reloaded it from disk or resumed a stopped run."""
+    return int(np.random.SeedSequence([seed, site_index, round_index]).generate_state(1)[0])
+
+
+def initial_weights_seed(seed: int) -> int:
+    """The seed under which the server and every site build the initial network: identical weights."""
+    return int(np.random.SeedSequence([seed, 2 ** 31]).generate_state(1)[0])
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def to_plain(obj):
+    """Numbers as Python floats/ints, so a site's state loads with torch.load(weights_only=True)."""
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def cpu_copy(obj):
+    """Detached CPU copies of every tensor in a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class FederatedTrainer(nnUNetTrainer):
+    #: the name of the method (``--method``), set by each subclass
+    method_name: Optional[str] = None
+    #: method hyper-parameters and their defaults; ``configure_federation`` sets them as attributes
+    hyperparameters: Dict[str, float] = {}
+    #: True when some state keys never leave the site: then there is no global model, only personalized ones
+    has_local_parts: bool = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        self.verbose = False
+        self._constructing = True  # nnU-Net prints its banner and device at construction, once per round here
+        with contextlib.redirect_stdout(io.StringIO()):
+            super().__init__(plans, configuration, fold, dataset_json, device)
+        self._constructing = False
+        self.site_name: Optional[str] = None
+        self.site_index = 0
+        self.seed = 12345
+        self.num_epochs = 1000  # rounds
+        self.num_iterations_per_epoch = 250  # local iterations per round
+        self.num_val_iterations_per_epoch = 50
+        self.plot_every = 10  # rounds between the site's progress.png (nnU-Net plots every epoch; plots cost ~1 s)
+        self.num_training_cases = None
+
+    # ------------------------------------------------------------------ set-up
+    @classmethod
+    def results_folder_name(cls, plans_identifier: str, configuration: str) -> str:
+        """nnU-Net's results folder naming: <Trainer>__<plans>__<configuration>."""
+        return f'{cls.__name__}__{plans_identifier}__{configuration}'
+
+    def configure_federation(self, site_name: str, site_index: int, site_preprocessed_folder: str,
+                             results_folder_base: str, rounds: int, local_iterations: int, val_iterations: int,
+                             seed: int, hyperparameters: Optional[dict] = None):
+        """Points nnU-Net's folders at the site's own data and results; sets rounds and iterations.
+
+        ``results_folder_base`` is the method's nnU-Net results folder (<Trainer>__<plans>__<config>); the site
+        writes under ``sites/<site>/``, itself a complete nnU-Net trained-model folder."""
+        if self.was_initialized:
+            raise RuntimeError('configure_federation must be called before initialize()')
+        self.site_name, self.site_index, self.seed = site_name, int(site_index), int(seed)
+        self.preprocessed_dataset_folder_base = site_preprocessed_folder
+        self.preprocessed_dataset_folder = join(site_preprocessed_folder, self.configuration_manager.data_identifier)
+        self.output_folder_base = join(results_folder_base, 'sites', site_name)
+        self.output_folder = join(self.output_folder_base, f'fold_{self.fold}')
+        maybe_mkdir_p(self.output_folder)
+        self.log_file = join(self.output_folder, 'training_log.txt')
+        self.logger = MetaLogger(self.output_folder, False)
+        self.num_epochs = int(rounds)
+        self.num_iterations_per_epoch = int(local_iterations)
+        self.num_val_iterations_per_epoch = int(val_iterations)
+        values = dict(self.hyperparameters)
+        unknown = set(hyperparameters or {}) - set(values)
+        if unknown:
+            raise ValueError(f'method {self.method_name} has no hyper-parameter(s) {sorted(unknown)}; '
+                             f'it has {sorted(values)}')
+        values.update(hyperparameters or {})
+        for k, v in values.items():
+            setattr(self, k, v)
+
+    def print_to_log_file(self, *args, also_print_to_console=True, add_timestamp=True):
+        if self._constructing:
+            return
+        super().print_to_log_file(*args, also_print_to_console=also_print_to_console and self.verbose,
+                                  add_timestamp=add_timestamp)
+
+    def plot_network_architecture(self):
+        if self.current_epoch == 0:
+            super().plot_network_architecture()
+
+    def _save_debug_information(self):
+        if self.current_epoch == 0:
+            super()._save_debug_information()
+
+    def start(self, round_index: int):
+        """Builds network, optimizer, loss and nnU-Net's data loaders for this round (on_train_start)."""
+        self.current_epoch = round_index
+        seed_everything(initial_weights_seed(self.seed))  # the same initial weights at every site
+        with contextlib.redirect_stdout(io.StringIO()) if not self.verbose else contextlib.nullcontext():
+            self.on_train_start()
+        self.num_training_cases = len(self.do_split()[0])
+
+    def close(self):
+        """Stops nnU-Net's background augmentation workers, if any."""
+        for dl in (self.dataloader_train, self.dataloader_val):
+            if dl is not None and hasattr(dl, '_finish'):
+                dl._finish()
+        self.dataloader_train = self.dataloader_val = None
+
+    # ------------------------------------------------------------------ what is shared
+    @property
+    def unwrapped_network(self) -> nn.Module:
+        net = self.network
+        if hasattr(net, 'module'):
+            net = net.module
+        if hasattr(net, '_orig_mod'):
+            net = net._orig_mod
+        return net
+
+    @classmethod
+    def shared_keys(cls, network: nn.Module) -> List[str]:
+        """The state-dict keys this method sends to the server. Default: all (FedAvg)."""
+        return list(network.state_dict().keys())
+
+    def shared_state(self) -> Dict[str, np.ndarray]:
+        sd = self.unwrapped_network.state_dict()
+        return {k: sd[k].detach().cpu().numpy() for k in self.shared_keys(self.unwrapped_network)}
+
+    def load_shared_state(self, shared: Dict[str, np.ndarray]):
+        """Overwrites the shared keys with the server's values; local keys keep the site's own values."""
+        net = self.unwrapped_network
+        own = net.state_dict()
+        expected = set(self.shared_keys(net))
+        if set(shared) != expected:
+            missing, extra = sorted(expected - set(shared)), sorted(set(shared) - expected)
+            raise ValueError(f"site '{self.site_name}': the server sent other keys than {self.method_name} shares "
+                             f"(missing {missing[:5]}, unexpected {extra[:5]})")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # arrays decoded from the wire are read-only; copy_ copies them anyway
+            for k, v in shared.items():
+                if tuple(v.shape) != tuple(own[k].shape):
+                    raise ValueError(f"site '{self.site_name}': shape of {k} is {tuple(v.shape)} from the server, "
+                                     f"{tuple(own[k].shape)} here")
+                own[k].copy_(torch.from_numpy(np.asarray(v)))
+
+    # ------------------------------------------------------------------ the round
+    def validate(self) -> dict:
+        """nnU-Net's online validation (pseudo Dice on random validation patches) of the current model."""
+        with torch.no_grad():
+            self.on_validation_epoch_start()
+            outputs = [self.validation_step(next(self.dataloader_val))
+                       for _ in range(self.num_val_iterations_per_epoch)]
+            self.on_validation_epoch_end(outputs)
+        collated = collate_outputs(outputs)
+        return {'tp': np.sum(collated['tp_hard'], 0).tolist(), 'fp': np.sum(collated['fp_hard'], 0).tolist(),
+                'fn': np.sum(collated['fn_hard'], 0).tolist(),
+                'val_loss': float(np.mean(collated['loss'])),
+                'pseudo_dice': float(self.logger.get_value('mean_fg_dice', step=-1)),
+                'ema_pseudo_dice': float(self.logger.get_value('ema_fg_dice', step=-1))}
+
+    def before_local_training(self, shared_state: Dict[str, np.ndarray]):
+        """Hook: called after the received model was validated, before the local steps (e.g. FedProx keeps
+        the global weights here)."""
+
+    def before_train_step(self, step: int):
+        """Hook: called before each local step (e.g. FedRep switches from head to body steps)."""
+
+    def after_local_training(self):
+        """Hook: called after the local steps."""
+
+    def train_round(self, round_index: int, shared_state: Optional[Dict[str, np.ndarray]]) -> Tuple[
+            Dict[str, np.ndarray], dict]:
+        """One federated round at this site. Returns (the shared state after local training, metrics).
+
+        The metrics' validation numbers describe the model the site received (global shared keys + its local
+        keys), measured on the site's own validation split before it trains."""
+        self.current_epoch = round_index
+        seed_everything(round_seed(self.seed, self.site_index, round_index))
+        if shared_state:
+            self.load_shared_state(shared_state)
+        self.on_epoch_start()
+        val = self.validate()
+        if self._best_ema is None or val['ema_pseudo_dice'] > self._best_ema:
+            self._best_ema = val['ema_pseudo_dice']
+            self.save_checkpoint(join(self.output_folder, 'checkpoint_best.pth'))
+        self.on_train_epoch_start()
+        self.before_local_training(shared_state or {})
+        outputs = []
+        for step in range(self.num_iterations_per_epoch):
+            self.before_train_step(step)
+            outputs.append(self.train_step(next(self.dataloader_train)))
+        self.after_local_training()
+        self.on_train_epoch_end(outputs)
+        self.logger.log('epoch_end_timestamps', time.time(), self.current_epoch)
+        self.print_to_log_file(f'round {round_index}: train_loss {self.logger.get_value("train_losses", -1):.4f}, '
+                               f'val_loss {val["val_loss"]:.4f}, pseudo dice {val["pseudo_dice"]:.4f} '
+                               f'(received model)')
+        if (round_index + 1) % self.plot_every == 0 or round_index + 1 == self.num_epochs:
+            self.logger.plot_progress_png(self.output_folder)
+        metrics = dict(val)
+        metrics.update({'train_loss': float(self.logger.get_value('train_losses', step=-1)),
+                        'lr': float(self.optimizer.param_groups[0]['lr']),
+                        'num_training_cases': self.num_training_cases,
+                        'seconds': float(self.logger.get_value('epoch_end_timestamps', -1) -
+                                         self.logger.get_value('epoch_start_timestamps', -1))})
+        self.current_epoch = round_index + 1
+        return self.shared_state(), metrics
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, with its logs as plain numbers (loadable with torch.load(weights_only=True))."""
+        self.logger.load_checkpoint(to_plain(self.logger.get_checkpoint()))
+        self._best_ema = to_plain(self._best_ema)
+        super().save_checkpoint(filename)
+
+    # ------------------------------------------------------------------ state kept by the site
+    def method_state(self) -> dict:
+        """Hook: method-specific tensors a site keeps between rounds (besides network and optimizer)."""
+        return {}
+
+    def load_method_state(self, state: dict):
+        pass
+
+    def site_state(self) -> dict:
+        return {
+            'round': int(self.current_epoch),
+            'network': cpu_copy(self.unwrapped_network.state_dict()),
+            'optimizer': cpu_copy(self.optimizer.state_dict()),
+            'grad_scaler': cpu_copy(self.grad_scaler.state_dict()) if self.grad_scaler is not None else None,
+            'logging': to_plain(self.logger.get_checkpoint()),
+            'best_ema': to_plain(self._best_ema),
+            'method': cpu_copy(self.method_state()),
+        }
+
+    def load_site_state(self, state: dict):
+        self.unwrapped_network.load_state_dict(state['network'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        if self.grad_scaler is not None and state['grad_scaler'] is not None:
+            self.grad_scaler.load_state_dict(state['grad_scaler'])
+        self.logger.load_checkpoint(state['logging'])
+        self._best_ema = state['best_ema']
+        self.load_method_state(state['method'])
+
+    def checkpoint_for_inference(self) -> dict:
+        """What nnU-Net's predictor reads from a checkpoint, for the server's global checkpoint."""
+        return {'inference_allowed_mirroring_axes': to_plain(self.inference_allowed_mirroring_axes)}
+
+
+def keys_of_modules(network: nn.Module, module_types: Iterable[type]) -> List[str]:
+    """State-dict keys that belong to modules of the given types (e.g. all normalization layers)."""
+    module_types = tuple(module_types)
+    prefixes = [name + '.' for name, m in network.named_modules() if isinstance(m, module_types) and name]
+    return [k for k in network.state_dict() if any(k.startswith(p) for p in prefixes)]
+
+
+def segmentation_head_keys(network: nn.Module) -> List[str]:
+    """The segmentation heads (every deep-supervision output) of nnU-Net's U-Nets: ``decoder.seg_layers``."""
+    keys = [k for k in network.state_dict() if k.startswith('decoder.seg_layers.')]
+    if not keys:
+        raise ValueError(f'{type(network).__name__} has no decoder.seg_layers: cannot tell its segmentation heads')
+    return keys

@@ -1,0 +1,249 @@
+"""The server's side of ``fednnunet_train``: rounds of fit messages, merges, checkpoints, logs.
+
+Results follow nnU-Net's layout::
+
+    $nnUNet_results/DatasetXXX/<Trainer>__<plans>__<config>/
+        plans.json, dataset.json, dataset_fingerprint.json     (negotiated / merged)
+        fold_X/checkpoint_final.pth, checkpoint_best.pth      (global model, nnU-Net's checkpoint format;
+                                                               only for methods whose merge is a whole network)
+        fold_X/federated_round_latest.pth                    (server state for --continue)
+        fold_X/progress.png, federation_log.json, training_log.txt
+        sites/<site>/                                         (each site's own nnU-Net model folder: its
+                                                               personalized checkpoint_final.pth, logs, plots)
+
+The server never sees images. It sends each site what the method's strategy says, merges what comes back,
+and keeps the pooled pseudo Dice (exact, from the sites' summed TP/FP/FN) to select the best global model.
+"""
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from tqdm import tqdm
+
+from nnunetv2.training.logging.nnunet_logger import MetaLogger
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from fednnunet.evaluation import pooled_summary
+from fednnunet.federation import server_folder
+from fednnunet.jsonio import write_json
+from fednnunet.methods import get_method
+from fednnunet.progress import plot_federated_progress
+from fednnunet.site_training import results_folder
+from fednnunet.strategies import SiteUpdate, pooled_dice
+from fednnunet.trainers.base import initial_weights_seed, seed_everything, to_plain
+from fednnunet.wire import Message
+
+SERVER_CHECKPOINT = 'federated_round_latest.pth'
+
+
+@dataclass
+class TrainingConfig:
+    dataset_name: str
+    configuration: str
+    fold: object
+    method: str
+    plans_identifier: str
+    rounds: int = 1000
+    local_iterations: int = 250
+    val_iterations: int = 50
+    seed: int = 12345
+    hyperparameters: dict = field(default_factory=dict)
+    strategy_options: dict = field(default_factory=dict)
+    validate: bool = True
+    plot_every: int = 1
+
+
+class FederatedTraining:
+    def __init__(self, engine, config: TrainingConfig):
+        self.engine = engine
+        self.config = config
+        self.method = get_method(config.method)
+        self.strategy = self.method.strategy(**config.strategy_options)
+        self.has_global_model = self.strategy.produces_global_model and self.method.has_global_model
+        self.results_base = results_folder(config.dataset_name, self.method.trainer, config.plans_identifier,
+                                           config.configuration)
+        self.output_folder = join(self.results_base, f'fold_{config.fold}')
+        self.plans = load_json(join(server_folder(config.dataset_name), config.plans_identifier + '.json'))
+        self.dataset_json = load_json(join(server_folder(config.dataset_name), 'dataset.json'))
+        self.logger = MetaLogger(self.output_folder, False)
+        self.site_dice: Dict[str, List[float]] = {}
+        self.rounds_log: List[dict] = []
+        self.best_ema: Optional[float] = None
+        self.site_indices = {s: i for i, s in enumerate(sorted(engine.site_names))}
+        self.log_file = join(self.output_folder, 'training_log.txt')
+
+    # ------------------------------------------------------------------ helpers
+    def log(self, text: str, console: bool = False):
+        with open(self.log_file, 'a') as f:
+            f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")}: {text}\n')
+        if console:
+            tqdm.write(text)
+
+    def site_config(self, site: str, **extra) -> dict:
+        c = self.config
+        return {'method': c.method, 'configuration': c.configuration, 'fold': c.fold,
+                'plans_identifier': c.plans_identifier, 'rounds': c.rounds, 'local_iterations': c.local_iterations,
+                'val_iterations': c.val_iterations, 'seed': c.seed, 'hyperparameters': c.hyperparameters,
+                'site_index': self.site_indices[site], **extra}
+
+    def initial_network_state(self) -> Dict[str, np.ndarray]:
+        """The network every site starts from: the method's architecture from the plans, seeded."""
+        pm = PlansManager(self.plans)
+        cm = pm.get_configuration(self.config.configuration)
+        seed_everything(initial_weights_seed(self.config.seed))
+        network = self.method.trainer.build_network_architecture(
+            pm, cm, determine_num_input_channels(pm, cm, self.dataset_json),
+            pm.get_label_manager(self.dataset_json).num_segmentation_heads, True)
+        self.shared_keys = self.method.trainer.shared_keys(network)
+        if self.method.has_global_model != (set(self.shared_keys) == set(network.state_dict())):
+            raise RuntimeError(f'{self.method.trainer.__name__}.has_local_parts disagrees with its shared keys')
+        return {k: v.detach().cpu().numpy() for k, v in network.state_dict().items()}
+
+    def write_model_folder(self):
+        os.makedirs(self.output_folder, exist_ok=True)
+        write_json(join(self.results_base, 'plans.json'), self.plans)
+        write_json(join(self.results_base, 'dataset.json'), self.dataset_json)
+        shutil.copyfile(join(server_folder(self.config.dataset_name), 'dataset_fingerprint.json'),
+                        join(self.results_base, 'dataset_fingerprint.json'))
+
+    def nnunet_checkpoint(self, state: Dict[str, np.ndarray], mirroring_axes) -> dict:
+        """nnU-Net's checkpoint format, as ``nnUNetTrainer.save_checkpoint`` writes it, for the global model."""
+        return {
+            'network_weights': {k: torch.from_numpy(np.array(v)) for k, v in state.items()},
+            'optimizer_state': None, 'grad_scaler_state': None,
+            'logging': to_plain(self.logger.get_checkpoint()),
+            '_best_ema': to_plain(self.best_ema),
+            'current_epoch': self.config.rounds,
+            'init_args': {'plans': self.plans, 'configuration': self.config.configuration, 'fold': self.config.fold,
+                          'dataset_json': self.dataset_json, 'device': torch.device('cpu')},
+            'trainer_name': self.method.trainer.__name__,
+            'inference_allowed_mirroring_axes': mirroring_axes,
+        }
+
+    def save_server_state(self, rounds_done: int, global_state: Dict[str, np.ndarray]):
+        path = join(self.output_folder, SERVER_CHECKPOINT)
+        torch.save({'rounds_done': rounds_done,
+                    'global_state': {k: torch.from_numpy(np.array(v)) for k, v in global_state.items()},
+                    'logging': to_plain(self.logger.get_checkpoint()), 'site_dice': self.site_dice,
+                    'best_ema': to_plain(self.best_ema), 'strategy': to_plain(self.strategy.state()),
+                    'site_indices': self.site_indices, 'config': to_plain(asdict(self.config)),
+                    'mirroring_axes': to_plain(getattr(self, 'mirroring_axes', None))}, path + '.partial')
+        os.replace(path + '.partial', path)
+        write_json(join(self.output_folder, 'federation_log.json'), self.rounds_log, indent=1)
+
+    def load_server_state(self) -> tuple:
+        path = join(self.output_folder, SERVER_CHECKPOINT)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'--continue: no {SERVER_CHECKPOINT} in {self.output_folder}')
+        ck = torch.load(path, map_location='cpu', weights_only=True)
+        saved = ck['config']
+        for key in ('method', 'configuration', 'plans_identifier', 'rounds', 'local_iterations', 'seed'):
+            if saved[key] != to_plain(asdict(self.config))[key]:
+                raise ValueError(f'--continue: {key} was {saved[key]!r} in the interrupted run, now '
+                                 f'{getattr(self.config, key)!r}')
+        self.logger.load_checkpoint(ck['logging'])
+        self.site_dice = ck['site_dice']
+        self.best_ema = ck['best_ema']
+        self.strategy.load_state(ck['strategy'])
+        self.site_indices = ck['site_indices']
+        self.mirroring_axes = ck['mirroring_axes']
+        log_file = join(self.output_folder, 'federation_log.json')
+        self.rounds_log = json.load(open(log_file)) if os.path.isfile(log_file) else []
+        return ck['rounds_done'], {k: v.numpy() for k, v in ck['global_state'].items()}
+
+    # ------------------------------------------------------------------ the run
+    def run(self, continue_training: bool = False) -> dict:
+        c = self.config
+        self.write_model_folder()
+        network_state = self.initial_network_state()
+        if continue_training:
+            start, global_state = self.load_server_state()
+            self.log(f'continuing after round {start}', console=True)
+        else:
+            start, global_state = 0, self.strategy.initial_state(network_state, self.shared_keys)
+            self.log(f'{c.method} on sites {sorted(self.site_indices)}: {c.rounds} rounds x {c.local_iterations} '
+                     f'local iterations, seed {c.seed}', console=False)
+
+        bar = tqdm(range(start, c.rounds), desc=f'{c.method} rounds', initial=start, total=c.rounds)
+        for r in bar:
+            t0 = time.time()
+            sent_before = dict(self.engine.bytes_sent)
+            requests = {s: Message('fit', self.site_config(s, round=r), arrays=self.strategy.configure_fit(
+                r, s, global_state)) for s in sorted(self.engine.site_names)}
+            replies = self.engine.ask(requests)
+            updates = [SiteUpdate(s, dict(rep.arrays), int(rep.config['num_examples']), rep.config['metrics'])
+                       for s, rep in replies.items()]
+            received = global_state  # the model the sites just validated
+            t_merge = time.time()
+            global_state = self.strategy.aggregate(r, updates, global_state)
+            global_state = self.strategy.server_step(r, global_state)
+            t_merge = time.time() - t_merge
+            self.record_round(r, t0, updates, received, t_merge, sent_before)
+            self.save_server_state(r + 1, global_state)
+            if (r + 1) % c.plot_every == 0 or r + 1 == c.rounds:
+                plot_federated_progress(self.logger.local_logger.my_fantastic_logging, self.site_dice,
+                                        self.output_folder)
+            bar.set_postfix(pooled_pseudo_dice=f"{self.logger.get_value('mean_fg_dice', -1):.4f}")
+        return self.finish(global_state)
+
+    def record_round(self, r: int, t0: float, updates: List[SiteUpdate], received: Dict[str, np.ndarray],
+                     t_merge: float, sent_before: Dict[str, int]):
+        metrics = {u.site: u.metrics for u in updates}
+        weights = np.array([u.num_examples for u in updates], dtype=np.float64)
+        pooled = pooled_dice(metrics)
+        mean_pooled = float(np.nanmean(pooled)) if pooled else float('nan')
+        self.logger.log('epoch_start_timestamps', t0, r)
+        self.logger.log('lrs', float(updates[0].metrics['lr']), r)
+        self.logger.log('train_losses', float(np.average([u.metrics['train_loss'] for u in updates],
+                                                         weights=weights)), r)
+        self.logger.log('val_losses', float(np.average([u.metrics['val_loss'] for u in updates], weights=weights)), r)
+        self.logger.log('mean_fg_dice', mean_pooled, r)
+        self.logger.log('dice_per_class_or_region', pooled, r)
+        self.logger.log('epoch_end_timestamps', time.time(), r)
+        for u in updates:
+            self.site_dice.setdefault(u.site, []).append(float(u.metrics['pseudo_dice']))
+        ema = float(self.logger.get_value('ema_fg_dice', -1))
+        if self.has_global_model and (self.best_ema is None or ema > self.best_ema):
+            self.best_ema = ema
+            torch.save(self.nnunet_checkpoint(received, getattr(self, 'mirroring_axes', None)),
+                       join(self.output_folder, 'checkpoint_best.pth'))
+        self.rounds_log.append(to_plain({
+            'round': r, 'pooled_pseudo_dice': pooled, 'mean_pooled_pseudo_dice': mean_pooled, 'ema': ema,
+            'seconds': time.time() - t0, 'merge_seconds': t_merge,
+            'bytes_to_sites': {s: self.engine.bytes_sent[s] - sent_before.get(s, 0) for s in metrics},
+            'sites': {s: {k: m[k] for k in ('pseudo_dice', 'train_loss', 'val_loss', 'seconds', 'lr',
+                                             'num_training_cases', 'state_from_round')} for s, m in metrics.items()},
+        }))
+        self.log(f'round {r}: pooled pseudo dice {mean_pooled:.4f} (ema {ema:.4f}); ' +
+                 ', '.join(f'{s} {m["pseudo_dice"]:.4f}' for s, m in sorted(metrics.items())))
+
+    def finish(self, global_state: Dict[str, np.ndarray]) -> dict:
+        """Sites store their final models and validate them; the server stores the global model."""
+        c = self.config
+        requests = {s: Message('finish', self.site_config(s, validate=c.validate),
+                               arrays=self.strategy.configure_fit(c.rounds, s, global_state))
+                    for s in sorted(self.engine.site_names)}
+        replies = self.engine.ask(requests)
+        axes = next(iter(replies.values())).config['inference_allowed_mirroring_axes']
+        self.mirroring_axes = axes
+        if self.has_global_model:
+            torch.save(self.nnunet_checkpoint(global_state, axes), join(self.output_folder, 'checkpoint_final.pth'))
+            if os.path.isfile(join(self.output_folder, 'checkpoint_best.pth')):  # add the axes found at the end
+                best = torch.load(join(self.output_folder, 'checkpoint_best.pth'), map_location='cpu',
+                                  weights_only=True)
+                best['inference_allowed_mirroring_axes'] = axes
+                torch.save(best, join(self.output_folder, 'checkpoint_best.pth'))
+        summaries = {s: rep.config['validation_summary'] for s, rep in replies.items()}
+        result = {'method': c.method, 'results_folder': self.results_base, 'fold': c.fold,
+                  'global_model': self.has_global_model,
+                  'final_validation': pooled_summary(summaries) if c.validate else None}
+        write_json(join(self.output_folder, 'federated_summary.json'), to_plain(result))
+        self.log('training done', console=False)
+        return result
