@@ -141,7 +141,7 @@ def run_centralized(engine, federation, args) -> dict:
     """The pooled baseline, then every site measures the model on its own validation cases."""
     from fednnunet.centralized import train_centralized
     from fednnunet.evaluation import pooled_summary
-    from fednnunet.site_training import resolve_device
+    from fednnunet.site_training import resolve_device, results_folder
     from fednnunet.trainers.centralized import CentralizedTrainer
     from fednnunet.wire import Message
     trainer = train_centralized(federation.dataset_name, federation.site_names, args.configuration, _fold(args.fold),
@@ -150,7 +150,8 @@ def run_centralized(engine, federation, args) -> dict:
     result = {'method': 'centralized', 'results_folder': trainer.output_folder_base, 'final_validation': None}
     if not args.no_val:
         replies = engine.ask_all(Message('evaluate', {
-            'results_folder_name': CentralizedTrainer.__name__ + '__' + args.p + '__' + args.configuration,
+            'results_folder_name': os.path.basename(results_folder(federation.dataset_name, CentralizedTrainer, args.p,
+                                                                  args.configuration)),
             'model': 'global', 'checkpoint': 'checkpoint_final.pth', 'fold': _fold(args.fold)}))
         result['final_validation'] = pooled_summary({s: r.config['summary'] for s, r in replies.items()})
     return result

@@ -82,7 +82,8 @@ class SiteStateStore:
 
 
 def results_folder(dataset_name: str, trainer_class, plans_identifier: str, configuration: str) -> str:
-    return join(str(nnUNet_results), dataset_name, trainer_class.results_folder_name(plans_identifier, configuration))
+    """nnU-Net's results folder naming: <Trainer>__<plans>__<configuration>."""
+    return join(str(nnUNet_results), dataset_name, f'{trainer_class.__name__}__{plans_identifier}__{configuration}')
 
 
 def build_site_trainer(worker, config: dict) -> FederatedTrainer:

@@ -2,6 +2,10 @@
 import os
 import shutil
 
+# before nnunetv2 is imported anywhere: one process for nnU-Net's pools, single-threaded augmentation (2-core CI)
+os.environ.setdefault('nnUNet_def_n_proc', '1')
+os.environ['nnUNet_n_proc_DA'] = '0'
+
 import pytest
 
 from fednnunet.demo import TEST_SITES, build_demo_federation, dataset_folder_name
@@ -54,3 +58,25 @@ def raw_copy(demo_raw, tmp_path, monkeypatch):
         (tmp_path / var).mkdir(exist_ok=True)
         monkeypatch.setenv(var, str(tmp_path / var))
     return raw_root / DATASET_NAME
+
+
+@pytest.fixture(scope='session')
+def planned(demo_raw):
+    """The tiny federation planned with the CPU preset and preprocessed (2d, 3d_fullres) at every site, in the
+    session's nnUNet_preprocessed. Returns the Federation."""
+    from fednnunet.engines.simulation import SimulationEngine
+    from fednnunet.federation import Federation
+    from fednnunet.plan_and_preprocess import plan_and_preprocess
+    federation = Federation.from_raw(DATASET_ID)
+    plan_and_preprocess(SimulationEngine.for_federation(federation), DATASET_NAME, ['2d', '3d_fullres'],
+                        'nnUNetPlannerCPU')
+    return federation
+
+
+@pytest.fixture
+def fresh_results(tmp_path, monkeypatch):
+    """A private nnUNet_results for one test."""
+    folder = tmp_path / 'nnUNet_results'
+    folder.mkdir()
+    monkeypatch.setenv('nnUNet_results', str(folder))
+    return folder

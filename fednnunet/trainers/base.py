@@ -92,11 +92,6 @@ class FederatedTrainer(nnUNetTrainer):
         self.num_training_cases = None
 
     # ------------------------------------------------------------------ set-up
-    @classmethod
-    def results_folder_name(cls, plans_identifier: str, configuration: str) -> str:
-        """nnU-Net's results folder naming: <Trainer>__<plans>__<configuration>."""
-        return f'{cls.__name__}__{plans_identifier}__{configuration}'
-
     def configure_federation(self, site_name: str, site_index: int, site_preprocessed_folder: str,
                              results_folder_base: str, rounds: int, local_iterations: int, val_iterations: int,
                              seed: int, hyperparameters: Optional[dict] = None):

@@ -1,0 +1,285 @@
+"""Federated training in simulation on the tiny demo federation (CPU preset, a few rounds and iterations)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from fednnunet.cli import evaluate_entry, predict_entry, train_entry
+from fednnunet.engines.simulation import SimulationEngine
+from fednnunet.federation import Federation, server_folder, site_folder
+from fednnunet.inference import load_checkpoint
+from fednnunet.methods import METHODS, get_method
+from fednnunet.trainers.base import initial_weights_seed, round_seed, seed_everything
+from fednnunet.training_server import FederatedTraining, TrainingConfig
+
+from conftest import DATASET_ID, DATASET_NAME
+
+PLANS = 'nnUNetCPUPlans'
+FAST = ['--rounds', '2', '--local-iterations', '3', '--val-iterations', '2', '-p', PLANS, '-device', 'cpu']
+
+
+def _config(method='fedavg', configuration='3d_fullres', rounds=2, local_iterations=3, **kw):
+    return TrainingConfig(DATASET_NAME, configuration, 0, method, PLANS, rounds=rounds,
+                          local_iterations=local_iterations, val_iterations=2, **kw)
+
+
+def _results(method, configuration='3d_fullres'):
+    trainer = get_method(method).trainer if method != 'centralized' else None
+    name = (trainer.__name__ if trainer else 'CentralizedTrainer') + f'__{PLANS}__{configuration}'
+    return os.path.join(os.environ['nnUNet_results'], DATASET_NAME, name)
+
+
+class RecordingEngine(SimulationEngine):
+    """Keeps every message, to check what leaves a site; can stop the run at a given round."""
+
+    def __init__(self, workers, stop_at_round=None):
+        super().__init__(workers)
+        self.replies, self.stop_at_round = [], stop_at_round
+
+    def ask(self, requests):
+        first = next(iter(requests.values()))
+        if first.kind == 'fit' and first.config['round'] == self.stop_at_round:
+            raise KeyboardInterrupt('simulated crash')
+        replies = super().ask(requests)
+        self.replies += [(s, r) for s, r in replies.items()]
+        return replies
+
+
+def _engine(federation, cls=SimulationEngine, **kw):
+    from fednnunet.site_worker import SiteWorker
+    state_in_memory = kw.pop('state_in_memory', False)
+    return cls({n: SiteWorker(s, federation.dataset_name, 1, device='cpu', state_in_memory=state_in_memory)
+                for n, s in federation.sites.items()}, **kw)
+
+
+@pytest.mark.parametrize('method', sorted(METHODS) + ['centralized'])
+def test_every_method_trains_predicts_and_evaluates(planned, fresh_results, tmp_path, capsys, method):
+    train_entry(['501', '3d_fullres', '0', '--method', method] + FAST)
+    out = capsys.readouterr().out
+    assert 'pooled' in out and 'final validation' in out
+    base = _results(method)
+    has_global = method == 'centralized' or get_method(method).has_global_model
+    assert os.path.isfile(os.path.join(base, 'fold_0', 'checkpoint_final.pth')) == has_global
+    if method != 'centralized':
+        summary = json.load(open(os.path.join(base, 'fold_0', 'federated_summary.json')))
+        for site in 'ABC':
+            assert os.path.isfile(os.path.join(base, 'sites', site, 'fold_0', 'checkpoint_final.pth'))
+            dice = summary['final_validation']['per_site'][site]['foreground_mean']['Dice']
+            assert 0 <= dice <= 1
+        assert os.path.isfile(os.path.join(base, 'fold_0', 'progress.png'))
+        log = json.load(open(os.path.join(base, 'fold_0', 'federation_log.json')))
+        assert [r['round'] for r in log] == [0, 1] and set(log[0]['sites']) == {'A', 'B', 'C'}
+
+    evaluate_entry(['-d', '501', '-c', '3d_fullres', '--method', method, '-p', PLANS, '-device', 'cpu'])
+    table = capsys.readouterr().out
+    assert all(f'\n{s} ' in table for s in 'ABC') and '\npooled ' in table
+    model = 'global' if has_global else 'site'
+    evaluation = json.load(open(os.path.join(base, 'fold_0', f'evaluation_{model}_checkpoint_final.json')))
+    assert set(evaluation['per_site']) == {'A', 'B', 'C'}
+    tp, fp, fn = (sum(evaluation['pooled'][lb][k] for lb in ('1', '2')) for k in ('TP', 'FP', 'FN'))
+    assert tp > 0 and evaluation['per_site']['A']['1']['HD95'] is not None
+
+    images = tmp_path / 'new_scans'
+    images.mkdir()
+    case = Federation.from_raw(DATASET_ID).sites['C'].cases[0]
+    src = Federation.from_raw(DATASET_ID).sites['C'].image_files(case)[0]
+    os.symlink(src, images / os.path.basename(src))
+    site_args = [] if has_global else ['--site', 'C']
+    predict_entry(['-i', str(images), '-o', str(tmp_path / 'pred'), '-d', '501', '-c', '3d_fullres',
+                   '--method', method, '-p', PLANS, '-device', 'cpu'] + site_args)
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'pred' / f'{case}.nii.gz')))
+    assert seg.shape == sitk.GetArrayFromImage(sitk.ReadImage(src)).shape and set(np.unique(seg)) <= {0, 1, 2}
+    if not has_global:
+        with pytest.raises(SystemExit):
+            predict_entry(['-i', str(images), '-o', str(tmp_path / 'x'), '-d', '501', '-c', '3d_fullres',
+                           '--method', method, '-p', PLANS, '-device', 'cpu'])
+        assert 'personalized model with --site' in capsys.readouterr().err
+
+
+def test_2d_configuration_trains(planned, fresh_results):
+    fed = Federation.from_raw(DATASET_ID)
+    result = FederatedTraining(_engine(fed), _config('fedavg', '2d', validate=False)).run()
+    assert os.path.isfile(os.path.join(result['results_folder'], 'fold_0', 'checkpoint_final.pth'))
+
+
+def test_fedavg_round_with_one_site_is_nnunet_training(planned, fresh_results, tmp_path):
+    """One FedAvg round at one site = nnU-Net's own validation and train steps (same seeds), bit for bit."""
+    fed = Federation.from_raw(DATASET_ID, only_sites=['A'])
+    iterations, seed = 4, 12345
+    FederatedTraining(_engine(fed), _config(rounds=1, local_iterations=iterations, seed=seed, validate=False)).run()
+    federated = load_checkpoint(os.path.join(_results('fedavg'), 'fold_0', 'checkpoint_final.pth'))['network_weights']
+
+    plans = json.load(open(os.path.join(server_folder(DATASET_NAME), PLANS + '.json')))
+    plans['continue_training'] = False
+    plain = nnUNetTrainer(plans, '3d_fullres', 0, json.load(open(os.path.join(server_folder(DATASET_NAME),
+                                                                             'dataset.json'))), torch.device('cpu'))
+    plain.preprocessed_dataset_folder_base = site_folder(DATASET_NAME, 'A')
+    plain.preprocessed_dataset_folder = os.path.join(site_folder(DATASET_NAME, 'A'), f'{PLANS}_3d_fullres')
+    plain.num_epochs, plain.num_iterations_per_epoch, plain.num_val_iterations_per_epoch = 1, iterations, 2
+    seed_everything(initial_weights_seed(seed))
+    plain.on_train_start()
+    seed_everything(round_seed(seed, 0, 0))
+    plain.on_epoch_start()
+    with torch.no_grad():
+        plain.on_validation_epoch_start()
+        plain.on_validation_epoch_end([plain.validation_step(next(plain.dataloader_val)) for _ in range(2)])
+    plain.on_train_epoch_start()
+    for _ in range(iterations):
+        plain.train_step(next(plain.dataloader_train))
+    reference = plain.network.state_dict()
+    assert set(reference) == set(federated)
+    for k in reference:
+        assert torch.equal(reference[k].cpu(), federated[k]), k
+
+
+def _final_weights(method='fedavg'):
+    base = _results(method)
+    path = os.path.join(base, 'fold_0', 'checkpoint_final.pth')
+    if os.path.isfile(path):
+        return load_checkpoint(path)['network_weights']
+    return {s: load_checkpoint(os.path.join(base, 'sites', s, 'fold_0', 'checkpoint_final.pth'))['network_weights']
+            for s in 'ABC'}
+
+
+def _assert_same(a, b):
+    if isinstance(a, dict) and not isinstance(next(iter(a.values())), torch.Tensor):
+        for k in a:
+            _assert_same(a[k], b[k])
+        return
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize('method', ['fedavg', 'fedper'])
+def test_resume_equals_uninterrupted(planned, tmp_path, monkeypatch, method):
+    fed = Federation.from_raw(DATASET_ID)
+    monkeypatch.setenv('nnUNet_results', str(tmp_path / 'straight'))
+    FederatedTraining(_engine(fed), _config(method, rounds=3, validate=False)).run()
+    straight = _final_weights(method)
+
+    monkeypatch.setenv('nnUNet_results', str(tmp_path / 'resumed'))
+    with pytest.raises(KeyboardInterrupt):
+        FederatedTraining(_engine(fed, RecordingEngine, stop_at_round=2), _config(method, rounds=3, validate=False)).run()
+    assert not os.path.isfile(os.path.join(_results(method), 'fold_0', 'checkpoint_final.pth'))
+    FederatedTraining(_engine(fed), _config(method, rounds=3, validate=False)).run(continue_training=True)
+    _assert_same(straight, _final_weights(method))
+    log = json.load(open(os.path.join(_results(method), 'fold_0', 'federation_log.json')))
+    assert [r['round'] for r in log] == [0, 1, 2]
+
+
+def test_site_state_in_memory_or_on_disk_gives_identical_rounds(planned, tmp_path, monkeypatch):
+    fed = Federation.from_raw(DATASET_ID)
+    weights = []
+    for in_memory in (True, False):
+        monkeypatch.setenv('nnUNet_results', str(tmp_path / f'memory_{in_memory}'))
+        FederatedTraining(_engine(fed, state_in_memory=in_memory), _config('fedbn', validate=False)).run()
+        weights.append(_final_weights('fedbn'))
+    _assert_same(*weights)
+    assert sorted(os.listdir(os.path.join(_results('fedbn'), 'sites', 'A', 'fold_0', 'site_state'))) == \
+        ['round_0001.pth', 'round_0002.pth']
+
+
+@pytest.mark.parametrize('method', ['fedbn', 'fedper', 'fedrep', 'local'])
+def test_local_keys_never_leave_a_site(planned, fresh_results, method):
+    fed = Federation.from_raw(DATASET_ID)
+    engine = _engine(fed, RecordingEngine)
+    ft = FederatedTraining(engine, _config(method, validate=False))
+    ft.run()
+    all_keys = set(ft.initial_network_state())
+    local = all_keys - set(ft.shared_keys)
+    assert local, 'these methods keep something local'
+    if method in ('fedper', 'fedrep'):
+        assert local == {k for k in all_keys if k.startswith('decoder.seg_layers.')}
+    if method == 'fedbn':
+        assert local and all('.norm.' in k for k in local)
+    assert engine.replies
+    for site, reply in engine.replies:
+        assert not set(reply.arrays) & local, f'{site} sent local keys'
+        if reply.kind == 'update':
+            assert set(reply.arrays) == set(ft.shared_keys)
+
+
+def test_fedrep_trains_heads_then_body(planned, fresh_results):
+    from fednnunet.site_training import build_site_trainer
+    from fednnunet.site_worker import SiteWorker
+    fed = Federation.from_raw(DATASET_ID)
+    worker = SiteWorker(fed.sites['A'], DATASET_NAME, device='cpu')
+    ft = FederatedTraining(_engine(fed), _config('fedrep', local_iterations=5))
+    trainer = build_site_trainer(worker, ft.site_config('A', round=0))
+    trainer.start(0)
+    heads = {k for k in trainer.unwrapped_network.state_dict() if k.startswith('decoder.seg_layers.')}
+    assert trainer.head_steps() == 1
+    trainer.before_train_step(0)
+    trainable = {n for n, p in trainer.unwrapped_network.named_parameters() if p.requires_grad}
+    assert trainable == heads
+    trainer.before_train_step(1)
+    trainable = {n for n, p in trainer.unwrapped_network.named_parameters() if p.requires_grad}
+    assert trainable and not trainable & heads
+    trainer.after_local_training()
+    assert all(p.requires_grad for p in trainer.unwrapped_network.parameters())
+    trainer.close()
+
+
+def test_fedprox_loss_adds_the_proximal_term(planned, fresh_results):
+    from fednnunet.site_training import build_site_trainer
+    from fednnunet.site_worker import SiteWorker
+    fed = Federation.from_raw(DATASET_ID)
+    worker = SiteWorker(fed.sites['B'], DATASET_NAME, device='cpu')
+    ft = FederatedTraining(_engine(fed), _config('fedprox', hyperparameters={'mu': 0.5}))
+    trainer = build_site_trainer(worker, ft.site_config('B', round=0))
+    trainer.start(0)
+    trainer.before_local_training({})
+    with torch.no_grad():
+        for p in trainer.unwrapped_network.parameters():
+            p.add_(0.01)
+    batch = next(trainer.dataloader_train)
+    trainer.network.train()
+    output = trainer.network(batch['data'])
+    total = trainer.loss(output, batch['target']).item()
+    base = trainer.loss.loss(output, batch['target']).item()
+    n = sum(p.numel() for p in trainer.unwrapped_network.parameters())
+    assert total - base == pytest.approx(0.5 / 2 * n * 0.01 ** 2, rel=1e-3)
+    trainer.network.eval()
+    assert trainer.loss(output, batch['target']).item() == pytest.approx(base)
+    trainer.close()
+
+
+def test_stock_nnunet_predict_loads_the_fedavg_global_model(planned, fresh_results, tmp_path):
+    fed = Federation.from_raw(DATASET_ID)
+    FederatedTraining(_engine(fed), _config(validate=False)).run()
+    images = tmp_path / 'in'
+    images.mkdir()
+    for case in fed.sites['B'].cases:
+        os.symlink(fed.sites['B'].image_files(case)[0], images / os.path.basename(fed.sites['B'].image_files(case)[0]))
+    env = dict(os.environ, nnUNet_extTrainer=os.path.dirname(__import__('fednnunet.trainers').trainers.__file__))
+    stock = subprocess.run([os.path.join(os.path.dirname(sys.executable), 'nnUNetv2_predict'), '-i', str(images),
+                            '-o', str(tmp_path / 'stock'), '-d', '501', '-c', '3d_fullres', '-f', '0',
+                            '-tr', 'FedAvgTrainer', '-p', PLANS, '-device', 'cpu', '-npp', '1', '-nps', '1'],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    predict_entry(['-i', str(images), '-o', str(tmp_path / 'ours'), '-d', '501', '-c', '3d_fullres', '-p', PLANS,
+                   '-device', 'cpu'])
+    for case in fed.sites['B'].cases:
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'stock' / f'{case}.nii.gz')))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'ours' / f'{case}.nii.gz')))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_training_requests_are_clear(planned, fresh_results, capsys):
+    with pytest.raises(SystemExit):
+        train_entry(['501', '3d_fullres', '--method', 'feddp'] + FAST)
+    assert 'not implemented yet' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_entry(['501', '3d_fullres', '--method', 'fedavg', '--mu', '0.1'] + FAST)
+    assert '--mu is not a hyper-parameter of fedavg' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_entry(['501', '3d_fullres', '--method', 'fedavg', '--continue'] + FAST)
+    assert 'no federated_round_latest.pth' in capsys.readouterr().err
