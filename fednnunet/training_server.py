@@ -37,7 +37,8 @@ from fednnunet.methods import get_method
 from fednnunet.progress import plot_federated_progress
 from fednnunet.site_training import results_folder
 from fednnunet.strategies import SiteUpdate, pooled_dice
-from fednnunet.trainers.base import initial_weights_seed, seed_everything, to_plain
+from fednnunet.trainers.base import (canonical_keys, canonical_state, expand_aliases, initial_weights_seed,
+                                     seed_everything, state_dict_aliases, to_plain)
 from fednnunet.wire import Message
 
 SERVER_CHECKPOINT = 'federated_round_latest.pth'
@@ -102,9 +103,10 @@ class FederatedTraining:
             pm, cm, determine_num_input_channels(pm, cm, self.dataset_json),
             pm.get_label_manager(self.dataset_json).num_segmentation_heads, True)
         self.shared_keys = self.method.trainer.shared_keys(network)
-        if self.method.has_global_model != (set(self.shared_keys) == set(network.state_dict())):
+        self.aliases = state_dict_aliases(network)
+        if self.method.has_global_model != (set(self.shared_keys) == set(canonical_keys(network))):
             raise RuntimeError(f'{self.method.trainer.__name__}.has_local_parts disagrees with its shared keys')
-        return {k: v.detach().cpu().numpy() for k, v in network.state_dict().items()}
+        return {k: v.detach().cpu().numpy() for k, v in canonical_state(network).items()}
 
     def write_model_folder(self):
         os.makedirs(self.output_folder, exist_ok=True)
@@ -116,7 +118,8 @@ class FederatedTraining:
     def nnunet_checkpoint(self, state: Dict[str, np.ndarray], mirroring_axes) -> dict:
         """nnU-Net's checkpoint format, as ``nnUNetTrainer.save_checkpoint`` writes it, for the global model."""
         return {
-            'network_weights': {k: torch.from_numpy(np.array(v)) for k, v in state.items()},
+            'network_weights': expand_aliases({k: torch.from_numpy(np.array(v)) for k, v in state.items()},
+                                              self.aliases),
             'optimizer_state': None, 'grad_scaler_state': None,
             'logging': to_plain(self.logger.get_checkpoint()),
             '_best_ema': to_plain(self.best_ema),

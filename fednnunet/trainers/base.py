@@ -161,16 +161,23 @@ class FederatedTrainer(nnUNetTrainer):
         return net
 
     @classmethod
+    def local_keys(cls, network: nn.Module) -> List[str]:
+        """State-dict keys that never leave the site. Default: none (FedAvg)."""
+        return []
+
+    @classmethod
     def shared_keys(cls, network: nn.Module) -> List[str]:
-        """The state-dict keys this method sends to the server. Default: all (FedAvg)."""
-        return list(network.state_dict().keys())
+        """The state-dict keys this method sends to the server: every key that is not local and not an alias."""
+        local = set(cls.local_keys(network))
+        return [k for k in canonical_keys(network) if k not in local]
 
     def shared_state(self) -> Dict[str, np.ndarray]:
         sd = self.unwrapped_network.state_dict()
         return {k: sd[k].detach().cpu().numpy() for k in self.shared_keys(self.unwrapped_network)}
 
     def load_shared_state(self, shared: Dict[str, np.ndarray]):
-        """Overwrites the shared keys with the server's values; local keys keep the site's own values."""
+        """Overwrites the shared keys with the server's values; local keys keep the site's own values (aliases of a
+        key share its tensor and follow)."""
         net = self.unwrapped_network
         own = net.state_dict()
         expected = set(self.shared_keys(net))
@@ -266,7 +273,7 @@ class FederatedTrainer(nnUNetTrainer):
     def site_state(self) -> dict:
         return {
             'round': int(self.current_epoch),
-            'network': cpu_copy(self.unwrapped_network.state_dict()),
+            'network': cpu_copy(canonical_state(self.unwrapped_network)),
             'optimizer': cpu_copy(self.optimizer.state_dict()),
             'grad_scaler': cpu_copy(self.grad_scaler.state_dict()) if self.grad_scaler is not None else None,
             'logging': to_plain(self.logger.get_checkpoint()),
@@ -275,7 +282,8 @@ class FederatedTrainer(nnUNetTrainer):
         }
 
     def load_site_state(self, state: dict):
-        self.unwrapped_network.load_state_dict(state['network'])
+        self.unwrapped_network.load_state_dict(expand_aliases(state['network'], state_dict_aliases(
+            self.unwrapped_network)))
         self.optimizer.load_state_dict(state['optimizer'])
         if self.grad_scaler is not None and state['grad_scaler'] is not None:
             self.grad_scaler.load_state_dict(state['grad_scaler'])
@@ -301,3 +309,37 @@ def segmentation_head_keys(network: nn.Module) -> List[str]:
     if not keys:
         raise ValueError(f'{type(network).__name__} has no decoder.seg_layers: cannot tell its segmentation heads')
     return keys
+
+
+def state_dict_aliases(network: nn.Module) -> Dict[str, str]:
+    """Keys whose tensor is the tensor of an earlier key: {alias: canonical key}.
+
+    nnU-Net's U-Nets hold the encoder twice in their state dict (``encoder.*`` and ``decoder.encoder.*``, one
+    module); sending, merging and storing it once saves two thirds of the traffic for a PlainConvUNet."""
+    first: Dict[int, str] = {}
+    aliases = {}
+    for k, v in network.state_dict(keep_vars=True).items():
+        if id(v) in first:
+            aliases[k] = first[id(v)]
+        else:
+            first[id(v)] = k
+    return aliases
+
+
+def canonical_keys(network: nn.Module) -> List[str]:
+    aliases = state_dict_aliases(network)
+    return [k for k in network.state_dict() if k not in aliases]
+
+
+def canonical_state(network: nn.Module) -> Dict[str, torch.Tensor]:
+    sd = network.state_dict()
+    return {k: sd[k] for k in canonical_keys(network)}
+
+
+def expand_aliases(state: dict, aliases: Dict[str, str]) -> dict:
+    """A full state dict (what nnU-Net's load_state_dict and checkpoints expect) from canonical keys."""
+    full = dict(state)
+    for alias, key in aliases.items():
+        if key in state:
+            full[alias] = state[key]
+    return full

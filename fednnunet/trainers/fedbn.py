@@ -14,6 +14,5 @@ class FedBNTrainer(FederatedTrainer):
     has_local_parts = True
 
     @classmethod
-    def shared_keys(cls, network):
-        local = set(keys_of_modules(network, NORMALIZATION_TYPES))
-        return [k for k in network.state_dict() if k not in local]
+    def local_keys(cls, network):
+        return keys_of_modules(network, NORMALIZATION_TYPES)

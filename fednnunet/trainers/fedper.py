@@ -8,6 +8,5 @@ class FedPerTrainer(FederatedTrainer):
     has_local_parts = True
 
     @classmethod
-    def shared_keys(cls, network):
-        local = set(segmentation_head_keys(network))
-        return [k for k in network.state_dict() if k not in local]
+    def local_keys(cls, network):
+        return segmentation_head_keys(network)

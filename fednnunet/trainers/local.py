@@ -7,5 +7,5 @@ class LocalTrainer(FederatedTrainer):
     has_local_parts = True
 
     @classmethod
-    def shared_keys(cls, network):
-        return []
+    def local_keys(cls, network):
+        return list(network.state_dict())
