@@ -291,14 +291,24 @@ def _ensure_nnunet_paths(workdir: str):
 def demo_entry(argv=None):
     parser = argparse.ArgumentParser(prog='fednnunet_demo',
                                      description='The whole path on the bundled demo federation: build the data, '
-                                                 'negotiate plans (CPU preset) and preprocess at every site.')
+                                                 'negotiate plans (CPU preset), preprocess at every site, train '
+                                                 'federated rounds, predict every site\'s validation cases and print '
+                                                 'the per-site Dice table.')
     parser.add_argument('--workdir', default='demo_workdir',
                         help='where nnUNet_raw/preprocessed/results go unless those variables are set')
-    parser.add_argument('--size', type=int, default=64)
-    parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('-np', type=int, default=2)
+    parser.add_argument('--size', type=int, default=64, help='voxels along the longest axis (default 64)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the demo data')
+    parser.add_argument('-c', default='3d_fullres', help='configuration to train (default 3d_fullres)')
+    parser.add_argument('--methods', nargs='+', default=['fedavg'],
+                        help='methods to train and compare (default fedavg; e.g. local fedavg centralized)')
+    parser.add_argument('--rounds', type=int, default=10)
+    parser.add_argument('--local-iterations', type=int, default=50)
+    parser.add_argument('--val-iterations', type=int, default=10)
+    parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
+    parser.add_argument('-np', type=int, default=1, help='processes per site for preprocessing')
     args = parser.parse_args(argv)
     _ensure_nnunet_paths(args.workdir)
+    os.environ.setdefault('nnUNet_n_proc_DA', '0')
 
     from fednnunet import demo
     from fednnunet.engines.simulation import SimulationEngine
@@ -310,9 +320,17 @@ def demo_entry(argv=None):
         folder = demo.build_demo_federation(demo.DEMO_DATASET_ID, size=args.size, seed=args.seed, overwrite=True)
         print(f'[demo] federation written to {folder} ({time.time() - t0:.1f} s)')
         federation = Federation.from_folder(folder)
-        engine = SimulationEngine.for_federation(federation, args.np)
-        summary = plan_and_preprocess(engine, federation.dataset_name, ['2d', '3d_fullres'], 'nnUNetPlannerCPU')
+        summary = plan_and_preprocess(SimulationEngine.for_federation(federation, args.np), federation.dataset_name,
+                                      [args.c], 'nnUNetPlannerCPU')
     except FederationError as e:
         _fail(e)
-    print(f"[demo] plans '{summary['plans_identifier']}' negotiated by sites {list(summary['sites'])}; "
-          f"preprocessed {summary['preprocessed']}; total {time.time() - t0:.1f} s")
+    print(f"[demo] plans '{summary['plans_identifier']}' negotiated by sites {list(summary['sites'])} and "
+          f"preprocessed ({time.time() - t0:.1f} s)")
+    for method in args.methods:
+        t1 = time.time()
+        print(f'[demo] training {method}: {args.rounds} rounds x {args.local_iterations} iterations per site')
+        train_entry([str(demo.DEMO_DATASET_ID), args.c, '0', '--method', method, '-p', summary['plans_identifier'],
+                     '--rounds', str(args.rounds), '--local-iterations', str(args.local_iterations),
+                     '--val-iterations', str(args.val_iterations), '-device', args.device])
+        print(f'[demo] {method} done in {time.time() - t1:.1f} s')
+    print(f'[demo] total {time.time() - t0:.1f} s; results under {os.environ["nnUNet_results"]}')

@@ -1,6 +1,6 @@
 """A deterministic multi-site demo federation built from real anatomy.
 
-Anatomy: the MNI ICBM152 2009a (nonlinear, symmetric) T1 template and its grey- and white-matter
+Anatomy: the MNI ICBM152 2009a (nonlinear, symmetric: files ``*_nlin_sym_09a_*``) T1 template and its grey- and white-matter
 probability maps, which nilearn ships inside its wheel (``nilearn/datasets/data/``); loading them
 needs no network. The T1 template is skull-stripped: zero outside the brain.
 
@@ -43,8 +43,8 @@ FILE_ENDING = '.nii.gz'
 # Field of view shared by all sites, in MNI (RAS) mm: the template brain's bounding box
 # (x -72..72, y -107..73, z -72..82) with a margin for the deformations. The template itself ends at
 # z = -72 (its brain stem is cut there), so the demo brains have a flat inferior cut too.
-FOV_LO = np.array([-84.0, -121.0, -83.0])
-FOV_HI = np.array([84.0, 87.0, 93.0])
+FOV_LO = np.array([-84.0, -121.0, -92.0])
+FOV_HI = np.array([84.0, 87.0, 96.0])
 FOV_CENTER = (FOV_LO + FOV_HI) / 2
 
 # Anatomical variability between subjects.
@@ -135,8 +135,11 @@ def site_spacing_mm(site: SiteScanner, size: int) -> Tuple[float, float, float]:
 
 
 def site_shape(site: SiteScanner, size: int) -> Tuple[int, int, int]:
-    """The site's image shape in x, y, z voxel order (SimpleITK / nnU-Net arrays are z, y, x)."""
-    return tuple(max(1, int(round(float(e) / s))) for e, s in zip(FOV_HI - FOV_LO, site_spacing_mm(site, size)))
+    """The site's image shape in x, y, z voxel order (SimpleITK / nnU-Net arrays are z, y, x).
+
+    Enough voxels to cover the field of view, centred on it."""
+    spacing = site_spacing_mm(site, size)
+    return tuple(max(1, int(np.ceil(float(e) / s - 1e-6))) for e, s in zip(FOV_HI - FOV_LO, spacing))
 
 
 def _grid_origin(spacing: Sequence[float], shape: Sequence[int]) -> np.ndarray:
@@ -345,6 +348,11 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
         os.makedirs(images_dir)
         os.makedirs(labels_dir)
         assignment: Dict[str, dict] = {}
+        t0 = time.perf_counter()
+        _template(_work_spacing(size))
+        if verbose:
+            print(f'[demo] MNI152 template at {_work_spacing(size)} mm working resolution, '
+                  f'{time.perf_counter() - t0:.1f} s', flush=True)
         for site in sites:
             t0 = time.perf_counter()
             spacing = site_spacing_mm(site, size)

@@ -87,6 +87,13 @@ def evaluate_cases(predictor, cases: Sequence[str], image_files: Dict[str, List[
         return json.load(f)  # the JSON form (labels as strings), as it travels to the server
 
 
+def shareable_summary(summary: dict) -> dict:
+    """What a site sends of its summary: the numbers per case, named by case id, without its file paths."""
+    cases = [{'case': os.path.basename(r['prediction_file']).split('.')[0], 'metrics': r['metrics']}
+             for r in summary['metric_per_case']]
+    return {'metric_per_case': cases, 'mean': summary['mean'], 'foreground_mean': summary['foreground_mean']}
+
+
 def pooled_summary(site_summaries: Dict[str, Optional[dict]]) -> dict:
     """Per-site mean Dice and HD95 per label, and the pooled Dice per label from summed TP/FP/FN."""
     out = {'per_site': {}, 'pooled': {}}

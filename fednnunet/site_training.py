@@ -99,7 +99,16 @@ def build_site_trainer(worker, config: dict) -> FederatedTrainer:
         results_folder(worker.dataset_name, method.trainer, config['plans_identifier'], config['configuration']),
         config['rounds'], config['local_iterations'], config['val_iterations'], config['seed'],
         config.get('hyperparameters') or {})
+    trainer.run_id = config.get('run_id')
     return trainer
+
+
+def own_state(worker, trainer: FederatedTrainer, at_most: int) -> Tuple[Optional[int], Optional[dict]]:
+    """The site's newest state of this run (a state left by another run in the same folder is not used)."""
+    rounds_done, state = worker.state_store.latest(trainer, at_most)
+    if state is None or state.get('run_id') != trainer.run_id:
+        return None, None
+    return rounds_done, state
 
 
 def fit(worker, message: Message) -> Message:
@@ -109,7 +118,7 @@ def fit(worker, message: Message) -> Message:
     trainer = build_site_trainer(worker, config)
     try:
         trainer.start(round_index)
-        resumed_from, state = worker.state_store.latest(trainer, at_most=round_index)
+        resumed_from, state = own_state(worker, trainer, round_index)
         if state is not None:
             trainer.load_site_state(state)
         shared, metrics = trainer.train_round(round_index, dict(message.arrays))
@@ -130,7 +139,7 @@ def finish(worker, message: Message) -> Message:
     trainer = build_site_trainer(worker, config)
     try:
         trainer.start(rounds)
-        _, state = worker.state_store.latest(trainer, at_most=rounds)
+        _, state = own_state(worker, trainer, rounds)
         if state is None:
             raise RuntimeError(f"site '{worker.site.name}' has no training state to finish from")
         trainer.load_site_state(state)
@@ -163,15 +172,16 @@ def validation_cases(worker, fold) -> list:
 
 def evaluate_model(worker, config: dict, model_folder: str, checkpoint: str, output_folder: str) -> dict:
     """Predicts the site's validation cases with the model in ``model_folder`` and measures them (nnU-Net's
-    metrics + HD95); writes predictions and summary.json to ``output_folder``."""
-    from fednnunet.evaluation import evaluate_cases
+    metrics + HD95); writes predictions and summary.json to ``output_folder``. Returns what may leave the site:
+    the per-case numbers without file paths."""
+    from fednnunet.evaluation import evaluate_cases, shareable_summary
     from fednnunet.inference import load_predictor
     predictor = load_predictor(model_folder, config['fold'], checkpoint, worker.device)
     cases = validation_cases(worker, config['fold'])
-    return evaluate_cases(predictor, cases, {c: worker.site.image_files(c) for c in cases},
-                          {c: worker.site.label_file(c) for c in cases}, output_folder,
-                          num_processes=worker.num_processes if worker.num_processes > 1 else 0,
-                          verbose=worker.verbose)
+    return shareable_summary(evaluate_cases(predictor, cases, {c: worker.site.image_files(c) for c in cases},
+                                            {c: worker.site.label_file(c) for c in cases}, output_folder,
+                                            num_processes=worker.num_processes if worker.num_processes > 1 else 0,
+                                            verbose=worker.verbose))
 
 
 def evaluate(worker, message: Message) -> Message:
@@ -184,4 +194,4 @@ def evaluate(worker, message: Message) -> Message:
     stem = os.path.splitext(config['checkpoint'])[0]
     output = join(site_base, f"fold_{config['fold']}", f"evaluation_{config['model']}_{stem}")
     summary = evaluate_model(worker, config, model_folder, config['checkpoint'], output)
-    return Message('evaluation', to_plain({'summary': summary, 'output_folder': output}))
+    return Message('evaluation', to_plain({'summary': summary}))

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
@@ -79,6 +80,7 @@ class FederatedTraining:
         self.best_ema: Optional[float] = None
         self.site_indices = {s: i for i, s in enumerate(sorted(engine.site_names))}
         self.log_file = join(self.output_folder, 'training_log.txt')
+        self.run_id = uuid.uuid4().hex  # a resumed run keeps its own; sites ignore states of other runs
 
     # ------------------------------------------------------------------ helpers
     def log(self, text: str, console: bool = False):
@@ -92,7 +94,7 @@ class FederatedTraining:
         return {'method': c.method, 'configuration': c.configuration, 'fold': c.fold,
                 'plans_identifier': c.plans_identifier, 'rounds': c.rounds, 'local_iterations': c.local_iterations,
                 'val_iterations': c.val_iterations, 'seed': c.seed, 'hyperparameters': c.hyperparameters,
-                'site_index': self.site_indices[site], **extra}
+                'site_index': self.site_indices[site], 'run_id': self.run_id, **extra}
 
     def initial_network_state(self) -> Dict[str, np.ndarray]:
         """The network every site starts from: the method's architecture from the plans, seeded."""
@@ -136,7 +138,7 @@ class FederatedTraining:
                     'global_state': {k: torch.from_numpy(np.array(v)) for k, v in global_state.items()},
                     'logging': to_plain(self.logger.get_checkpoint()), 'site_dice': self.site_dice,
                     'best_ema': to_plain(self.best_ema), 'strategy': to_plain(self.strategy.state()),
-                    'site_indices': self.site_indices, 'config': to_plain(asdict(self.config)),
+                    'site_indices': self.site_indices, 'config': to_plain(asdict(self.config)), 'run_id': self.run_id,
                     'mirroring_axes': to_plain(getattr(self, 'mirroring_axes', None))}, path + '.partial')
         os.replace(path + '.partial', path)
         write_json(join(self.output_folder, 'federation_log.json'), self.rounds_log, indent=1)
@@ -156,6 +158,7 @@ class FederatedTraining:
         self.best_ema = ck['best_ema']
         self.strategy.load_state(ck['strategy'])
         self.site_indices = ck['site_indices']
+        self.run_id = ck['run_id']
         self.mirroring_axes = ck['mirroring_axes']
         log_file = join(self.output_folder, 'federation_log.json')
         self.rounds_log = json.load(open(log_file)) if os.path.isfile(log_file) else []

@@ -83,6 +83,7 @@ class FederatedTrainer(nnUNetTrainer):
             super().__init__(plans, configuration, fold, dataset_json, device)
         self._constructing = False
         self.site_name: Optional[str] = None
+        self.run_id: Optional[str] = None
         self.site_index = 0
         self.seed = 12345
         self.num_epochs = 1000  # rounds
@@ -208,6 +209,16 @@ class FederatedTrainer(nnUNetTrainer):
                 'pseudo_dice': float(self.logger.get_value('mean_fg_dice', step=-1)),
                 'ema_pseudo_dice': float(self.logger.get_value('ema_fg_dice', step=-1))}
 
+    def pad_logs(self, round_index: int):
+        """A site that missed rounds (it was offline, or joined late) gets NaN log entries for them, so nnU-Net's
+        one-entry-per-epoch logger stays aligned with the round index; the moving average carries over."""
+        logs = self.logger.local_logger.my_fantastic_logging
+        last_ema = logs['ema_fg_dice'][-1] if logs['ema_fg_dice'] else float('nan')
+        for key, values in logs.items():
+            while len(values) < round_index:
+                values.append(last_ema if key == 'ema_fg_dice' else
+                              [] if key == 'dice_per_class_or_region' else float('nan'))
+
     def before_local_training(self, shared_state: Dict[str, np.ndarray]):
         """Hook: called after the received model was validated, before the local steps (e.g. FedProx keeps
         the global weights here)."""
@@ -228,8 +239,12 @@ class FederatedTrainer(nnUNetTrainer):
         seed_everything(round_seed(self.seed, self.site_index, round_index))
         if shared_state:
             self.load_shared_state(shared_state)
+        self.pad_logs(round_index)
         self.on_epoch_start()
         val = self.validate()
+        ema = self.logger.local_logger.my_fantastic_logging['ema_fg_dice']
+        if np.isnan(ema[-1]):  # first validation after joining late: the average starts here
+            ema[-1] = val['ema_pseudo_dice'] = val['pseudo_dice']
         if self._best_ema is None or val['ema_pseudo_dice'] > self._best_ema:
             self._best_ema = val['ema_pseudo_dice']
             self.save_checkpoint(join(self.output_folder, 'checkpoint_best.pth'))
@@ -272,6 +287,7 @@ class FederatedTrainer(nnUNetTrainer):
 
     def site_state(self) -> dict:
         return {
+            'run_id': self.run_id,
             'round': int(self.current_epoch),
             'network': cpu_copy(canonical_state(self.unwrapped_network)),
             'optimizer': cpu_copy(self.optimizer.state_dict()),

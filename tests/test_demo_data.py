@@ -1,0 +1,153 @@
+"""The demo federation (fednnunet.demo): deterministic, correct geometry, usable by stock nnU-Net."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fednnunet import demo
+from fednnunet.demo import (DEMO_DATASET_ID, DEMO_DATASET_NAME, TEST_SITES, build_demo_federation, generate_case,
+                            site_shape, site_spacing_mm)
+from fednnunet.federation import Federation
+
+SIZE = 32
+
+
+def _read(path):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    if os.path.basename(os.path.dirname(path)) == 'labelsTr':
+        return SimpleITKIO().read_seg(path)
+    return SimpleITKIO().read_images([path])
+
+
+def _files(folder, case):
+    return (os.path.join(folder, 'imagesTr', f'{case}_0000.nii.gz'), os.path.join(folder, 'labelsTr', f'{case}.nii.gz'))
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+    raw = tmp_path_factory.mktemp('raw')
+    folder = build_demo_federation(raw_root=str(raw), size=SIZE, seed=0, sites=TEST_SITES, verbose=False)
+    return folder
+
+
+def test_layout_dataset_json_and_sites(built):
+    assert os.path.basename(built) == f'Dataset{DEMO_DATASET_ID:03d}_{DEMO_DATASET_NAME}'
+    assert sorted(os.listdir(os.path.dirname(built))) == [os.path.basename(built)]  # no temp folder left
+    with open(os.path.join(built, 'dataset.json')) as f:
+        dj = json.load(f)
+    n = sum(s.n_cases for s in TEST_SITES)
+    assert dj['channel_names'] == {'0': 'T1'}
+    assert dj['labels'] == {'background': 0, 'grey_matter': 1, 'white_matter': 2}
+    assert dj['numTraining'] == n and dj['file_ending'] == '.nii.gz' and dj['name'] == DEMO_DATASET_NAME
+    assert len(os.listdir(os.path.join(built, 'imagesTr'))) == n
+    assert len(os.listdir(os.path.join(built, 'labelsTr'))) == n
+    fed = Federation.from_folder(built)
+    assert fed.site_names == [s.name for s in TEST_SITES]
+    for s in TEST_SITES:
+        assert fed.sites[s.name].cases == tuple(f'{s.name}_{i:03d}' for i in range(s.n_cases))
+
+
+def test_geometry_per_site(built):
+    shapes = {}
+    for site in TEST_SITES:
+        spacing_xyz = site_spacing_mm(site, SIZE)
+        shape_xyz = site_shape(site, SIZE)
+        shapes[site.name] = shape_xyz
+        for case in site.case_ids():
+            image_file, label_file = _files(built, case)
+            img, ip = _read(image_file)
+            seg, sp = _read(label_file)
+            # nnU-Net arrays and spacings are z, y, x
+            assert img.shape == (1,) + shape_xyz[::-1] == seg.shape
+            np.testing.assert_allclose(ip['spacing'], spacing_xyz[::-1], rtol=1e-6)
+            for key in ('spacing', 'origin', 'direction'):
+                np.testing.assert_allclose(ip['sitk_stuff'][key], sp['sitk_stuff'][key], atol=1e-5)
+            np.testing.assert_allclose(ip['spacing'], sp['spacing'])
+    base = site_spacing_mm(TEST_SITES[0], SIZE)
+    assert max(shapes['A']) == SIZE and base[0] == base[1] == base[2]
+    # the thick-slice site has fewer slices along z, the same in-plane grid
+    assert TEST_SITES[1].spacing[2] > 1 and shapes['B'][2] < shapes['A'][2] and shapes['B'][:2] == shapes['A'][:2]
+
+
+def test_labels_and_background(built):
+    import SimpleITK as sitk
+    for site in TEST_SITES:
+        for case in site.case_ids():
+            image_file, label_file = _files(built, case)
+            img = sitk.GetArrayFromImage(sitk.ReadImage(image_file))
+            seg = sitk.GetArrayFromImage(sitk.ReadImage(label_file))
+            assert img.dtype == np.float32 and seg.dtype == np.uint8
+            assert set(np.unique(seg).tolist()) == {0, 1, 2}, case
+            assert np.all(img >= 0) and np.all(img[seg > 0] > 0)
+            zero = img == 0
+            assert 0.3 < zero.mean() < 0.95, case  # skull-stripped: exactly 0 outside the brain
+            border = np.concatenate([zero[[0, -1]].ravel(), zero[:, [0, -1]].ravel(), zero[:, :, [0, -1]].ravel()])
+            assert border.mean() > 0.9, case  # the brain is inside the field of view
+
+
+def test_determinism_and_site_independence(built, tmp_path):
+    import SimpleITK as sitk
+    # same seed, a different set of sites: the remaining sites' cases are byte-identical
+    other = build_demo_federation(raw_root=str(tmp_path), size=SIZE, seed=0, sites=(TEST_SITES[2], TEST_SITES[0]),
+                                  verbose=False)
+    for site in (TEST_SITES[0], TEST_SITES[2]):
+        for case in site.case_ids():
+            for a, b in zip(_files(built, case), _files(other, case)):
+                assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(a)),
+                                      sitk.GetArrayFromImage(sitk.ReadImage(b))), case
+    assert not os.path.exists(os.path.join(other, 'labelsTr', 'B_000.nii.gz'))
+    # in memory: same (seed, site, index) -> identical, another seed or index -> another subject
+    site = TEST_SITES[0]
+    img0, seg0, _ = generate_case(site, 0, SIZE, seed=0)
+    img0b, seg0b, _ = generate_case(site, 0, SIZE, seed=0)
+    assert np.array_equal(img0, img0b) and np.array_equal(seg0, seg0b)
+    img1, seg1, _ = generate_case(site, 0, SIZE, seed=1)
+    assert not np.array_equal(seg0, seg1) and not np.array_equal(img0, img1)
+    assert not np.array_equal(seg0, generate_case(site, 1, SIZE, seed=0)[1])
+
+
+def test_verify_dataset_integrity(built, monkeypatch, tmp_path):
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    monkeypatch.setenv('nnUNet_raw', os.path.dirname(built))
+    monkeypatch.setenv('nnUNet_preprocessed', str(tmp_path / 'pre'))
+    monkeypatch.setenv('nnUNet_results', str(tmp_path / 'res'))
+    verify_dataset_integrity(built, 1)
+
+
+def test_overwrite_and_interrupted_build(tmp_path, monkeypatch):
+    small = (TEST_SITES[0],)
+    folder = build_demo_federation(raw_root=str(tmp_path), size=16, sites=small, verbose=False)
+    with pytest.raises(FileExistsError, match='overwrite=True'):
+        build_demo_federation(raw_root=str(tmp_path), size=16, sites=small, verbose=False)
+    # another dataset with the same id would make nnU-Net's id lookup ambiguous
+    with pytest.raises(FileExistsError, match='unique'):
+        build_demo_federation(raw_root=str(tmp_path), name='Other', size=16, sites=small, verbose=False)
+    # $nnUNet_raw is the default root
+    monkeypatch.setenv('nnUNet_raw', str(tmp_path))
+    again = build_demo_federation(size=16, seed=3, sites=small, overwrite=True, verbose=False)
+    assert again == folder
+    assert json.load(open(os.path.join(folder, 'dataset.json')))['description'].endswith('seed=3.')
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(folder)]
+
+    # an interrupted build leaves the old folder as it was and no temporary folder behind
+    calls = []
+
+    def fail_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = demo.generate_case
+    calls.clear()
+    monkeypatch.setattr(demo, 'generate_case', fail_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        build_demo_federation(size=16, seed=4, sites=small, overwrite=True, verbose=False)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(folder)]
+    assert json.load(open(os.path.join(folder, 'dataset.json')))['description'].endswith('seed=3.')
+    other_root = tmp_path / 'fresh'
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        build_demo_federation(raw_root=str(other_root), size=16, sites=small, verbose=False)
+    assert os.listdir(other_root) == []
