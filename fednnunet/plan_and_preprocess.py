@@ -30,24 +30,33 @@ from fednnunet.wire import Message
 NNUNET_DEFAULT_CONFIGURATIONS = ('2d', '3d_fullres', '3d_lowres')
 
 
+def ask_every_site(engine, message: Message) -> Dict[str, Message]:
+    """Planning needs every site: a site that does not answer stops the run, named."""
+    replies = engine.ask_all(message)
+    if engine.missing:
+        raise RuntimeError(f'{message.kind}: no reply from site(s) ' +
+                           ', '.join(f"'{s}' ({why})" for s, why in sorted(engine.missing.items())))
+    return replies
+
+
 def federated_fingerprint(engine, gpu_memory_gb: Optional[float] = None) -> dict:
     """Phases 1-3. Returns {'negotiation', 'fingerprint', 'site_fingerprints', 'count_rounds'}."""
-    descriptions = engine.ask_all(Message('describe'))
+    descriptions = ask_every_site(engine, Message('describe'))
     negotiation = negotiate([descriptions[s].config for s in engine.site_names], gpu_memory_gb)
     n_total = negotiation['dataset_json']['numTraining']
     request = Message('fingerprint', {'reader_writer': negotiation['reader_writer'],
                                       'num_samples_per_case': samples_per_case(n_total)})
-    site_fps = [r.config for r in engine.ask_all(request).values()]
+    site_fps = [r.config for r in ask_every_site(engine, request).values()]
 
     rounds = {'n': 0}
 
     def count_leq(thresholds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         rounds['n'] += 1
-        replies = engine.ask_all(Message('count_leq', arrays=thresholds))
+        replies = ask_every_site(engine, Message('count_leq', arrays=thresholds))
         return {c: sum(r.arrays[c] for r in replies.values()) for c in thresholds}
 
     fingerprint = merge_site_fingerprints(site_fps, count_leq)
-    engine.ask_all(Message('release_fingerprint'))
+    ask_every_site(engine, Message('release_fingerprint'))
     return {'negotiation': negotiation, 'fingerprint': fingerprint, 'site_fingerprints': site_fps,
             'count_rounds': rounds['n']}
 
@@ -79,7 +88,7 @@ def plan_and_preprocess(engine, dataset_name: str, configurations: Sequence[str]
             if c not in wanted:
                 print(f'INFO: configuration {c} is not in the plans {plans_identifier}; skipping it (as nnU-Net does).')
         t1 = time.time()
-        reports = engine.ask_all(Message('preprocess', {'plans': plans, 'dataset_json': fp['negotiation']['dataset_json'],
+        reports = ask_every_site(engine, Message('preprocess', {'plans': plans, 'dataset_json': fp['negotiation']['dataset_json'],
                                                         'configurations': wanted}))
         summary['seconds']['preprocess'] = time.time() - t1
         summary['preprocessed'] = {c: sorted(reports) for c in wanted}

@@ -59,7 +59,10 @@ class TrainingConfig:
     hyperparameters: dict = field(default_factory=dict)
     strategy_options: dict = field(default_factory=dict)
     validate: bool = True
-    plot_every: int = 1
+    #: rounds go on while at least this many sites answer (None: every site must answer)
+    min_sites: Optional[int] = None
+    #: seconds between two progress.png (plotting costs ~0.3 s; nnU-Net plots every epoch)
+    plot_interval_seconds: float = 30.0
 
 
 class FederatedTraining:
@@ -177,6 +180,7 @@ class FederatedTraining:
             self.log(f'{c.method} on sites {sorted(self.site_indices)}: {c.rounds} rounds x {c.local_iterations} '
                      f'local iterations, seed {c.seed}', console=False)
 
+        last_plot = 0.0
         bar = tqdm(range(start, c.rounds), desc=f'{c.method} rounds', initial=start, total=c.rounds)
         for r in bar:
             t0 = time.time()
@@ -184,6 +188,7 @@ class FederatedTraining:
             requests = {s: Message('fit', self.site_config(s, round=r), arrays=self.strategy.configure_fit(
                 r, s, global_state)) for s in sorted(self.engine.site_names)}
             replies = self.engine.ask(requests)
+            self.check_quorum(r, replies)
             updates = [SiteUpdate(s, dict(rep.arrays), int(rep.config['num_examples']), rep.config['metrics'])
                        for s, rep in replies.items()]
             received = global_state  # the model the sites just validated
@@ -193,11 +198,23 @@ class FederatedTraining:
             t_merge = time.time() - t_merge
             self.record_round(r, t0, updates, received, t_merge, sent_before)
             self.save_server_state(r + 1, global_state)
-            if (r + 1) % c.plot_every == 0 or r + 1 == c.rounds:
+            if time.time() - last_plot >= c.plot_interval_seconds or r + 1 == c.rounds:
                 plot_federated_progress(self.logger.local_logger.my_fantastic_logging, self.site_dice,
                                         self.output_folder)
+                last_plot = time.time()
             bar.set_postfix(pooled_pseudo_dice=f"{self.logger.get_value('mean_fg_dice', -1):.4f}")
         return self.finish(global_state)
+
+    def check_quorum(self, r: int, replies: Dict[str, Message]):
+        """A round merges the sites that answered, if there are at least ``min_sites`` of them."""
+        missing = dict(self.engine.missing)
+        if missing:
+            self.log(f'round {r}: no update from ' + ', '.join(f"site '{s}' ({why})" for s, why in
+                                                              sorted(missing.items())), console=True)
+        needed = self.config.min_sites if self.config.min_sites is not None else len(self.site_indices)
+        if len(replies) < needed:
+            raise RuntimeError(f'round {r}: only {len(replies)} site(s) answered ({sorted(replies)}), {needed} needed '
+                               f'(--min-sites); the last completed round is saved, --continue resumes')
 
     def record_round(self, r: int, t0: float, updates: List[SiteUpdate], received: Dict[str, np.ndarray],
                      t_merge: float, sent_before: Dict[str, int]):
@@ -213,8 +230,9 @@ class FederatedTraining:
         self.logger.log('mean_fg_dice', mean_pooled, r)
         self.logger.log('dice_per_class_or_region', pooled, r)
         self.logger.log('epoch_end_timestamps', time.time(), r)
-        for u in updates:
-            self.site_dice.setdefault(u.site, []).append(float(u.metrics['pseudo_dice']))
+        for site in self.site_indices:  # a site that missed the round gets a gap in its curve
+            self.site_dice.setdefault(site, []).append(float(metrics[site]['pseudo_dice']) if site in metrics
+                                                       else float('nan'))
         ema = float(self.logger.get_value('ema_fg_dice', -1))
         if self.has_global_model and (self.best_ema is None or ema > self.best_ema):
             self.best_ema = ema
@@ -222,7 +240,7 @@ class FederatedTraining:
                        join(self.output_folder, 'checkpoint_best.pth'))
         self.rounds_log.append(to_plain({
             'round': r, 'pooled_pseudo_dice': pooled, 'mean_pooled_pseudo_dice': mean_pooled, 'ema': ema,
-            'seconds': time.time() - t0, 'merge_seconds': t_merge,
+            'seconds': time.time() - t0, 'merge_seconds': t_merge, 'missing_sites': dict(self.engine.missing),
             'bytes_to_sites': {s: self.engine.bytes_sent[s] - sent_before.get(s, 0) for s in metrics},
             'sites': {s: {k: m[k] for k in ('pseudo_dice', 'train_loss', 'val_loss', 'seconds', 'lr',
                                              'num_training_cases', 'state_from_round')} for s, m in metrics.items()},
@@ -237,6 +255,10 @@ class FederatedTraining:
                                arrays=self.strategy.configure_fit(c.rounds, s, global_state))
                     for s in sorted(self.engine.site_names)}
         replies = self.engine.ask(requests)
+        if self.engine.missing:
+            self.log('finish: no final model stored at ' + ', '.join(sorted(self.engine.missing)), console=True)
+        if not replies:
+            raise RuntimeError('no site answered the final message')
         axes = next(iter(replies.values())).config['inference_allowed_mirroring_axes']
         self.mirroring_axes = axes
         if self.has_global_model:

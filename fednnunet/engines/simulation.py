@@ -2,6 +2,13 @@
 
 Every message crosses the same wire encoding a network would carry (:mod:`fednnunet.wire`), so what a
 simulated site receives is exactly what it would receive over Flower: plain JSON and arrays.
+
+The engine contract (shared with the Flower engine):
+- ``site_names``: the sites taking part;
+- ``ask(requests) -> replies``: sends each site its message, returns the replies of the sites that answered;
+  ``missing`` then holds {site: reason} for the others (a simulated site never goes missing: its errors raise);
+- ``ask_all(message)``: the same message to every site;
+- ``bytes_sent`` / ``bytes_received``: running totals per site, as encoded on the wire.
 """
 from typing import Dict
 
@@ -14,6 +21,7 @@ class SimulationEngine:
         self.workers = workers
         self.bytes_sent: Dict[str, int] = {s: 0 for s in workers}
         self.bytes_received: Dict[str, int] = {s: 0 for s in workers}
+        self.missing: Dict[str, str] = {}
 
     @property
     def site_names(self):
@@ -22,6 +30,7 @@ class SimulationEngine:
     def ask(self, requests: Dict[str, Message]) -> Dict[str, Message]:
         """Sends each site its request and returns the sites' replies (in the order asked)."""
         replies = {}
+        self.missing = {}
         for site, message in requests.items():
             wire_out = encode(message)
             self.bytes_sent[site] += len(wire_out)
