@@ -96,6 +96,12 @@ def train_entry(argv=None):
     parser.add_argument('--mu', type=float, default=None, help='fedprox: proximal weight (default 0.01)')
     parser.add_argument('--head-fraction', type=float, default=None,
                         help='fedrep: share of each round\'s iterations that train only the heads (default 0.2)')
+    parser.add_argument('--stage2-rounds', type=int, default=None,
+                        help='lcfed/feddp: how many of the --rounds are the second (local calibration) stage')
+    parser.add_argument('--alpha', type=float, default=None, help='lcfed: weight of the contrastive site term (0.1)')
+    parser.add_argument('--igc-lambda', type=float, default=None, help='feddp: weight of the calibration term (1.0)')
+    parser.add_argument('--hp', nargs='+', default=[], metavar='KEY=VALUE',
+                        help="any hyper-parameter of the method (see its documentation page), e.g. --hp stage2_lr=0.001")
     parser.add_argument('--weighting', choices=['num_examples', 'uniform'], default='num_examples',
                         help='FedAvg weights: training cases per site (default) or uniform')
     parser.add_argument('--state-in-memory', action='store_true',
@@ -110,7 +116,14 @@ def train_entry(argv=None):
     from fednnunet.federation import Federation
     from fednnunet.methods import get_method
 
-    hyperparameters = {k: v for k, v in (('mu', args.mu), ('head_fraction', args.head_fraction)) if v is not None}
+    hyperparameters = {k: v for k, v in (('mu', args.mu), ('head_fraction', args.head_fraction),
+                                         ('stage2_rounds', args.stage2_rounds), ('alpha', args.alpha),
+                                         ('igc_lambda', args.igc_lambda)) if v is not None}
+    for item in args.hp:
+        key, sep, value = item.partition('=')
+        if not sep:
+            _fail(f'--hp expects KEY=VALUE, got {item!r}')
+        hyperparameters[key] = float(value) if any(c in value for c in '.e') else int(value)
     try:
         federation = Federation.from_raw(args.dataset_name_or_id, args.sites)
         engine = SimulationEngine.for_federation(federation, args.np, device=args.device,
@@ -123,8 +136,8 @@ def train_entry(argv=None):
             method = get_method(args.method)
             for k in hyperparameters:
                 if k not in method.trainer.hyperparameters:
-                    raise FederationError(f'--{k.replace("_", "-")} is not a hyper-parameter of {args.method}',
-                                          field=k)
+                    raise FederationError(f'--{k.replace("_", "-")} is not a hyper-parameter of {args.method} (it has '
+                                          f'{sorted(method.trainer.hyperparameters) or "none"})', field=k)
             from fednnunet.training_server import FederatedTraining, TrainingConfig
             config = TrainingConfig(federation.dataset_name, args.configuration, _fold(args.fold), args.method, args.p,
                                     args.rounds, args.local_iterations, args.val_iterations, args.seed,

@@ -2,10 +2,12 @@
 from dataclasses import dataclass
 from typing import Callable, Dict, Type
 
-from fednnunet.strategies import FedAvg, NoAggregation, Strategy
+from fednnunet.strategies import FedAvg, NoAggregation, Strategy, TwoStageFedAvg
 from fednnunet.trainers.base import FederatedTrainer
 from fednnunet.trainers.fedavg import FedAvgTrainer
 from fednnunet.trainers.fedbn import FedBNTrainer
+from fednnunet.trainers.feddp import FedDPTrainer
+from fednnunet.trainers.lcfed import LCFedTrainer
 from fednnunet.trainers.fedper import FedPerTrainer
 from fednnunet.trainers.fedprox import FedProxTrainer
 from fednnunet.trainers.fedrep import FedRepTrainer
@@ -32,11 +34,13 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method('fedper', FedPerTrainer, FedAvg, 'segmentation heads stay local, joint training'),
     Method('fedrep', FedRepTrainer, FedAvg, 'heads local; head-only then body-only steps per round'),
     Method('local', LocalTrainer, NoAggregation, 'each site alone (baseline)'),
+    Method('lcfed', LCFedTrainer, TwoStageFedAvg, 'LC-Fed: PCS + contrastive term, local heads; head calibration'),
+    Method('feddp', FedDPTrainer, TwoStageFedAvg, 'FedDP: local attention queries; inter-site guided calibration'),
 )}
 
 #: methods the project plans but has not built; asking for one is an error, never a silent FedAvg
 PLANNED = {
-    'lcfed': 'LC-Fed (issue 5)', 'feddp': 'FedDP (issue 5)', 'hssf': 'HSSF, semi-supervised model-heterogeneous',
+    'hssf': 'HSSF, semi-supervised model-heterogeneous',
     'fedmm': 'FedMM, multimodal drift correction',
 }
 

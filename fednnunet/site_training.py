@@ -89,7 +89,9 @@ def results_folder(dataset_name: str, trainer_class, plans_identifier: str, conf
 def build_site_trainer(worker, config: dict) -> FederatedTrainer:
     """The site's trainer for one message: plans and dataset.json come from the site's own folder."""
     method = get_method(config['method'])
-    plans = load_json(join(worker.folder, config['plans_identifier'] + '.json'))
+    plans = method.trainer.adapt_plans(load_json(join(worker.folder, config['plans_identifier'] + '.json')),
+                                       config['configuration'], config['num_sites'], config['site_index'],
+                                       config.get('hyperparameters') or {})
     plans['continue_training'] = False
     dataset_json = load_json(join(worker.folder, 'dataset.json'))
     trainer = method.trainer(plans, config['configuration'], config['fold'], dataset_json, worker.device)

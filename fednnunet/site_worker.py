@@ -3,18 +3,38 @@
 A :class:`SiteWorker` keeps no state in memory between requests. Whatever must survive from one
 request to the next (the sorted foreground sample of the fingerprint, later the optimizer state) lives
 on the site's own disk, because the Flower engine starts a fresh process for every message.
+
+The heavy modules (torch, nnU-Net's trainers, planners, preprocessing) are imported by the handler that
+needs them, so that a message which needs none of them (``identify``) answers in a fraction of a second:
+the Flower engine pays the imports once per message.
 """
 import os
-from typing import Callable, Dict
+import platform
+from typing import Callable, Dict, Optional
 
-from fednnunet import site_training
+import fednnunet
 from fednnunet.federation import Site, site_folder
-from fednnunet.fingerprint import count_values_leq, fingerprint_site, merge_site_fingerprints, release_private_sample
-from fednnunet.jsonio import write_json
-from fednnunet.planners.negotiation import describe_site
-from fednnunet.preprocessing import preprocess_site
-from fednnunet.site_training import SiteStateStore
 from fednnunet.wire import Message
+
+#: every request a site answers (the Flower ClientApp registers one handler per kind)
+MESSAGE_KINDS = ('identify', 'describe', 'fingerprint', 'count_leq', 'release_fingerprint', 'preprocess', 'fit',
+                 'finish', 'evaluate')
+
+
+def package_version(name: str) -> Optional[str]:
+    """The installed version of a distribution, without importing it (None if it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def software_versions() -> dict:
+    """What a site and the server compare before they work together."""
+    return {'fednnunet_version': fednnunet.__version__, 'flwr_version': package_version('flwr'),
+            'nnunetv2_version': package_version('nnunetv2'), 'torch_version': package_version('torch'),
+            'python_version': platform.python_version()}
 
 
 class SiteWorker:
@@ -25,17 +45,32 @@ class SiteWorker:
         self.num_processes = num_processes
         self.device_name = device
         self.verbose = verbose
-        self.state_store = SiteStateStore(in_memory=state_in_memory)
+        self.state_in_memory = state_in_memory
+        self._state_store = None
         self.handlers: Dict[str, Callable[[Message], Message]] = {
+            'identify': self.identify,
             'describe': self.describe,
             'fingerprint': self.fingerprint,
             'count_leq': self.count_leq,
             'release_fingerprint': self.release_fingerprint,
             'preprocess': self.preprocess,
-            'fit': lambda m: site_training.fit(self, m),
-            'finish': lambda m: site_training.finish(self, m),
-            'evaluate': lambda m: site_training.evaluate(self, m),
+            'fit': lambda m: self._site_training().fit(self, m),
+            'finish': lambda m: self._site_training().finish(self, m),
+            'evaluate': lambda m: self._site_training().evaluate(self, m),
         }
+        assert set(self.handlers) == set(MESSAGE_KINDS)
+
+    @staticmethod
+    def _site_training():
+        from fednnunet import site_training
+        return site_training
+
+    @property
+    def state_store(self):
+        """The site's state between rounds (fednnunet.site_training.SiteStateStore): on disk unless in memory."""
+        if self._state_store is None:
+            self._state_store = self._site_training().SiteStateStore(in_memory=self.state_in_memory)
+        return self._state_store
 
     @property
     def folder(self) -> str:
@@ -44,7 +79,7 @@ class SiteWorker:
 
     @property
     def device(self):
-        return site_training.resolve_device(self.device_name)
+        return self._site_training().resolve_device(self.device_name)
 
     @property
     def private_folder(self) -> str:
@@ -58,10 +93,19 @@ class SiteWorker:
             raise ValueError(f"site '{self.site.name}' does not know the request {message.kind!r}") from None
         return handler(message)
 
+    def identify(self, message: Message) -> Message:
+        """Who this site is and what it runs: the Flower engine maps node ids to sites with it (a restarted
+        SuperNode gets a new node id) and refuses a site whose versions differ from the server's."""
+        return Message('identity', {'site': self.site.name, 'dataset_name': self.dataset_name,
+                                    'device': self.device_name, **software_versions()})
+
     def describe(self, message: Message) -> Message:
+        from fednnunet.planners.negotiation import describe_site
         return Message('description', describe_site(self.site))
 
     def fingerprint(self, message: Message) -> Message:
+        from fednnunet.fingerprint import count_values_leq, fingerprint_site, merge_site_fingerprints
+        from fednnunet.jsonio import write_json
         fp = fingerprint_site(self.site, message.config['reader_writer'], int(message.config['num_samples_per_case']),
                               self.private_folder, self.num_processes)
         # the site's own fingerprint in nnU-Net's format, merged from its part alone; it stays at the site (nnU-Net
@@ -71,13 +115,16 @@ class SiteWorker:
         return Message('site_fingerprint', fp)
 
     def count_leq(self, message: Message) -> Message:
+        from fednnunet.fingerprint import count_values_leq
         return Message('counts', arrays=count_values_leq(self.private_folder, message.arrays))
 
     def release_fingerprint(self, message: Message) -> Message:
+        from fednnunet.fingerprint import release_private_sample
         release_private_sample(self.private_folder)
         return Message('released')
 
     def preprocess(self, message: Message) -> Message:
+        from fednnunet.preprocessing import preprocess_site
         report = preprocess_site(self.site, message.config['plans'], message.config['dataset_json'],
                                  message.config['configurations'], self.folder, self.num_processes)
         return Message('preprocessed', report)

@@ -39,6 +39,9 @@ class Strategy:
     def weight(self, update: 'SiteUpdate') -> float:
         return 1.0 if self.weighting == 'uniform' else float(update.num_examples)
 
+    def setup(self, rounds: int, site_indices: Dict[str, int], hyperparameters: dict):
+        """Called by the server before the first round."""
+
     def initial_state(self, network_state: Dict[str, np.ndarray], shared_keys: List[str]) -> Dict[str, np.ndarray]:
         """The global state before round 0: the shared part of the (seeded) initial network."""
         return {k: np.array(network_state[k], copy=True) for k in shared_keys}
@@ -57,7 +60,7 @@ class Strategy:
         return global_state
 
     def state(self) -> dict:
-        """Anything the strategy must keep across a resume (plain data)."""
+        """Anything the strategy must keep across a resume (plain data and numpy arrays)."""
         return {}
 
     def load_state(self, state: dict):
@@ -102,9 +105,59 @@ class FedAvg(Strategy):
         return merged
 
 
+class TwoStageFedAvg(FedAvg):
+    """FedAvg over the shared keys for the first stage; then hands every site's ``readonly/`` parts (sent with the
+    last first-stage round) to every site with the first second-stage round, and merges nothing afterwards
+    (see fednnunet/trainers/two_stage.py)."""
+
+    READONLY = 'readonly/'
+
+    def __init__(self, weighting: str = 'num_examples'):
+        super().__init__(weighting)
+        self.readonly: Dict[str, Dict[str, np.ndarray]] = {}
+        self.stage1_rounds = None
+        self.site_indices: Dict[str, int] = {}
+
+    def setup(self, rounds, site_indices, hyperparameters):
+        self.stage1_rounds = rounds - int(hyperparameters.get('stage2_rounds', 0))
+        self.site_indices = dict(site_indices)
+
+    def configure_fit(self, round_index, site, global_state):
+        if round_index < self.stage1_rounds:
+            return global_state
+        if round_index == self.stage1_rounds:
+            out = dict(global_state)
+            for s, parts in self.readonly.items():
+                out.update({f'{self.READONLY}{self.site_indices[s]}/{k}': v for k, v in parts.items()})
+            return out
+        return {}
+
+    def aggregate(self, round_index, updates, global_state):
+        plain = []
+        for u in updates:
+            parts = {k[len(self.READONLY):]: v for k, v in u.arrays.items() if k.startswith(self.READONLY)}
+            if parts:
+                self.readonly[u.site] = parts
+            plain.append(SiteUpdate(u.site, {k: v for k, v in u.arrays.items() if not k.startswith(self.READONLY)},
+                                    u.num_examples, u.metrics))
+        if round_index >= self.stage1_rounds:
+            return global_state
+        return super().aggregate(round_index, plain, global_state)
+
+    def state(self):
+        return {'readonly': self.readonly}
+
+    def load_state(self, state):
+        self.readonly = {s: {k: np.asarray(v) for k, v in parts.items()}
+                         for s, parts in state.get('readonly', {}).items()}
+
+
 class NoAggregation(Strategy):
     """Each site trains alone (the 'local' baseline): nothing is sent, nothing merged."""
     produces_global_model = False
+
+    def setup(self, rounds: int, site_indices: Dict[str, int], hyperparameters: dict):
+        """Called by the server before the first round."""
 
     def initial_state(self, network_state, shared_keys):
         return {}

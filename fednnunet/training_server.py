@@ -97,11 +97,13 @@ class FederatedTraining:
         return {'method': c.method, 'configuration': c.configuration, 'fold': c.fold,
                 'plans_identifier': c.plans_identifier, 'rounds': c.rounds, 'local_iterations': c.local_iterations,
                 'val_iterations': c.val_iterations, 'seed': c.seed, 'hyperparameters': c.hyperparameters,
-                'site_index': self.site_indices[site], 'run_id': self.run_id, **extra}
+                'site_index': self.site_indices[site], 'num_sites': len(self.site_indices), 'run_id': self.run_id,
+                **extra}
 
     def initial_network_state(self) -> Dict[str, np.ndarray]:
         """The network every site starts from: the method's architecture from the plans, seeded."""
-        pm = PlansManager(self.plans)
+        pm = PlansManager(self.method.trainer.adapt_plans(self.plans, self.config.configuration,
+                                                          len(self.site_indices), 0, self.config.hyperparameters))
         cm = pm.get_configuration(self.config.configuration)
         seed_everything(initial_weights_seed(self.config.seed))
         network = self.method.trainer.build_network_architecture(
@@ -140,7 +142,7 @@ class FederatedTraining:
         torch.save({'rounds_done': rounds_done,
                     'global_state': {k: torch.from_numpy(np.array(v)) for k, v in global_state.items()},
                     'logging': to_plain(self.logger.get_checkpoint()), 'site_dice': self.site_dice,
-                    'best_ema': to_plain(self.best_ema), 'strategy': to_plain(self.strategy.state()),
+                    'best_ema': to_plain(self.best_ema), 'strategy': arrays_to_tensors(self.strategy.state()),
                     'site_indices': self.site_indices, 'config': to_plain(asdict(self.config)), 'run_id': self.run_id,
                     'mirroring_axes': to_plain(getattr(self, 'mirroring_axes', None))}, path + '.partial')
         os.replace(path + '.partial', path)
@@ -159,7 +161,7 @@ class FederatedTraining:
         self.logger.load_checkpoint(ck['logging'])
         self.site_dice = ck['site_dice']
         self.best_ema = ck['best_ema']
-        self.strategy.load_state(ck['strategy'])
+        self.strategy.load_state(tensors_to_arrays(ck['strategy']))
         self.site_indices = ck['site_indices']
         self.run_id = ck['run_id']
         self.mirroring_axes = ck['mirroring_axes']
@@ -170,6 +172,7 @@ class FederatedTraining:
     # ------------------------------------------------------------------ the run
     def run(self, continue_training: bool = False) -> dict:
         c = self.config
+        self.strategy.setup(c.rounds, self.site_indices, c.hyperparameters)
         self.write_model_folder()
         network_state = self.initial_network_state()
         if continue_training:
@@ -275,3 +278,24 @@ class FederatedTraining:
         write_json(join(self.output_folder, 'federated_summary.json'), to_plain(result))
         self.log('training done', console=False)
         return result
+
+
+def arrays_to_tensors(obj):
+    """Numpy arrays in a (nested) strategy state as tensors, for torch.save/torch.load(weights_only=True)."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.array(obj))
+    if isinstance(obj, dict):
+        return {k: arrays_to_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(arrays_to_tensors(v) for v in obj)
+    return to_plain(obj)
+
+
+def tensors_to_arrays(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: tensors_to_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tensors_to_arrays(v) for v in obj)
+    return obj

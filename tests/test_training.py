@@ -244,7 +244,7 @@ def test_fedprox_loss_adds_the_proximal_term(planned, fresh_results):
     trainer.network.train()
     output = trainer.network(batch['data'])
     total = trainer.loss(output, batch['target']).item()
-    base = trainer.loss.loss(output, batch['target']).item()
+    base = trainer.loss.loss(output, batch["target"]).item()
     n = sum(p.numel() for p in trainer.unwrapped_network.parameters())
     assert total - base == pytest.approx(0.5 / 2 * n * 0.01 ** 2, rel=1e-3)
     trainer.network.eval()
@@ -275,7 +275,7 @@ def test_stock_nnunet_predict_loads_the_fedavg_global_model(planned, fresh_resul
 
 def test_bad_training_requests_are_clear(planned, fresh_results, capsys):
     with pytest.raises(SystemExit):
-        train_entry(['501', '3d_fullres', '--method', 'feddp'] + FAST)
+        train_entry(['501', '3d_fullres', '--method', 'hssf'] + FAST)
     assert 'not implemented yet' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_entry(['501', '3d_fullres', '--method', 'fedavg', '--mu', '0.1'] + FAST)

@@ -151,6 +151,22 @@ class FederatedTrainer(nnUNetTrainer):
                 dl._finish()
         self.dataloader_train = self.dataloader_val = None
 
+    @classmethod
+    def adapt_plans(cls, plans: dict, configuration: str, num_sites: int, site_index: int,
+                    hyperparameters: dict) -> dict:
+        """The plans this method trains with at this site. Default: the negotiated plans unchanged; methods that
+        change the architecture (LC-Fed, FedDP) name their network class here, so nnU-Net's predictor builds it
+        from the site's plans.json."""
+        return plans
+
+    def extra_loss(self, output, target):
+        """Hook: a term added to nnU-Net's loss during training (FedProx's proximal term, LC-Fed's contrastive
+        term, FedDP's calibration term). None: nothing."""
+        return None
+
+    def _build_loss(self):
+        return LossWithMethodTerm(super()._build_loss(), self)
+
     # ------------------------------------------------------------------ what is shared
     @property
     def unwrapped_network(self) -> nn.Module:
@@ -229,6 +245,10 @@ class FederatedTrainer(nnUNetTrainer):
     def after_local_training(self):
         """Hook: called after the local steps."""
 
+    def update_arrays(self, round_index: int) -> Dict[str, np.ndarray]:
+        """What the site sends after its local steps. Default: its shared state."""
+        return self.shared_state()
+
     def train_round(self, round_index: int, shared_state: Optional[Dict[str, np.ndarray]]) -> Tuple[
             Dict[str, np.ndarray], dict]:
         """One federated round at this site. Returns (the shared state after local training, metrics).
@@ -269,7 +289,7 @@ class FederatedTrainer(nnUNetTrainer):
                         'seconds': float(self.logger.get_value('epoch_end_timestamps', -1) -
                                          self.logger.get_value('epoch_start_timestamps', -1))})
         self.current_epoch = round_index + 1
-        return self.shared_state(), metrics
+        return self.update_arrays(round_index), metrics
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, with its logs as plain numbers (loadable with torch.load(weights_only=True))."""
@@ -325,6 +345,24 @@ def segmentation_head_keys(network: nn.Module) -> List[str]:
     if not keys:
         raise ValueError(f'{type(network).__name__} has no decoder.seg_layers: cannot tell its segmentation heads')
     return keys
+
+
+class LossWithMethodTerm(nn.Module):
+    """nnU-Net's loss plus the method's extra term (``trainer.extra_loss``) in training mode. Wrapping the loss
+    keeps nnU-Net's train_step (AMP, gradient clipping) untouched; validation losses stay nnU-Net's."""
+
+    def __init__(self, loss: nn.Module, trainer: 'FederatedTrainer'):
+        super().__init__()
+        self.loss = loss
+        self.trainer = trainer
+
+    def forward(self, output, target):
+        loss = self.loss(output, target)
+        if self.trainer.network.training:
+            extra = self.trainer.extra_loss(output, target)
+            if extra is not None:
+                loss = loss + extra
+        return loss
 
 
 def state_dict_aliases(network: nn.Module) -> Dict[str, str]:

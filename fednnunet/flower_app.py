@@ -1,0 +1,261 @@
+"""fednnunet as a Flower app: a ServerApp and a ClientApp that only convert types.
+
+- The **ServerApp** (``server_app``) reads its run config, waits for the sites (:class:`FlowerEngine`) and
+  runs the very same server code as the simulation engine: :func:`fednnunet.plan_and_preprocess.
+  plan_and_preprocess` and :class:`fednnunet.training_server.FederatedTraining`.
+- The **ClientApp** (``client_app``) answers every fednnunet message kind with the site's
+  :class:`fednnunet.site_worker.SiteWorker`, built from the SuperNode's ``--node-config``:
+  ``site-id`` (required), ``dataset`` (required: id or name), ``device`` (cuda|cpu|mps, default cuda),
+  ``num-processes`` (default 1), ``verbose`` (default false), and optionally ``nnunet-raw``,
+  ``nnunet-preprocessed``, ``nnunet-results`` (else the SuperNode's environment variables).
+
+Flower starts the ClientApp afresh for every message and a restarted SuperNode gets a new node id: a site's state
+between messages (momentum, local layers, round counter) lives on its disk under its site id
+(:class:`fednnunet.site_training.SiteStateStore`).
+
+The app's ``pyproject.toml`` (:data:`APP_PYPROJECT`, written by ``fednnunet_server`` or
+``fednnunet_server --write-app DIR``) has no dependencies: the app runs in the environment where fednnunet
+is installed, and Flower's runtime dependency installation must stay off.
+"""
+import json
+import os
+import time
+from typing import Optional
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+import fednnunet
+from fednnunet.engines.flower import MESSAGE_KINDS, FlowerEngine, handle_site_message, message_type
+
+_IMPORTED_AT = time.time()
+
+# --------------------------------------------------------------------------------------------- run config
+
+#: every key of the run config, with its default (Flower refuses overrides of keys that are not declared)
+RUN_CONFIG_DEFAULTS = {
+    'dataset': '',                     # -d: id or DatasetXXX_Name; every site must hold it
+    'phase': 'all',                    # plan | train | all
+    'configuration': '3d_fullres',     # the configuration to train
+    'configurations': '',              # configurations to preprocess (space separated; default: configuration)
+    'fold': '0',
+    'planner': 'ExperimentPlanner',    # -pl
+    'plans': '',                       # -p (train only; default: the planner's plans, or nnUNetPlans)
+    'plans-name': '',                  # -overwrite_plans_name
+    'gpu-memory-target': 0.0,          # 0: the sites' own (sites.json gpu_memory_gb) or nnU-Net's 8 GB
+    'method': 'fedavg',
+    'rounds': 1000,
+    'local-iterations': 250,
+    'val-iterations': 50,
+    'seed': 12345,
+    'hyperparameters': '{}',           # JSON, e.g. {"mu": 0.01}
+    'weighting': 'num_examples',
+    'validate': True,
+    'continue': False,
+    'sites': '',                       # the federation's sites (space separated); '' = whoever connects
+    'min-sites': 0,                    # 0: every site must answer every round
+    'round-timeout': 86400.0,          # seconds per request (round, preprocessing, ...)
+    'identify-timeout': 300.0,
+    'wait-for-sites': 600.0,
+    'settle-seconds': 15.0,
+}
+
+APP_NAME = 'fednnunet-flower'
+
+
+def app_pyproject() -> str:
+    """The Flower app definition: components from the installed fednnunet, no dependencies."""
+    lines = ['[build-system]', 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', '',
+             '[project]', f'name = "{APP_NAME}"', f'version = "{fednnunet.__version__}"',
+             'description = "fednnunet: federated nnU-Net over Flower (components from the installed fednnunet)"',
+             'license = "Apache-2.0"',
+             '# empty on purpose: the app runs where fednnunet is installed; never let Flower install torch',
+             'dependencies = []', '',
+             '[tool.flwr.app]', 'publisher = "fednnunet"', '',
+             '[tool.flwr.app.components]', 'serverapp = "fednnunet.flower_app:server_app"',
+             'clientapp = "fednnunet.flower_app:client_app"', '',
+             '[tool.flwr.app.config]']
+    lines += [f'{k} = {_toml_value(v)}' for k, v in RUN_CONFIG_DEFAULTS.items()]
+    return '\n'.join(lines) + '\n'
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def write_app(folder: str) -> str:
+    """Writes the app folder for ``flwr run`` (just its pyproject.toml); returns the folder."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'pyproject.toml'), 'w') as f:
+        f.write(app_pyproject())
+    return folder
+
+
+def run_config_toml(values: dict) -> str:
+    """A run-config override file for ``flwr run --run-config FILE``, with each value in its declared type."""
+    lines = []
+    for k, v in values.items():
+        if k not in RUN_CONFIG_DEFAULTS:
+            raise KeyError(f'unknown run config key {k!r}')
+        default = RUN_CONFIG_DEFAULTS[k]
+        v = type(default)(v) if not isinstance(default, bool) else bool(v)
+        lines.append(f'{k} = {_toml_value(v)}')
+    return '\n'.join(lines) + '\n'
+
+
+# --------------------------------------------------------------------------------------------- ClientApp
+
+client_app = ClientApp()
+
+
+def _node_setting(context: Context, key: str, default=None):
+    value = context.node_config.get(key, default)
+    if value is None:
+        raise ValueError(f"the SuperNode has no --node-config {key}=...; start it with fednnunet_site")
+    return value
+
+
+def _site_worker(context: Context):
+    for key, var in (('nnunet-raw', 'nnUNet_raw'), ('nnunet-preprocessed', 'nnUNet_preprocessed'),
+                     ('nnunet-results', 'nnUNet_results')):
+        if context.node_config.get(key):
+            os.environ[var] = str(context.node_config[key])
+    from fednnunet.federation import Federation
+    from fednnunet.site_worker import SiteWorker
+    site = str(_node_setting(context, 'site-id'))
+    federation = Federation.from_raw(str(_node_setting(context, 'dataset')), only_sites=[site])
+    return SiteWorker(federation.sites[site], federation.dataset_name, int(_node_setting(context, 'num-processes', 1)),
+                      device=str(_node_setting(context, 'device', 'cuda')), state_in_memory=False,
+                      verbose=bool(_node_setting(context, 'verbose', False)))
+
+
+def _site_handler(message: Message, context: Context) -> Message:
+    started = time.time()
+    content = handle_site_message(lambda: _site_worker(context), message.content,
+                                  site=str(context.node_config.get('site-id', '')))
+    # seconds from the ClientApp's start (imports included) to the reply: what Flower adds per message
+    content['fednnunet']['process_seconds'] = time.time() - _IMPORTED_AT
+    content['fednnunet']['handler_started_after'] = started - _IMPORTED_AT
+    return Message(content, reply_to=message)
+
+
+for _kind in MESSAGE_KINDS:
+    _category, _action = message_type(_kind).split('.')
+    getattr(client_app, _category)(_action)(_site_handler)
+
+
+# --------------------------------------------------------------------------------------------- ServerApp
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_server(grid, dict(context.run_config))
+
+
+def _log(text: str):
+    print(f'[fednnunet server] {text}', flush=True)
+
+
+def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) -> dict:
+    """The server's whole run over a Flower grid: plan and preprocess, then train (same code as simulation)."""
+    from fednnunet.errors import FederationError
+    cfg = dict(RUN_CONFIG_DEFAULTS)
+    unknown = set(run_config) - set(cfg)
+    if unknown:
+        raise ValueError(f'unknown run config keys {sorted(unknown)}')
+    cfg.update(run_config)
+    phase = str(cfg['phase'])
+    if phase not in ('plan', 'train', 'all'):
+        raise ValueError(f"phase must be plan, train or all, not {phase!r}")
+    if cfg['method'] == 'centralized' and phase != 'plan':
+        raise FederationError('--method centralized pools every site\'s data on one machine; it does not run over '
+                              'Flower (use fednnunet_train on the pooled data)', field='--method')
+    sites = str(cfg['sites']).split()
+    min_sites = int(cfg['min-sites']) or None
+    if engine is None:
+        engine = FlowerEngine(grid, sites=sites or None, min_sites=min_sites, round_timeout=float(cfg['round-timeout']),
+                              identify_timeout=float(cfg['identify-timeout']),
+                              wait_for_sites=float(cfg['wait-for-sites']),
+                              settle_seconds=float(cfg['settle-seconds']), dataset=str(cfg['dataset']) or None,
+                              log=_log)
+    try:
+        return _run_phases(engine, cfg, phase, min_sites)
+    except FederationError as e:
+        _log(f'error: {e}')
+        raise
+
+
+def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional[int]) -> dict:
+    from fednnunet.federation import server_folder
+    from fednnunet.jsonio import write_json
+    result = {}
+    t0 = time.time()
+    engine.connect()
+    dataset_name = engine.dataset_name
+    plans_identifier = str(cfg['plans'])
+    if phase in ('plan', 'all'):
+        from fednnunet.plan_and_preprocess import plan_and_preprocess
+        configurations = str(cfg['configurations']).split() or [str(cfg['configuration'])]
+        summary = plan_and_preprocess(engine, dataset_name, configurations, str(cfg['planner']),
+                                      float(cfg['gpu-memory-target']) or None, str(cfg['plans-name']) or None)
+        plans_identifier = summary['plans_identifier']
+        _log(f"plans '{plans_identifier}' negotiated by {len(summary['sites'])} sites, preprocessed "
+             f"{sorted(summary['preprocessed'])} (order-statistic rounds: {summary['order_statistic_rounds']})")
+        result['planning'] = summary
+        write_json(os.path.join(server_folder(dataset_name), 'federation', f'flower_messages_{plans_identifier}.json'),
+                   _engine_report(engine), indent=1)
+    if phase in ('train', 'all'):
+        from fednnunet.training_server import FederatedTraining, TrainingConfig
+        fold = str(cfg['fold'])
+        config = TrainingConfig(
+            dataset_name=dataset_name, configuration=str(cfg['configuration']),
+            fold=fold if fold == 'all' else int(fold), method=str(cfg['method']),
+            plans_identifier=plans_identifier or 'nnUNetPlans', rounds=int(cfg['rounds']),
+            local_iterations=int(cfg['local-iterations']), val_iterations=int(cfg['val-iterations']),
+            seed=int(cfg['seed']), hyperparameters=json.loads(str(cfg['hyperparameters']) or '{}'),
+            strategy_options={'weighting': str(cfg['weighting'])}, validate=bool(cfg['validate']),
+            min_sites=min_sites)
+        if cfg['continue']:
+            _members_from_checkpoint(engine, config)
+        training = FederatedTraining(engine, config)
+        result['training'] = training.run(continue_training=bool(cfg['continue']))
+        write_json(os.path.join(training.output_folder, 'flower_messages.json'), _engine_report(engine), indent=1)
+        if result['training'].get('final_validation'):
+            from fednnunet.evaluation import format_table
+            print(format_table(result['training']['final_validation'],
+                               f"{config.method}: final validation, fold {config.fold}"), flush=True)
+        _log(f"results: {result['training']['results_folder']}")
+    _log(f'done in {time.time() - t0:.0f} s; bytes to/from each site: ' +
+         ', '.join(f'{s} {engine.bytes_sent.get(s, 0) / 1e6:.1f}/{engine.bytes_received.get(s, 0) / 1e6:.1f} MB'
+                   for s in engine.site_names))
+    return result
+
+
+def _members_from_checkpoint(engine: FlowerEngine, config):
+    """--continue without --sites: the interrupted run's sites stay the federation (one that has not connected
+    yet misses rounds until it does)."""
+    if engine.expected:
+        return
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import join
+    from fednnunet.methods import get_method
+    from fednnunet.site_training import results_folder
+    from fednnunet.training_server import SERVER_CHECKPOINT
+    path = join(results_folder(config.dataset_name, get_method(config.method).trainer, config.plans_identifier,
+                               config.configuration), f'fold_{config.fold}', SERVER_CHECKPOINT)
+    if os.path.isfile(path):
+        saved = sorted(torch.load(path, map_location='cpu', weights_only=True)['site_indices'])
+        engine.members = sorted(set(saved) | set(engine.members or []))
+
+
+def _engine_report(engine: FlowerEngine) -> dict:
+    return {'sites': engine.site_names, 'identities': engine.identities, 'bytes_sent': engine.bytes_sent,
+            'bytes_received': engine.bytes_received, 'flower_bytes_sent': engine.flower_bytes_sent,
+            'flower_bytes_received': engine.flower_bytes_received, 'messages': engine.message_log}

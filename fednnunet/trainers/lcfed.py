@@ -1,0 +1,75 @@
+"""LC-Fed (Wang, Jin, Wang, ECCV 2022) on nnU-Net. See documentation/methods/lcfed.md.
+
+Stage 1 (federated): PCS on the bottleneck, nnU-Net's loss + alpha * L_con, FedRep-style rounds (the heads alone
+for the first ``head_fraction`` of the local iterations, then the body alone); shared and averaged: the U-Net
+body and PCS; local: every segmentation head and HC. Stage 2 (the last ``stage2_rounds`` rounds): each site
+trains its head calibration on detached features with every site's final head (received read-only once).
+"""
+import math
+
+import torch
+
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from fednnunet.networks.lcfed import hc_kernel_size
+from fednnunet.trainers.base import segmentation_head_keys
+from fednnunet.trainers.two_stage import TwoStageTrainer, as_tensor
+
+
+class LCFedTrainer(TwoStageTrainer):
+    method_name = 'lcfed'
+    network_class_name = 'fednnunet.networks.lcfed.LCFedUNet'
+    hyperparameters = {'alpha': 0.1, 'head_fraction': 0.2, 'hc_threshold': 0.2, 'stage2_rounds': 0,
+                       'stage2_lr': 1e-2}
+
+    @classmethod
+    def architecture_kwargs(cls, plans, configuration, num_sites, site_index, hyperparameters):
+        patch = PlansManager(plans).get_configuration(configuration).patch_size
+        return {'num_sites': int(num_sites), 'site_index': int(site_index), 'hc_kernel_size': hc_kernel_size(patch),
+                'hc_threshold': float(hyperparameters['hc_threshold'])}
+
+    @classmethod
+    def local_keys(cls, network):
+        return segmentation_head_keys(network) + [k for k in network.state_dict() if k.startswith('hc.')]
+
+    def _final_head_keys(self):
+        last = len(self.unwrapped_network.decoder.seg_layers) - 1
+        return [f'decoder.seg_layers.{last}.weight', f'decoder.seg_layers.{last}.bias']
+
+    # stage 1: FedRep-style alternation and the contrastive site term
+    def head_steps(self) -> int:
+        return int(math.ceil(self.head_fraction * self.num_iterations_per_epoch))
+
+    def before_train_step(self, step: int):
+        if self.in_stage2(self.current_epoch) or step not in (0, self.head_steps()):
+            return
+        heads = set(segmentation_head_keys(self.unwrapped_network))
+        for name, p in self.unwrapped_network.named_parameters():
+            in_head = name in heads
+            p.requires_grad_(in_head if step == 0 else not in_head and not name.startswith('hc.'))
+
+    def extra_loss(self, output, target):
+        term = self.unwrapped_network.last_contrastive
+        if self.in_stage2(self.current_epoch) or term is None or self.alpha == 0:
+            return None
+        return self.alpha * term
+
+    # stage 2: head calibration
+    def readonly_state(self):
+        sd = self.unwrapped_network.state_dict()
+        return {k: sd[k].detach().cpu().numpy() for k in self._final_head_keys()}
+
+    def enter_stage2(self, readonly):
+        weight_key, bias_key = self._final_head_keys()
+        missing = sorted(set(range(self.unwrapped_network.num_sites)) - set(readonly))
+        if missing:
+            raise ValueError(f"site '{self.site_name}': no head received from site index(es) {missing}")
+        hc = self.unwrapped_network.hc
+        order = sorted(readonly)
+        hc.set_site_heads([as_tensor(readonly[i][weight_key], hc.head_weight) for i in order],
+                          [as_tensor(readonly[i][bias_key], hc.head_bias) for i in order])
+        with torch.no_grad():
+            hc.active.fill_(1)
+
+    def stage2_trainable(self, name: str) -> bool:
+        return name.startswith('hc.calibrate.')
