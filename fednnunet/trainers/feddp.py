@@ -19,6 +19,20 @@ from fednnunet.trainers.base import canonical_state, expand_aliases, state_dict_
 from fednnunet.trainers.two_stage import TwoStageTrainer
 
 
+def igc_weight(probabilities: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """U from the sites' softmax outputs (K, B, C, *spatial): the standard deviation across sites, averaged over
+    classes, divided by its maximum per case. Shape (B, 1, *spatial)."""
+    u = probabilities.std(0, unbiased=False).mean(1, keepdim=True)
+    return u / (u.flatten(1).amax(1).view(-1, *([1] * (u.ndim - 1))) + eps)
+
+
+def igc_term(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, lam: float,
+             ignore_index: int = -100) -> torch.Tensor:
+    """lambda * mean(U * CE) over voxels: cross-entropy weighted by the inter-site disagreement."""
+    ce = F.cross_entropy(logits.float(), labels, reduction='none', ignore_index=ignore_index)
+    return lam * torch.mean(weight[:, 0] * ce)
+
+
 class FedDPTrainer(TwoStageTrainer):
     method_name = 'feddp'
     network_class_name = 'fednnunet.networks.feddp.FedDPUNet'
@@ -78,8 +92,7 @@ class FedDPTrainer(TwoStageTrainer):
                 for k, v in self.query_sets[i].items():
                     self.frozen.state_dict()[k].copy_(v)
                 probabilities.append(torch.softmax(self.frozen(x).float(), 1))
-            u = torch.stack(probabilities).std(0, unbiased=False).mean(1, keepdim=True)
-            return u / (u.flatten(1).amax(1).view(-1, *([1] * (u.ndim - 1))) + 1e-8)
+            return igc_weight(torch.stack(probabilities))
 
     def extra_loss(self, output, target):
         if not self.in_stage2(self.current_epoch) or self.frozen is None or self.igc_lambda == 0:
@@ -87,9 +100,8 @@ class FedDPTrainer(TwoStageTrainer):
         logits = output[0] if isinstance(output, (list, tuple)) else output
         labels = (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
         ignore = self.label_manager.ignore_label
-        ce = F.cross_entropy(logits.float(), labels, reduction='none',
-                             ignore_index=ignore if ignore is not None else -100)
-        return self.igc_lambda * torch.mean(self.disagreement(self._last_input)[:, 0] * ce)
+        return igc_term(logits, labels, self.disagreement(self._last_input), self.igc_lambda,
+                        ignore if ignore is not None else -100)
 
     def method_state(self) -> dict:
         if self.frozen_state is None:

@@ -1,0 +1,451 @@
+"""``fednnunet_server`` and ``fednnunet_site``: fednnunet on Flower, one command per machine.
+
+Server machine (holds no images)::
+
+    fednnunet_server -d 501 --method fedavg --rounds R [--sites A B C] [--tls-dir DIR | --insecure]
+                     [--auth-keys A.pub B.pub ...] [--min-sites N] [--round-timeout S] [--continue]
+
+starts a Flower SuperLink (``flower-superlink``, runtime dependency installation disabled), registers the sites'
+public keys when SuperNode authentication is on, writes the fednnunet Flower app and runs it with ``flwr run``
+(logs streamed); the exit status follows the run. ``--superlink HOST:PORT`` uses a SuperLink that is already
+running instead.
+
+Each hospital (its own nnUNet_raw with only its own cases)::
+
+    fednnunet_site --site A -d 501 --server HOST:PORT [--tls-dir DIR | --insecure] [--auth-key KEY] [-device cuda]
+
+checks the site's data, then becomes a Flower SuperNode (``flower-supernode``) with ``--node-config``
+``site-id``/``dataset``/``device``. See documentation/deployment.md.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+DEFAULT_PORT = 9092
+CONNECTION = 'fednnunet'
+TLS_FILES = {'ca': 'ca.crt', 'cert': 'server.pem', 'key': 'server.key'}
+
+
+class CliError(RuntimeError):
+    pass
+
+
+def _fail(text: str, code: int = 2):
+    print(f'fednnunet: error: {text}', file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def flower_executable(name: str) -> str:
+    """A Flower command from this environment (next to this Python first, then PATH)."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    if os.path.isfile(here) and os.access(here, os.X_OK):
+        return here
+    found = shutil.which(name)
+    if found:
+        return found
+    raise CliError(f"'{name}' was not found: install Flower with pip install 'fednnunet[flower]'")
+
+
+def flower_env(flwr_home: Optional[str] = None) -> dict:
+    """The environment for Flower's processes: this environment's bin first on PATH (the SuperLink and SuperNode
+    start flwr-serverapp / flwr-clientapp by name), no runtime dependency installation, private FLWR_HOME."""
+    env = dict(os.environ)
+    bindir = os.path.dirname(sys.executable)
+    env['PATH'] = bindir + os.pathsep + env.get('PATH', '')
+    env['FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION'] = '1'
+    env.setdefault('PYTHONUNBUFFERED', '1')
+    if flwr_home:
+        env['FLWR_HOME'] = flwr_home
+    return env
+
+
+def free_port(host: str = '127.0.0.1') -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float, process: Optional[subprocess.Popen] = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise CliError(f'the process exited with status {process.returncode} before {host}:{port} opened')
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise CliError(f'{host}:{port} did not open within {timeout:.0f} s')
+
+
+def tls_files(tls_dir: str, need_server: bool) -> dict:
+    """The certificate files in a folder made by scripts/make_test_certs.sh (or your own, same names)."""
+    files = {k: os.path.abspath(os.path.join(tls_dir, v)) for k, v in TLS_FILES.items()}
+    wanted = ('ca', 'cert', 'key') if need_server else ('ca',)
+    absent = [files[k] for k in wanted if not os.path.isfile(files[k])]
+    if absent:
+        raise CliError(f'--tls-dir {tls_dir}: missing {absent} (make them with scripts/make_test_certs.sh, or put '
+                       f'your own CA certificate as ca.crt{", server certificate as server.pem and key as server.key" if need_server else ""})')
+    return files
+
+
+def _security_args(parser):
+    parser.add_argument('--tls-dir', default=None,
+                        help='folder with ca.crt (and, on the server, server.pem + server.key): TLS for every '
+                             'connection (scripts/make_test_certs.sh makes test certificates)')
+    parser.add_argument('--insecure', action='store_true',
+                        help='plain-text connections (no TLS). Only for tests on one machine or a trusted network; '
+                             'must be asked for explicitly')
+
+
+def _check_security(args):
+    if args.insecure and args.tls_dir:
+        raise CliError('--insecure and --tls-dir exclude each other')
+    if not args.insecure and not args.tls_dir:
+        raise CliError('give --tls-dir DIR (TLS; see scripts/make_test_certs.sh and documentation/deployment.md) or, '
+                       'for a test on a trusted network only, --insecure')
+
+
+# ============================================================================================ server
+
+def server_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='fednnunet_server',
+        description='The fednnunet server over Flower: starts a SuperLink, waits for the sites (fednnunet_site), '
+                    'negotiates the plans, triggers preprocessing, trains in federated rounds, has every site '
+                    'validate and store its final model. Holds no images.')
+    p.add_argument('-d', required=True, help='dataset id or name (every site must hold it)')
+    p.add_argument('--phase', choices=['all', 'plan', 'train'], default=None,
+                   help='plan: fingerprint, plans, preprocessing; train: rounds on existing plans; all (default; '
+                        'with --continue: train)')
+    p.add_argument('-c', default='3d_fullres', help='configuration to preprocess and train (default 3d_fullres)')
+    p.add_argument('-f', '--fold', default='0', help='fold 0-4 or all (default 0)')
+    p.add_argument('-pl', default='ExperimentPlanner', help='planner (nnU-Net\'s, or nnUNetPlannerCPU)')
+    p.add_argument('-p', default=None, help='plans identifier for --phase train (default nnUNetPlans; with planning: '
+                                            'the planner\'s)')
+    p.add_argument('-gpu_memory_target', type=float, default=None)
+    p.add_argument('-overwrite_plans_name', default=None)
+    p.add_argument('--method', default='fedavg')
+    p.add_argument('--rounds', type=int, default=1000)
+    p.add_argument('--local-iterations', type=int, default=250)
+    p.add_argument('--val-iterations', type=int, default=50)
+    p.add_argument('--seed', type=int, default=12345)
+    p.add_argument('--mu', type=float, default=None, help='fedprox: proximal weight')
+    p.add_argument('--head-fraction', type=float, default=None, help='fedrep: head share of each round')
+    p.add_argument('--weighting', choices=['num_examples', 'uniform'], default='num_examples')
+    p.add_argument('--no-val', action='store_true', help='skip the final validation at every site')
+    p.add_argument('--continue', dest='continue_training', action='store_true',
+                   help='resume after the last completed round (federated_round_latest.pth)')
+    p.add_argument('--sites', nargs='+', default=None,
+                   help='the federation\'s sites; the server waits for all of them (recommended). Default: the sites '
+                        'that connect before the first round')
+    p.add_argument('--min-sites', type=int, default=None,
+                   help='a round goes on when at least this many sites answer (default: all). Planning always needs '
+                        'every site')
+    p.add_argument('--round-timeout', type=float, default=86400.0,
+                   help='seconds a site has for one round (or fingerprinting/preprocessing) before the round goes on '
+                        'without it (default 86400; Flower\'s strategies drop a site after 3600)')
+    p.add_argument('--wait-for-sites', type=float, default=600.0,
+                   help='seconds to wait for the sites to connect at the start (default 600)')
+    p.add_argument('--identify-timeout', type=float, default=300.0,
+                   help='seconds a newly connected site has to say who it is (default 300)')
+    p.add_argument('--settle-seconds', type=float, default=15.0,
+                   help='without --sites: start once no new site has connected for this long (default 15)')
+    _security_args(p)
+    p.add_argument('--auth-keys', '--auth-key', dest='auth_keys', nargs='+', default=None, metavar='PUBLIC_KEY',
+                   help="SuperNode authentication: the sites' public keys (OpenSSH ECDSA, e.g. keys/A.pub from "
+                        "scripts/make_test_certs.sh); only SuperNodes holding a matching private key may connect")
+    p.add_argument('--host', default='0.0.0.0', help='address the SuperLink listens on (default 0.0.0.0)')
+    p.add_argument('--port', type=int, default=DEFAULT_PORT,
+                   help=f'the SuperLink\'s port (one HTTP(S) port for sites and control; default {DEFAULT_PORT})')
+    p.add_argument('--superlink', default=None, metavar='HOST:PORT',
+                   help='use a SuperLink that is already running (started with flower-superlink '
+                        '--disable-runtime-dependency-installation) instead of starting one')
+    p.add_argument('--work-dir', default=None,
+                   help='where the Flower app, FLWR_HOME and the SuperLink log go (default: a new temporary folder)')
+    p.add_argument('--write-app', metavar='DIR', default=None,
+                   help='only write the Flower app folder (for flwr run yourself) and the run config to DIR; exit')
+    return p
+
+
+def run_config_from_args(args) -> dict:
+    hyper = {k: v for k, v in (('mu', args.mu), ('head_fraction', args.head_fraction)) if v is not None}
+    phase = args.phase or ('train' if args.continue_training else 'all')
+    config = {
+        'dataset': str(args.d), 'phase': phase, 'configuration': args.c, 'fold': str(args.fold),
+        'planner': args.pl, 'plans': args.p or '', 'plans-name': args.overwrite_plans_name or '',
+        'gpu-memory-target': float(args.gpu_memory_target or 0.0), 'method': args.method, 'rounds': args.rounds,
+        'local-iterations': args.local_iterations, 'val-iterations': args.val_iterations, 'seed': args.seed,
+        'hyperparameters': json.dumps(hyper), 'weighting': args.weighting, 'validate': not args.no_val,
+        'continue': bool(args.continue_training), 'sites': ' '.join(args.sites or []),
+        'min-sites': int(args.min_sites or 0), 'round-timeout': float(args.round_timeout),
+        'identify-timeout': float(args.identify_timeout), 'wait-for-sites': float(args.wait_for_sites),
+        'settle-seconds': float(args.settle_seconds),
+    }
+    if phase == 'train' and not args.p:
+        config['plans'] = 'nnUNetPlans'
+    return config
+
+
+def write_flower_config(flwr_home: str, address: str, ca_file: Optional[str]) -> str:
+    """$FLWR_HOME/config.toml with one SuperLink connection named 'fednnunet' (Flower >= 1.41 keeps connections
+    there, not in the app's pyproject.toml)."""
+    os.makedirs(flwr_home, exist_ok=True)
+    lines = ['[superlink]', f'default = "{CONNECTION}"', '', f'[superlink.{CONNECTION}]', f'address = "{address}"']
+    lines += [f'root-certificates = {json.dumps(ca_file)}'] if ca_file else ['insecure = true']
+    path = os.path.join(flwr_home, 'config.toml')
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    return path
+
+
+def _local_address(host: str, port: int) -> str:
+    return f"{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{port}"
+
+
+def start_superlink(args, env: dict, log_path: str, tls: Optional[dict]) -> subprocess.Popen:
+    cmd = [flower_executable('flower-superlink'), '--host', args.host, '--port', str(args.port),
+           '--disable-runtime-dependency-installation']
+    if tls:
+        cmd += ['--ssl-ca-certfile', tls['ca'], '--ssl-certfile', tls['cert'], '--ssl-keyfile', tls['key']]
+    else:
+        cmd += ['--insecure']
+    if args.auth_keys:
+        cmd += ['--enable-supernode-auth']
+    log = open(log_path, 'ab')
+    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log.close()
+    return process
+
+
+def _flwr(args: List[str], env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([flower_executable('flwr')] + args, env=env, text=True, capture_output=True, **kw)
+
+
+def register_keys(keys: List[str], env: dict, timeout: float = 60.0):
+    for key in keys:
+        if not os.path.isfile(key):
+            raise CliError(f'--auth-keys: {key} does not exist')
+        deadline = time.time() + timeout
+        while True:
+            done = _flwr(['supernode', 'register', os.path.abspath(key), CONNECTION], env)
+            if done.returncode == 0:
+                print(f'fednnunet_server: registered SuperNode key {key}', flush=True)
+                break
+            if time.time() > deadline:
+                raise CliError(f'could not register {key}: {done.stdout.strip()} {done.stderr.strip()}')
+            time.sleep(1.0)
+
+
+def run_status(run_id: str, env: dict) -> Optional[str]:
+    done = _flwr(['ls', CONNECTION, '--run-id', run_id, '--format', 'json'], env)
+    try:
+        runs = json.loads(done.stdout)['runs']
+        return runs[0]['status'] if runs else None
+    except (ValueError, KeyError, IndexError):
+        return None
+
+
+def run_app(app_dir: str, run_config_file: str, env: dict) -> int:
+    """flwr run with the logs streamed to this terminal; returns 0 if the run completed."""
+    cmd = [flower_executable('flwr'), 'run', app_dir, CONNECTION, '--run-config', run_config_file, '--stream']
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    run_id = None
+    interrupted = False
+    try:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if run_id is None:
+                m = re.search(r'Successfully started run (\d+)', line)
+                if m:
+                    run_id = m.group(1)
+        process.wait()
+    except KeyboardInterrupt:
+        interrupted = True
+        if run_id:
+            print(f'fednnunet_server: stopping run {run_id}', flush=True)
+            _flwr(['stop', run_id, CONNECTION], env)
+        process.terminate()
+    if run_id is None:
+        print('fednnunet_server: the run did not start (see above)', file=sys.stderr, flush=True)
+        return 1
+    status = None
+    for _ in range(60):  # the stream ends when the run does; the status may lag a moment
+        status = run_status(run_id, env)
+        if status and status.startswith('finished'):
+            break
+        if status in ('running', 'starting', 'pending') and not interrupted:
+            # the log stream ended early (connection): follow the run until it finishes
+            time.sleep(5)
+            continue
+        time.sleep(1)
+    print(f'fednnunet_server: run {run_id}: {status}', flush=True)
+    return 0 if status == 'finished:completed' else 1
+
+
+def server_entry(argv=None):
+    args = server_parser().parse_args(argv)
+    try:
+        sys.exit(run_server_command(args))
+    except CliError as e:
+        _fail(str(e))
+
+
+def run_server_command(args) -> int:
+    from fednnunet.flower_app import run_config_toml, write_app
+    config = run_config_from_args(args)
+    if args.write_app:
+        write_app(args.write_app)
+        with open(os.path.join(args.write_app, 'run_config.toml'), 'w') as f:
+            f.write(run_config_toml(config))
+        print(f'wrote {args.write_app}/pyproject.toml and run_config.toml; run it with\n'
+              f'  flwr run {args.write_app} <connection> --run-config {args.write_app}/run_config.toml --stream')
+        return 0
+    _check_security(args)
+    if args.method == 'centralized':
+        raise CliError('--method centralized pools the data on one machine; it does not run over Flower')
+    tls = tls_files(args.tls_dir, need_server=args.superlink is None) if args.tls_dir else None
+    work = os.path.abspath(args.work_dir) if args.work_dir else tempfile.mkdtemp(prefix='fednnunet_server_')
+    os.makedirs(work, exist_ok=True)
+    flwr_home = os.path.join(work, 'flwr_home')
+    env = flower_env(flwr_home)
+    address = args.superlink or _local_address(args.host, args.port)
+    write_flower_config(flwr_home, address, tls['ca'] if tls else None)
+    app_dir = write_app(os.path.join(work, 'app'))
+    run_config_file = os.path.join(work, 'run_config.toml')
+    with open(run_config_file, 'w') as f:
+        f.write(run_config_toml(config))
+
+    superlink = None
+    try:
+        if args.superlink is None:
+            log_path = os.path.join(work, 'superlink.log')
+            superlink = start_superlink(args, env, log_path, tls)
+            host, port = address.rsplit(':', 1)
+            try:
+                wait_for_port(host, int(port), 60.0, superlink)
+            except CliError as e:
+                raise CliError(f'the SuperLink did not start ({e}); its log: {log_path}\n' + _tail(log_path)) from None
+            print(f'fednnunet_server: SuperLink on {args.host}:{args.port} '
+                  f"({'TLS' if tls else 'INSECURE, no TLS'}{', SuperNode authentication' if args.auth_keys else ''}); "
+                  f'log: {log_path}', flush=True)
+        if args.auth_keys:
+            register_keys(args.auth_keys, env)
+        return run_app(app_dir, run_config_file, env)
+    finally:
+        if superlink is not None:
+            stop_process(superlink)
+
+
+def _tail(path: str, n: int = 30) -> str:
+    try:
+        with open(path, errors='replace') as f:
+            return ''.join(f.readlines()[-n:])
+    except OSError:
+        return ''
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 15.0):
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+# ============================================================================================ site
+
+def site_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='fednnunet_site',
+        description='One hospital in a fednnunet federation over Flower: checks the site\'s data, then runs a Flower '
+                    'SuperNode that answers the server (fingerprint, preprocessing, training rounds, validation). '
+                    'Images never leave this machine.')
+    p.add_argument('--site', required=True, help="this site's name in its sites.json")
+    p.add_argument('-d', required=True, help='dataset id or name (under $nnUNet_raw)')
+    p.add_argument('--server', required=True, metavar='HOST:PORT', help="the server's SuperLink address")
+    _security_args(p)
+    p.add_argument('--auth-key', default=None, metavar='PRIVATE_KEY',
+                   help="this site's private key (OpenSSH ECDSA; its .pub goes to the server's --auth-keys)")
+    p.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
+    p.add_argument('-np', type=int, default=None,
+                   help="processes for fingerprinting/preprocessing (default nnU-Net's)")
+    p.add_argument('--local-port', type=int, default=None,
+                   help='port of the SuperNode\'s local API on 127.0.0.1 (default: a free one)')
+    p.add_argument('--max-wait-time', type=float, default=None,
+                   help='give up after this many seconds without the server (default: keep trying)')
+    p.add_argument('--verbose', action='store_true')
+    return p
+
+
+def site_command(args) -> List[str]:
+    """Checks the site's data and returns the flower-supernode command line."""
+    _check_security(args)
+    from fednnunet.errors import FederationError
+    from fednnunet.federation import Federation
+    try:
+        federation = Federation.from_raw(args.d, only_sites=[args.site])
+    except FederationError as e:
+        raise CliError(str(e)) from None
+    site = federation.sites[args.site]
+    num_processes = args.np
+    if num_processes is None:
+        from nnunetv2.configuration import default_num_processes
+        num_processes = default_num_processes
+    node_config = {'site-id': args.site, 'dataset': federation.dataset_name, 'device': args.device,
+                   'num-processes': int(num_processes), 'verbose': bool(args.verbose)}
+    for key, value in node_config.items():
+        if isinstance(value, str) and ('"' in value or "'" in value):
+            raise CliError(f'{key} {value!r}: quotes are not allowed in names')
+    node_config_text = ' '.join(f'{k}={json.dumps(v)}' for k, v in node_config.items())
+    cmd = [flower_executable('flower-supernode'), '--superlink', args.server, '--node-config', node_config_text,
+           '--port', str(args.local_port or free_port()), '--isolation', 'subprocess']
+    if args.tls_dir:
+        cmd += ['--root-certificates', tls_files(args.tls_dir, need_server=False)['ca']]
+    else:
+        cmd += ['--insecure']
+    if args.auth_key:
+        if not os.path.isfile(args.auth_key):
+            raise CliError(f'--auth-key {args.auth_key} does not exist')
+        cmd += ['--auth-supernode-private-key', os.path.abspath(args.auth_key)]
+    if args.max_wait_time:
+        cmd += ['--max-wait-time', str(args.max_wait_time)]
+    print(f"fednnunet_site: site '{args.site}' of {federation.dataset_name} ({len(site.cases)} cases), device "
+          f"{args.device}, server {args.server} ({'TLS' if args.tls_dir else 'INSECURE, no TLS'}"
+          f"{', authenticated' if args.auth_key else ''})", flush=True)
+    return cmd
+
+
+def site_entry(argv=None):
+    args = site_parser().parse_args(argv)
+    try:
+        cmd = site_command(args)
+    except CliError as e:
+        _fail(str(e))
+    sys.stdout.flush()
+    os.execve(cmd[0], cmd, flower_env(os.environ.get('FLWR_HOME')))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ('server', 'site'):
+        print('usage: python -m fednnunet.flower_cli server|site ...', file=sys.stderr)
+        sys.exit(2)
+    (server_entry if argv[0] == 'server' else site_entry)(argv[1:])
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,254 @@
+"""LC-Fed and FedDP: their pieces against hand-computed tensors, what they share (by name), and end to end."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from fednnunet.cli import evaluate_entry, predict_entry
+from fednnunet.federation import Federation, server_folder
+from fednnunet.inference import load_checkpoint, load_predictor
+from fednnunet.networks.lcfed import (HeadCalibration, PersonalizedChannelSelection, contrastive_site_loss,
+                                      gaussian_kernel, hc_kernel_size)
+from fednnunet.trainers.feddp import FedDPTrainer, igc_term, igc_weight
+from fednnunet.trainers.lcfed import LCFedTrainer
+from fednnunet.training_server import FederatedTraining
+
+from conftest import DATASET_ID, DATASET_NAME
+from test_training import PLANS, RecordingEngine, _config, _engine
+
+
+# ---------------------------------------------------------------- PCS and L_con, by hand
+def test_pcs_attention_and_contrastive_term_by_hand():
+    pcs = PersonalizedChannelSelection(channels=2, num_sites=2, reduction=2)  # hidden = 1
+    with torch.no_grad():
+        pcs.fc1[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))     # K -> C
+        pcs.fc1[2].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))     # C -> C
+        pcs.fc2[0].weight.copy_(torch.tensor([[0.5, -0.5, 1.0, 1.0]]))      # 2C -> 1
+        pcs.fc2[2].weight.copy_(torch.tensor([[1.0], [-1.0]]))              # 1 -> C
+    f = torch.tensor([[[1.0, 3.0], [2.0, 0.0]]])  # (B=1, C=2, N=2)
+    onehot = torch.tensor([[1.0, 0.0]])
+    # by hand: e = relu(W1 x) -> [1, 0] -> W2 -> [1, 0]; GAP = [2, 1], GMP = [3, 2]
+    relu = lambda v: max(v, 0.0)  # noqa: E731
+    h_avg = relu(0.5 * 2 - 0.5 * 1 + 1 * 1 + 1 * 0)   # 1.5
+    h_max = relu(0.5 * 3 - 0.5 * 2 + 1 * 1 + 1 * 0)   # 1.5
+    expected = 1 / (1 + np.exp(-np.array([h_avg + h_max, -(h_avg + h_max)])))
+    a = pcs.attention(f, onehot)
+    np.testing.assert_allclose(a.detach().numpy()[0], expected, rtol=1e-6)
+    out = pcs.apply(f, a)
+    np.testing.assert_allclose(out.detach().numpy()[0], f.numpy()[0] * (1 + expected[:, None]), rtol=1e-6)
+
+    own = torch.tensor([[0.2, 0.8]])
+    others = [torch.tensor([[0.0, 1.0]]), torch.tensor([[0.6, 0.4]])]
+    # -(1/(K-1)) sum MSE: MSE1 = (0.04 + 0.04)/2 = 0.04, MSE2 = (0.16 + 0.16)/2 = 0.16
+    assert contrastive_site_loss(own, others).item() == pytest.approx(-(0.04 + 0.16) / 2)
+    assert contrastive_site_loss(own, []).item() == 0
+
+
+# ---------------------------------------------------------------- HC: disagreement map, NMS, Gaussian
+def test_head_calibration_disagreement_and_nms_by_hand():
+    hc = HeadCalibration(features=1, num_classes=2, num_sites=3, conv_op=torch.nn.Conv2d, kernel_size=[3, 3],
+                         threshold=0.2)
+    # three sites' 1x1 heads on one feature channel: logits (w * f, 0)
+    weights = [torch.tensor([[[[w]]], [[[0.0]]]]) for w in (1.0, 2.0, -1.0)]
+    hc.set_site_heads(weights, [torch.zeros(2)] * 3)
+    f = torch.tensor([[[[0.0, 1.0], [2.0, -1.0]]]])  # (1, 1, 2, 2)
+    own_logits = torch.cat([f * 1.0, torch.zeros_like(f)], 1)  # the site is site 0
+    own_p = torch.softmax(own_logits, 1)
+    u = hc.disagreement(f, own_p)
+
+    def p(w, x):
+        return 1 / (1 + np.exp(-w * x))  # softmax over (w x, 0), class 0
+    fx = f.numpy()[0, 0]
+    diff = [(p(w, fx) - p(1.0, fx)) ** 2 for w in (1.0, 2.0, -1.0)]
+    u0 = np.sqrt(sum(diff) / 2)  # class 1 has the same magnitude
+    np.testing.assert_allclose(u.numpy()[0, 0], u0 / u0.max(), rtol=1e-5)
+    np.testing.assert_allclose(u.numpy()[0, 1], u0 / u0.max(), rtol=1e-5)
+
+    grid = torch.tensor([[[[0.1, 0.5, 0.3, 0.0, 0.0],
+                           [0.0, 0.2, 0.1, 0.0, 0.15],
+                           [0.0, 0.0, 0.0, 0.9, 0.0]]]])
+    peaks = hc.peaks(grid.expand(1, 2, 3, 5))[0, 0]
+    expected = np.zeros((3, 5))
+    expected[0, 1] = expected[2, 3] = 1  # local maxima in a 3x3 window above 0.2 (0.15 is a maximum below it)
+    np.testing.assert_array_equal(peaks.numpy(), expected)
+
+    k = gaussian_kernel([31, 31], [6.0, 6.0], 'peak')
+    assert k.shape == (31, 31) and k.max() == 1 and k[15, 15] == 1
+    assert gaussian_kernel([5, 5, 5], [1.0, 1.0, 1.0], 'sum').sum().item() == pytest.approx(1)
+    assert hc_kernel_size([384, 384]) == [31, 31] and hc_kernel_size([24, 40, 32]) == [3, 3, 3]
+    out = hc(torch.randn(2, 1, 6, 6), torch.randn(2, 2, 6, 6))
+    assert out.shape == (2, 2, 6, 6)
+
+
+# ---------------------------------------------------------------- IGC weighting, by hand
+def test_igc_weight_and_term_by_hand():
+    p1 = torch.tensor([[[0.9, 0.5], [0.1, 0.5]]])  # (B=1, C=2, N=2)
+    p2 = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])
+    u = igc_weight(torch.stack([p1, p2]))
+    # population std of two values = |a - b| / 2: voxel 0 -> 0.2 for both classes, voxel 1 -> 0
+    np.testing.assert_allclose(u.numpy()[0, 0], [1.0, 0.0], atol=1e-6)
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])
+    labels = torch.tensor([[0, 1]])
+    ce0 = -np.log(np.exp(2) / (np.exp(2) + 1))
+    assert igc_term(logits, labels, u, 1.0).item() == pytest.approx((1.0 * ce0 + 0.0) / 2, rel=1e-5)
+    assert igc_term(logits, labels, u, 0.5).item() == pytest.approx(0.5 * ce0 / 2, rel=1e-5)
+
+
+# ---------------------------------------------------------------- what is shared, by name
+def _network(trainer, plans, configuration='3d_fullres', num_sites=3, site_index=1, hp=None):
+    adapted = trainer.adapt_plans(plans, configuration, num_sites, site_index, hp or {})
+    pm = PlansManager(adapted)
+    cm = pm.get_configuration(configuration)
+    dj = json.load(open(os.path.join(server_folder(DATASET_NAME), 'dataset.json')))
+    return trainer.build_network_architecture(pm, cm, 1, pm.get_label_manager(dj).num_segmentation_heads, True), cm
+
+
+def test_which_keys_each_method_shares(planned):
+    plans = json.load(open(os.path.join(server_folder(DATASET_NAME), PLANS + '.json')))
+    net, cm = _network(LCFedTrainer, plans)
+    assert cm.network_arch_class_name == 'fednnunet.networks.lcfed.LCFedUNet'
+    shared, local = set(LCFedTrainer.shared_keys(net)), set(LCFedTrainer.local_keys(net))
+    assert {'pcs.fc1.0.weight', 'pcs.fc1.2.weight', 'pcs.fc2.0.weight', 'pcs.fc2.2.weight'} <= shared
+    assert 'encoder.stages.0.0.convs.0.conv.weight' in shared
+    assert not any(k.startswith('decoder.encoder.') for k in shared)  # aliases travel once
+    assert {k for k in local if k.startswith('decoder.seg_layers.')} == \
+        {k for k in net.state_dict() if k.startswith('decoder.seg_layers.')}
+    assert {'hc.calibrate.weight', 'hc.calibrate.bias', 'hc.head_weight', 'hc.head_bias', 'hc.active'} <= local
+    assert not shared & local
+
+    net, cm = _network(FedDPTrainer, plans, hp={'attention_stages': 2})
+    assert cm.network_arch_class_name == 'fednnunet.networks.feddp.FedDPUNet'
+    shared, local = set(FedDPTrainer.shared_keys(net)), set(FedDPTrainer.local_keys(net))
+    assert local == {'attention.0.q.weight', 'attention.0.q.bias', 'attention.1.q.weight', 'attention.1.q.bias'}
+    assert {'attention.0.k.weight', 'attention.0.v.weight', 'attention.0.proj.weight', 'attention.1.norm.weight',
+            'decoder.seg_layers.0.weight'} <= shared
+    # the planned nnU-Net keys are untouched by the wrapper
+    plain = PlansManager(plans).get_configuration('3d_fullres')
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    base = get_network_from_plans(plain.network_arch_class_name, plain.network_arch_init_kwargs,
+                                  plain.network_arch_init_kwargs_req_import, 1, 3, deep_supervision=True)
+    assert set(base.state_dict()) <= set(net.state_dict())
+
+
+def test_feddp_network_starts_as_the_planned_unet(planned):
+    """The attention blocks are zero-initialised residuals: with the same nnU-Net weights, same output."""
+    plans = json.load(open(os.path.join(server_folder(DATASET_NAME), PLANS + '.json')))
+    net, cm = _network(FedDPTrainer, plans)
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    plain = PlansManager(plans).get_configuration('3d_fullres')
+    base = get_network_from_plans(plain.network_arch_class_name, plain.network_arch_init_kwargs,
+                                  plain.network_arch_init_kwargs_req_import, 1, 3, deep_supervision=False)
+    base.load_state_dict({k: v for k, v in net.state_dict().items() if k in base.state_dict()})
+    net.decoder.deep_supervision = False
+    x = torch.randn(1, 1, *cm.patch_size)
+    net.eval(), base.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), base(x))
+
+
+# ---------------------------------------------------------------- end to end
+@pytest.mark.parametrize('configuration', ['3d_fullres', '2d'])
+@pytest.mark.parametrize('method', ['lcfed', 'feddp'])
+def test_trains_predicts_and_evaluates_with_personalized_models(planned, fresh_results, tmp_path, capsys, method,
+                                                                configuration):
+    fed = Federation.from_raw(DATASET_ID)
+    engine = _engine(fed, RecordingEngine)
+    config = _config(method, configuration, rounds=3, hyperparameters={'stage2_rounds': 1})
+    ft = FederatedTraining(engine, config)
+    result = ft.run()
+    assert not os.path.isfile(os.path.join(result['results_folder'], 'fold_0', 'checkpoint_final.pth'))
+    shared = set(ft.shared_keys)
+    # local keys never leave a site: updates hold the shared keys, plus once (the last federated round) the
+    # read-only parts the other sites need for the second stage
+    readonly_expected = {'lcfed': {f'decoder.seg_layers.{i}.{p}' for i in (2, 3) for p in ('weight', 'bias')},
+                         'feddp': {f'attention.{i}.q.{p}' for i in (0, 1) for p in ('weight', 'bias')}}[method]
+    updates = [(s, r) for s, r in engine.replies if r.kind == 'update']
+    assert len(updates) == 9
+    for i, (site, reply) in enumerate(updates):
+        round_index = i // 3
+        keys = set(reply.arrays)
+        plain = {k for k in keys if not k.startswith('readonly/')}
+        readonly = {k[len('readonly/'):] for k in keys if k.startswith('readonly/')}
+        if round_index < 2:
+            assert plain == shared, (site, round_index)
+        else:
+            assert plain == set() and readonly == set()
+        if round_index == 1:
+            assert readonly and readonly <= readonly_expected
+        else:
+            assert not readonly
+    local = set(ft.initial_network_state()) - shared
+    assert local
+    for site, reply in engine.replies:
+        assert not {k for k in reply.arrays if not k.startswith('readonly/')} & local, site
+
+    site_ckpt = {s: load_checkpoint(os.path.join(result['results_folder'], 'sites', s, 'fold_0',
+                                                 'checkpoint_final.pth'))['network_weights'] for s in 'ABC'}
+    if method == 'lcfed':  # every site calibrates with every site's final head
+        last = max(int(k.split('.')[2]) for k in site_ckpt['A'] if k.startswith('decoder.seg_layers.'))
+        for s in 'ABC':
+            assert site_ckpt[s]['hc.active'].item() == 1
+            for j, other in enumerate('ABC'):
+                own_head = site_ckpt[other][f'decoder.seg_layers.{last}.weight']
+                torch.testing.assert_close(site_ckpt[s]['hc.head_weight'][j * 3:(j + 1) * 3], own_head)
+    else:  # personalized queries; every site calibrates against every site's final queries, kept frozen
+        assert not torch.equal(site_ckpt['A']['attention.1.q.weight'], site_ckpt['B']['attention.1.q.weight'])
+        states = {s: os.path.join(result['results_folder'], 'sites', s, 'fold_0', 'site_state') for s in 'ABC'}
+        after_stage1 = {s: torch.load(os.path.join(states[s], 'round_0002.pth'), weights_only=True) for s in 'ABC'}
+        final_a = torch.load(os.path.join(states['A'], 'round_0003.pth'), weights_only=True)['method']
+        assert sorted(final_a['queries']) == ['0', '1', '2']
+        for j, other in enumerate('ABC'):
+            torch.testing.assert_close(final_a['queries'][str(j)]['attention.1.q.weight'],
+                                       after_stage1[other]['network']['attention.1.q.weight'])
+    site_plans = json.load(open(os.path.join(result['results_folder'], 'sites', 'B', 'plans.json')))
+    arch = site_plans['configurations'][configuration]['architecture']
+    assert arch['network_class_name'].startswith('fednnunet.networks.')
+    if method == 'lcfed':
+        assert arch['arch_kwargs']['wrapper']['site_index'] == 1
+
+    evaluate_entry(['-d', '501', '-c', configuration, '--method', method, '-p', PLANS, '-device', 'cpu'])
+    assert '(site model' in capsys.readouterr().out
+    case = fed.sites['C'].cases[0]
+    images = tmp_path / 'in'
+    images.mkdir()
+    os.symlink(fed.sites['C'].image_files(case)[0], images / os.path.basename(fed.sites['C'].image_files(case)[0]))
+    predict_entry(['-i', str(images), '-o', str(tmp_path / 'out'), '-d', '501', '-c', configuration,
+                   '--method', method, '--site', 'C', '-p', PLANS, '-device', 'cpu'])
+    assert os.path.isfile(tmp_path / 'out' / f'{case}.nii.gz')
+    predictor = load_predictor(os.path.join(result['results_folder'], 'sites', 'C'), 0)
+    assert type(predictor.network).__name__ == ('LCFedUNet' if method == 'lcfed' else 'FedDPUNet')
+
+
+def test_lcfed_first_stage_alternates_heads_and_body(planned, fresh_results):
+    from fednnunet.site_training import build_site_trainer
+    from fednnunet.site_worker import SiteWorker
+    fed = Federation.from_raw(DATASET_ID)
+    ft = FederatedTraining(_engine(fed), _config('lcfed', rounds=3, local_iterations=5,
+                                                 hyperparameters={'stage2_rounds': 1}))
+    trainer = build_site_trainer(SiteWorker(fed.sites['A'], DATASET_NAME, device='cpu'), ft.site_config('A', round=0))
+    trainer.start(0)
+    trainer.current_epoch = 0
+    net = trainer.unwrapped_network
+    heads = {n for n, _ in net.named_parameters() if n.startswith('decoder.seg_layers.')}
+    trainer.before_train_step(0)
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == heads
+    trainer.before_train_step(trainer.head_steps())
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert 'pcs.fc2.0.weight' in trainable and not trainable & heads and not any(n.startswith('hc.') for n in trainable)
+    # in the second stage only the calibration trains
+    trainer.current_epoch = 2
+    assert trainer.in_stage2(2) and not trainer.in_stage2(1)
+    assert trainer.stage2_trainable('hc.calibrate.weight') and not trainer.stage2_trainable('pcs.fc1.0.weight')
+    # the contrastive term enters the loss with weight alpha in the first stage only
+    trainer.current_epoch = 0
+    net.train()
+    batch = next(trainer.dataloader_train)
+    out = trainer.network(batch['data'])
+    assert net.last_contrastive is not None and net.last_contrastive.item() <= 0
+    torch.testing.assert_close(trainer.loss(out, batch['target']),
+                               trainer.loss.loss(out, batch['target']) + 0.1 * net.last_contrastive)
+    trainer.close()
