@@ -29,7 +29,21 @@ from flwr.serverapp import Grid, ServerApp
 import fednnunet
 from fednnunet.engines.flower import MESSAGE_KINDS, FlowerEngine, handle_site_message, message_type
 
-_IMPORTED_AT = time.time()
+
+
+def _process_start_time() -> float:
+    """When this process started (Linux: /proc; elsewhere: when this module was imported)."""
+    try:
+        with open('/proc/self/stat') as f:
+            start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])
+        with open('/proc/stat') as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith('btime'))
+        return boot + start_ticks / os.sysconf('SC_CLK_TCK')
+    except (OSError, ValueError, StopIteration, IndexError):
+        return time.time()
+
+
+_PROCESS_STARTED = _process_start_time()
 
 # --------------------------------------------------------------------------------------------- run config
 
@@ -138,9 +152,9 @@ def _site_handler(message: Message, context: Context) -> Message:
     started = time.time()
     content = handle_site_message(lambda: _site_worker(context), message.content,
                                   site=str(context.node_config.get('site-id', '')))
-    # seconds from the ClientApp's start (imports included) to the reply: what Flower adds per message
-    content['fednnunet']['process_seconds'] = time.time() - _IMPORTED_AT
-    content['fednnunet']['handler_started_after'] = started - _IMPORTED_AT
+    # seconds from the ClientApp process's start (Flower's and our imports included) to the reply
+    content['fednnunet']['process_seconds'] = time.time() - _PROCESS_STARTED
+    content['fednnunet']['handler_started_after'] = started - _PROCESS_STARTED
     return Message(content, reply_to=message)
 
 
@@ -211,6 +225,7 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
         result['planning'] = summary
         write_json(os.path.join(server_folder(dataset_name), 'federation', f'flower_messages_{plans_identifier}.json'),
                    _engine_report(engine), indent=1)
+        engine.message_log = []  # the training's own log starts here
     if phase in ('train', 'all'):
         from fednnunet.training_server import FederatedTraining, TrainingConfig
         fold = str(cfg['fold'])
