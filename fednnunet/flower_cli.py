@@ -435,8 +435,48 @@ def site_entry(argv=None):
         cmd = site_command(args)
     except CliError as e:
         _fail(str(e))
-    sys.stdout.flush()
-    os.execve(cmd[0], cmd, flower_env(os.environ.get('FLWR_HOME')))
+    sys.exit(supervise_supernode(cmd, flower_env(os.environ.get('FLWR_HOME')), args.max_wait_time))
+
+
+def supervise_supernode(cmd: List[str], env: dict, max_wait_time: Optional[float] = None) -> int:
+    """Runs the SuperNode and starts it again when it exits on its own: a SuperNode gives up when the SuperLink
+    refuses it (e.g. its key is not registered yet) or is gone for long; a site should stay available until it is
+    stopped (Ctrl-C / SIGTERM). Returns the exit status."""
+    stopping = {'signal': None}
+    process = {'p': None}
+
+    def forward(signum, _frame):
+        stopping['signal'] = signum
+        if process['p'] is not None and process['p'].poll() is None:
+            process['p'].send_signal(signum)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    backoff, down_since = 2.0, None
+    try:
+        while True:
+            started = time.time()
+            process['p'] = subprocess.Popen(cmd, env=env)
+            code = process['p'].wait()
+            if stopping['signal'] is not None:
+                return 0
+            if time.time() - started > 120:  # it had been working: start over with a short wait
+                backoff, down_since = 2.0, None
+            down_since = down_since or started
+            if max_wait_time is not None and time.time() - down_since > max_wait_time:
+                print(f'fednnunet_site: the SuperNode keeps exiting (status {code}); giving up after '
+                      f'{max_wait_time:.0f} s (--max-wait-time)', file=sys.stderr, flush=True)
+                return 1
+            print(f'fednnunet_site: the SuperNode exited (status {code}); starting it again in {backoff:.0f} s '
+                  f'(is the server up, and this site\'s key registered there?)', file=sys.stderr, flush=True)
+            deadline = time.time() + backoff
+            while time.time() < deadline and stopping['signal'] is None:
+                time.sleep(0.2)
+            if stopping['signal'] is not None:
+                return 0
+            backoff = min(backoff * 2, 30.0)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def main(argv=None):
