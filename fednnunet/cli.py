@@ -68,6 +68,26 @@ def _add_federation_args(parser):
     parser.add_argument('--verbose', action='store_true', help="show the sites' nnU-Net logs on the console")
 
 
+def _add_model_args(parser):
+    """Which trained model: nnU-Net's -d -c -f -p -chk, and the method that trained it."""
+    parser.add_argument('-d', required=True, help='dataset id or name')
+    parser.add_argument('-c', required=True, help='configuration')
+    parser.add_argument('-f', default='0', help='fold (default 0)')
+    parser.add_argument('--method', default='fedavg', help='the method that trained the model (default fedavg)')
+    parser.add_argument('-p', default='nnUNetPlans', help='plans identifier')
+    parser.add_argument('-chk', default='checkpoint_final.pth', help='checkpoint name')
+
+
+def _trained_by(method: str):
+    """(trainer class, whether the method has a global model) for a method name, centralized included."""
+    from fednnunet.methods import CENTRALIZED, get_method
+    from fednnunet.trainers.centralized import CentralizedTrainer
+    if method == CENTRALIZED:
+        return CentralizedTrainer, True
+    m = get_method(method)
+    return m.trainer, m.has_global_model
+
+
 def _fold(value: str):
     return value if value == 'all' else int(value)
 
@@ -176,12 +196,7 @@ def evaluate_entry(argv=None):
         description='Every site predicts its own validation cases with the trained model and measures them '
                     '(nnU-Net\'s metrics + HD95); prints per-site Dice/HD95 and the pooled Dice (exact, from summed '
                     'TP/FP/FN) and writes them to JSON.')
-    parser.add_argument('-d', required=True)
-    parser.add_argument('-c', required=True)
-    parser.add_argument('-f', default='0')
-    parser.add_argument('--method', default='fedavg')
-    parser.add_argument('-p', default='nnUNetPlans')
-    parser.add_argument('-chk', default='checkpoint_final.pth')
+    _add_model_args(parser)
     parser.add_argument('--model', choices=['auto', 'global', 'site'], default='auto',
                         help="global: the merged model; site: each site's personalized model; auto: global where the "
                              "method has one, else site")
@@ -193,18 +208,12 @@ def evaluate_entry(argv=None):
     from fednnunet.evaluation import format_table, pooled_summary
     from fednnunet.federation import Federation
     from fednnunet.jsonio import write_json
-    from fednnunet.methods import CENTRALIZED, get_method
     from fednnunet.site_training import results_folder
-    from fednnunet.trainers.centralized import CentralizedTrainer
     from fednnunet.wire import Message
 
     try:
         federation = Federation.from_raw(args.d, args.sites)
-        if args.method == CENTRALIZED:
-            trainer_class, has_global = CentralizedTrainer, True
-        else:
-            method = get_method(args.method)
-            trainer_class, has_global = method.trainer, method.has_global_model
+        trainer_class, has_global = _trained_by(args.method)
         model = args.model if args.model != 'auto' else ('global' if has_global else 'site')
         if model == 'global' and not has_global:
             raise FederationError(f'{args.method} keeps parts of the model at the sites and has no global model; '
@@ -230,12 +239,7 @@ def predict_entry(argv=None):
                     "--site a site's personalized model (its local layers loaded).")
     parser.add_argument('-i', required=True, help='input folder (nnU-Net naming: CASE_XXXX.ending)')
     parser.add_argument('-o', required=True, help='output folder')
-    parser.add_argument('-d', required=True)
-    parser.add_argument('-c', required=True)
-    parser.add_argument('-f', default='0')
-    parser.add_argument('--method', default='fedavg')
-    parser.add_argument('-p', default='nnUNetPlans')
-    parser.add_argument('-chk', default='checkpoint_final.pth')
+    _add_model_args(parser)
     parser.add_argument('--site', default=None, help="use this site's personalized model")
     parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
     parser.add_argument('-npp', type=int, default=0, help='processes for pre/postprocessing (0: in-process)')
@@ -247,17 +251,11 @@ def predict_entry(argv=None):
 
     from fednnunet.federation import dataset_name_from_id
     from fednnunet.inference import load_predictor, predict_cases
-    from fednnunet.methods import CENTRALIZED, get_method
     from fednnunet.site_training import resolve_device, results_folder
-    from fednnunet.trainers.centralized import CentralizedTrainer
 
     try:
         dataset_name = dataset_name_from_id(args.d)
-        if args.method == CENTRALIZED:
-            trainer_class, has_global = CentralizedTrainer, True
-        else:
-            method = get_method(args.method)
-            trainer_class, has_global = method.trainer, method.has_global_model
+        trainer_class, has_global = _trained_by(args.method)
         base = results_folder(dataset_name, trainer_class, args.p, args.c)
         if args.site is None and not has_global:
             raise FederationError(f'{args.method} keeps parts of the model at the sites; choose a site\'s '

@@ -113,16 +113,23 @@ def own_state(worker, trainer: FederatedTrainer, at_most: int) -> Tuple[Optional
     return rounds_done, state
 
 
+def started_trainer(worker, config: dict, round_index: int) -> Tuple[FederatedTrainer, Optional[int]]:
+    """The site's trainer, set up for ``round_index`` with its own newest state of this run loaded (if any).
+    Returns (trainer, the number of rounds that state had completed)."""
+    trainer = build_site_trainer(worker, config)
+    trainer.start(round_index)
+    rounds_done, state = own_state(worker, trainer, round_index)
+    if state is not None:
+        trainer.load_site_state(state)
+    return trainer, rounds_done
+
+
 def fit(worker, message: Message) -> Message:
     """One round: load the site's state, train, keep the new state, return the shared part and metrics."""
     config = message.config
     round_index = int(config['round'])
-    trainer = build_site_trainer(worker, config)
+    trainer, resumed_from = started_trainer(worker, config, round_index)
     try:
-        trainer.start(round_index)
-        resumed_from, state = own_state(worker, trainer, round_index)
-        if state is not None:
-            trainer.load_site_state(state)
         shared, metrics = trainer.train_round(round_index, dict(message.arrays))
         worker.state_store.save(trainer, round_index + 1, trainer.site_state())
     finally:
@@ -138,13 +145,10 @@ def finish(worker, message: Message) -> Message:
     predictor) and measures them into ``fold_X/validation/summary.json``, as nnU-Net's final validation does."""
     config = message.config
     rounds = int(config['rounds'])
-    trainer = build_site_trainer(worker, config)
+    trainer, rounds_done = started_trainer(worker, config, rounds)
     try:
-        trainer.start(rounds)
-        _, state = own_state(worker, trainer, rounds)
-        if state is None:
+        if rounds_done is None:
             raise RuntimeError(f"site '{worker.site.name}' has no training state to finish from")
-        trainer.load_site_state(state)
         if message.arrays:
             trainer.load_shared_state(dict(message.arrays))
         trainer.current_epoch = rounds - 1  # nnU-Net stores current_epoch + 1
