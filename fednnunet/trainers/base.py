@@ -11,6 +11,7 @@ state keys it shares and what a site does in a round (extra loss terms, which pa
 """
 import contextlib
 import io
+import os
 import random
 import time
 import warnings
@@ -74,6 +75,8 @@ class FederatedTrainer(nnUNetTrainer):
     hyperparameters: Dict[str, float] = {}
     #: True when some state keys never leave the site: then there is no global model, only personalized ones
     has_local_parts: bool = False
+    #: True when the method's network works through forward hooks (not torch.compile-able)
+    uses_hooks: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -127,6 +130,13 @@ class FederatedTrainer(nnUNetTrainer):
             return
         super().print_to_log_file(*args, also_print_to_console=also_print_to_console and self.verbose,
                                   add_timestamp=add_timestamp)
+
+    def _do_i_compile(self):
+        """torch.compile only when asked for (nnUNet_compile=1): a site rebuilds its trainer for every round, so
+        nnU-Net's default compile would recompile every round, costing more than it saves. Methods whose networks
+        work through forward hooks (LC-Fed, FedDP) never compile."""
+        asked = os.environ.get('nnUNet_compile', '').lower() in ('true', '1', 't')
+        return asked and not self.uses_hooks and super()._do_i_compile()
 
     def plot_network_architecture(self):
         if self.current_epoch == 0:

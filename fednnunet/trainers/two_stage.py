@@ -46,6 +46,7 @@ def split_readonly(arrays: Dict[str, np.ndarray]):
 
 class TwoStageTrainer(FederatedTrainer):
     has_local_parts = True
+    uses_hooks = True
     #: the network class this method trains (named in the site's plans.json)
     network_class_name: str = None
     hyperparameters = {'stage2_rounds': 0, 'stage2_lr': 1e-2}
