@@ -10,8 +10,9 @@ the bottleneck and head calibration (HC) of the full-resolution output.
   disagreement U = sqrt(sum_i (p_i - p_k)^2 / (K-1)) is normalized per sample and class by its spatial maximum
   (+eps), its local maxima above a threshold are kept (non-maximum suppression) and spread by a fixed Gaussian
   (peak 1); features are modulated per class by the spread disagreement and by the smoothed prediction
-  (F * G(U_c) + F and F * G(P_c) + F), concatenated, and a 3x3(x3) convolution gives the calibrated logits. HC
-  works on detached features: it learns without changing the segmentation network.
+  (F * G(U_c) + F and F * G(P_c) + F), concatenated, and a 3x3(x3) convolution, added to the site's own logits
+  (residual, zero-initialised), gives the calibrated logits. HC works on detached features: it learns without
+  changing the segmentation network.
 
 The modules attach to the planned network with forward hooks, so every nnU-Net key keeps its name.
 """
@@ -78,6 +79,10 @@ class HeadCalibration(nn.Module):
         self.num_classes, self.num_sites, self.threshold, self.eps = num_classes, num_sites, threshold, eps
         self.kernel_size = list(kernel_size)
         self.calibrate = conv_op(2 * num_classes * features, num_classes, kernel_size=3, padding=1)
+        # residual calibration: the calibrated logits are the site's own logits plus this convolution, which starts
+        # at zero, so the calibration stage starts from the first stage's model (see documentation/methods/lcfed.md)
+        nn.init.zeros_(self.calibrate.weight)
+        nn.init.zeros_(self.calibrate.bias)
         dims = len(self.kernel_size)
         # every site's final head (1x1 conv), received read-only at the start of the HC stage
         self.register_buffer('head_weight', torch.zeros(num_sites * num_classes, features, *([1] * dims)))
@@ -121,7 +126,7 @@ class HeadCalibration(nn.Module):
         for c in range(self.num_classes):
             modulated.append(features * spread_u[:, c:c + 1] + features)
             modulated.append(features * smooth_p[:, c:c + 1] + features)
-        return self.calibrate(torch.cat(modulated, 1))
+        return own_logits + self.calibrate(torch.cat(modulated, 1))
 
 
 class LCFedUNet(HookedUNet):
