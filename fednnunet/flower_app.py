@@ -188,9 +188,8 @@ def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) ->
     phase = str(cfg['phase'])
     if phase not in ('plan', 'train', 'all'):
         raise ValueError(f"phase must be plan, train or all, not {phase!r}")
-    if cfg['method'] == 'centralized' and phase != 'plan':
-        raise FederationError('--method centralized pools every site\'s data on one machine; it does not run over '
-                              'Flower (use fednnunet_train on the pooled data)', field='--method')
+    if phase != 'plan':
+        check_method(str(cfg['method']), json.loads(str(cfg['hyperparameters']) or '{}'))
     sites = str(cfg['sites']).split()
     min_sites = int(cfg['min-sites']) or None
     if engine is None:
@@ -204,6 +203,20 @@ def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) ->
     except FederationError as e:
         _log(f'error: {e}')
         raise
+
+
+def check_method(method: str, hyperparameters: dict):
+    """The method exists, runs over Flower, and takes these hyper-parameters (as fednnunet_train checks)."""
+    from fednnunet.errors import FederationError
+    from fednnunet.methods import CENTRALIZED, get_method
+    if method == CENTRALIZED:
+        raise FederationError('--method centralized pools every site\'s data on one machine; it does not run over '
+                              'Flower (use fednnunet_train on the pooled data)', field='--method')
+    trainer = get_method(method).trainer
+    for k in hyperparameters:
+        if k not in trainer.hyperparameters:
+            raise FederationError(f'--{k.replace("_", "-")} is not a hyper-parameter of {method} (it has '
+                                  f'{sorted(trainer.hyperparameters) or "none"})', field=k)
 
 
 def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional[int]) -> dict:

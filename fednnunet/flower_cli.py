@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import List, Optional
 
@@ -57,11 +58,17 @@ def flower_executable(name: str) -> str:
 
 def flower_env(flwr_home: Optional[str] = None) -> dict:
     """The environment for Flower's processes: this environment's bin first on PATH (the SuperLink and SuperNode
-    start flwr-serverapp / flwr-clientapp by name), no runtime dependency installation, private FLWR_HOME."""
+    start flwr-serverapp / flwr-clientapp by name), no runtime dependency installation, no telemetry (Flower
+    reports usage events to telemetry.flower.ai by default; hospitals' machines have no business calling out, and
+    offline it only adds threads), private FLWR_HOME."""
     env = dict(os.environ)
+    env.setdefault('FLWR_TELEMETRY_ENABLED', '0')
     bindir = os.path.dirname(sys.executable)
     env['PATH'] = bindir + os.pathsep + env.get('PATH', '')
     env['FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION'] = '1'
+    # how often a SuperNode's/SuperLink's executor looks for a new ClientApp/ServerApp to start (Flower: 1 s); every
+    # fednnunet message starts a ClientApp, so a shorter wait saves most of a second per message
+    env.setdefault('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', '0.25')
     env.setdefault('PYTHONUNBUFFERED', '1')
     if flwr_home:
         env['FLWR_HOME'] = flwr_home
@@ -139,8 +146,14 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument('--local-iterations', type=int, default=250)
     p.add_argument('--val-iterations', type=int, default=50)
     p.add_argument('--seed', type=int, default=12345)
-    p.add_argument('--mu', type=float, default=None, help='fedprox: proximal weight')
-    p.add_argument('--head-fraction', type=float, default=None, help='fedrep: head share of each round')
+    p.add_argument('--mu', type=float, default=None, help='fedprox: proximal weight (default 0.01)')
+    p.add_argument('--head-fraction', type=float, default=None, help='fedrep: head share of each round (0.2)')
+    p.add_argument('--stage2-rounds', type=int, default=None,
+                   help='lcfed/feddp: how many of the --rounds are the second (local calibration) stage')
+    p.add_argument('--alpha', type=float, default=None, help='lcfed: weight of the contrastive site term (0.1)')
+    p.add_argument('--igc-lambda', type=float, default=None, help='feddp: weight of the calibration term (1.0)')
+    p.add_argument('--hp', nargs='+', default=[], metavar='KEY=VALUE',
+                   help='any hyper-parameter of the method (see its documentation page), e.g. --hp stage2_lr=0.001')
     p.add_argument('--weighting', choices=['num_examples', 'uniform'], default='num_examples')
     p.add_argument('--no-val', action='store_true', help='skip the final validation at every site')
     p.add_argument('--continue', dest='continue_training', action='store_true',
@@ -177,8 +190,24 @@ def server_parser() -> argparse.ArgumentParser:
     return p
 
 
+def hyperparameters_from_args(args) -> dict:
+    """The method's hyper-parameters, as fednnunet_train takes them."""
+    hyper = {k: v for k, v in (('mu', args.mu), ('head_fraction', args.head_fraction),
+                               ('stage2_rounds', args.stage2_rounds), ('alpha', args.alpha),
+                               ('igc_lambda', args.igc_lambda)) if v is not None}
+    for item in args.hp:
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise CliError(f'--hp expects KEY=VALUE, got {item!r}')
+        try:
+            hyper[key] = float(value) if any(c in value for c in '.eE') else int(value)
+        except ValueError:
+            raise CliError(f'--hp {item}: the value must be a number') from None
+    return hyper
+
+
 def run_config_from_args(args) -> dict:
-    hyper = {k: v for k, v in (('mu', args.mu), ('head_fraction', args.head_fraction)) if v is not None}
+    hyper = hyperparameters_from_args(args)
     phase = args.phase or ('train' if args.continue_training else 'all')
     config = {
         'dataset': str(args.d), 'phase': phase, 'configuration': args.c, 'fold': str(args.fold),
@@ -258,10 +287,10 @@ def run_status(run_id: str, env: dict) -> Optional[str]:
 def run_app(app_dir: str, run_config_file: str, env: dict) -> int:
     """flwr run with the logs streamed to this terminal; returns 0 if the run completed."""
     cmd = [flower_executable('flwr'), 'run', app_dir, CONNECTION, '--run-config', run_config_file, '--stream']
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    run_id = None
-    interrupted = False
+    run_id, interrupted = None, False
     try:
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   bufsize=1)
         for line in process.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
@@ -270,31 +299,47 @@ def run_app(app_dir: str, run_config_file: str, env: dict) -> int:
                 if m:
                     run_id = m.group(1)
         process.wait()
+        if run_id is None:
+            print('fednnunet_server: the run did not start (see above)', file=sys.stderr, flush=True)
+            return 1
+        status = _final_status(run_id, env)
     except KeyboardInterrupt:
         interrupted = True
         if run_id:
             print(f'fednnunet_server: stopping run {run_id}', flush=True)
             _flwr(['stop', run_id, CONNECTION], env)
-        process.terminate()
-    if run_id is None:
-        print('fednnunet_server: the run did not start (see above)', file=sys.stderr, flush=True)
-        return 1
-    status = None
-    for _ in range(60):  # the stream ends when the run does; the status may lag a moment
-        status = run_status(run_id, env)
-        if status and status.startswith('finished'):
-            break
-        if status in ('running', 'starting', 'pending') and not interrupted:
-            # the log stream ended early (connection): follow the run until it finishes
-            time.sleep(5)
+        status = run_status(run_id, env) if run_id else None
+    print(f'fednnunet_server: run {run_id}: {status}' + (' (interrupted)' if interrupted else ''), flush=True)
+    return 0 if status == 'finished:completed' and not interrupted else 1
+
+
+def _final_status(run_id: str, env: dict) -> Optional[str]:
+    """The run's status once it has finished. The log stream ends with the run; if it ended early (a lost
+    connection), the logs are followed again (flwr log) until the run finishes."""
+    unreachable = 0
+    while True:
+        status = None
+        for _ in range(10):  # the status may lag the end of the stream by a moment
+            status = run_status(run_id, env)
+            if status and status.startswith('finished'):
+                return status
+            time.sleep(1)
+        if status is None:
+            unreachable += 1
+            if unreachable >= 3:
+                return None
             continue
-        time.sleep(1)
-    print(f'fednnunet_server: run {run_id}: {status}', flush=True)
-    return 0 if status == 'finished:completed' else 1
+        print(f'fednnunet_server: run {run_id} is {status}; following its logs again', flush=True)
+        subprocess.run([flower_executable('flwr'), 'log', run_id, CONNECTION, '--stream'], env=env)
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f'signal {signum}')
 
 
 def server_entry(argv=None):
     args = server_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the run and the SuperLink, as Ctrl-C does
     try:
         sys.exit(run_server_command(args))
     except CliError as e:
@@ -312,8 +357,12 @@ def run_server_command(args) -> int:
               f'  flwr run {args.write_app} <connection> --run-config {args.write_app}/run_config.toml --stream')
         return 0
     _check_security(args)
-    if args.method == 'centralized':
-        raise CliError('--method centralized pools the data on one machine; it does not run over Flower')
+    if config['phase'] != 'plan':
+        from fednnunet.flower_app import check_method
+        try:
+            check_method(config['method'], json.loads(config['hyperparameters']))
+        except Exception as e:  # noqa: BLE001 - an unknown method or hyper-parameter, said before anything starts
+            raise CliError(str(e)) from None
     tls = tls_files(args.tls_dir, need_server=args.superlink is None) if args.tls_dir else None
     work = os.path.abspath(args.work_dir) if args.work_dir else tempfile.mkdtemp(prefix='fednnunet_server_')
     os.makedirs(work, exist_ok=True)
@@ -438,25 +487,49 @@ def site_entry(argv=None):
     sys.exit(supervise_supernode(cmd, flower_env(os.environ.get('FLWR_HOME')), args.max_wait_time))
 
 
-def supervise_supernode(cmd: List[str], env: dict, max_wait_time: Optional[float] = None) -> int:
+def supervise_supernode(cmd: List[str], env: dict, max_wait_time: Optional[float] = None,
+                        exit_grace: float = 15.0) -> int:
     """Runs the SuperNode and starts it again when it exits on its own: a SuperNode gives up when the SuperLink
-    refuses it (e.g. its key is not registered yet) or is gone for long; a site should stay available until it is
-    stopped (Ctrl-C / SIGTERM). Returns the exit status."""
+    refuses it (e.g. a restarted SuperLink does not know its node yet, or its key is not registered yet) or is gone
+    for long; a site should stay available until it is stopped (Ctrl-C / SIGTERM). Returns the exit status.
+
+    Flower 1.41's SuperNode can say it terminated and then never exit (two threads giving up at once interrupt
+    its shutdown handler); a SuperNode still alive ``exit_grace`` seconds after saying so is killed with the
+    processes it started (its SuperExec and ClientApps) and started again."""
     stopping = {'signal': None}
     process = {'p': None}
 
     def forward(signum, _frame):
-        stopping['signal'] = signum
-        if process['p'] is not None and process['p'].poll() is None:
-            process['p'].send_signal(signum)
+        # Ctrl-C or a group-wide SIGTERM reaches the SuperNode too (same process group); a second signal during its
+        # shutdown can leave it hanging, so it is forwarded only if the SuperNode is still running 3 s later
+        if stopping['signal'] is None:
+            stopping['signal'], stopping['at'] = signum, time.time()
 
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     backoff, down_since = 2.0, None
     try:
         while True:
             started = time.time()
-            process['p'] = subprocess.Popen(cmd, env=env)
-            code = process['p'].wait()
+            # same process group as this command: whoever stops fednnunet_site's group stops the SuperNode too
+            p = process['p'] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            said_terminated = {'at': None}
+            reader = threading.Thread(target=_relay_output, args=(p, said_terminated), daemon=True)
+            reader.start()
+            while p.poll() is None:
+                time.sleep(0.5)
+                if said_terminated['at'] is not None and time.time() - said_terminated['at'] > exit_grace:
+                    print(f'fednnunet_site: the SuperNode said it terminated but is still running after '
+                          f'{exit_grace:.0f} s; killing it', file=sys.stderr, flush=True)
+                    _kill_tree(p.pid)
+                if stopping['signal'] is not None:
+                    waited = time.time() - stopping['at']
+                    if waited > 30:
+                        _kill_tree(p.pid)  # asked to stop 30 s ago
+                    elif waited > 3 and not stopping.get('forwarded'):
+                        stopping['forwarded'] = True
+                        p.send_signal(stopping['signal'])
+            code = p.wait()
+            reader.join(5.0)
             if stopping['signal'] is not None:
                 return 0
             if time.time() - started > 120:  # it had been working: start over with a short wait
@@ -477,6 +550,48 @@ def supervise_supernode(cmd: List[str], env: dict, max_wait_time: Optional[float
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        if process['p'] is not None:
+            try:
+                process['p'].wait(30.0)
+            except subprocess.TimeoutExpired:
+                _kill_tree(process['p'].pid)
+
+
+def _relay_output(process: subprocess.Popen, said_terminated: dict):
+    """Copies the SuperNode's output to ours; notes when it says it terminated."""
+    out = sys.stdout.buffer
+    for line in process.stdout:
+        out.write(line)
+        out.flush()
+        if b'SuperNode terminated gracefully' in line or b'SuperExec terminated gracefully' in line:
+            said_terminated['at'] = said_terminated['at'] or time.time()
+
+
+def _kill_tree(pid: int):
+    """SIGKILL to a process and every process below it (its SuperExec and ClientApps); Linux /proc, elsewhere the
+    process alone."""
+    children = {}
+    try:
+        for entry in os.listdir('/proc'):
+            if entry.isdigit():
+                try:
+                    with open(f'/proc/{entry}/stat') as f:
+                        ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+    except OSError:
+        pass
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def main(argv=None):

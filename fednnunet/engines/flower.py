@@ -56,18 +56,26 @@ def message_type(kind: str) -> str:
     return f'{category}.{kind}'
 
 
-def to_record_dict(message: Message, **extra_config) -> RecordDict:
+def to_record_dict(message: Message, array_cache: Optional[dict] = None, **extra_config) -> RecordDict:
     """A fednnunet Message as Flower records (arrays as numpy Arrays, config as JSON). ``extra_config``: plain
-    values for Flower's side only (e.g. timings), not part of the fednnunet message."""
+    values for Flower's side only (e.g. timings), not part of the fednnunet message. ``array_cache``: a dict shared
+    by the messages of one request, so that an array sent to several sites is serialized once (Flower uploads
+    objects with the same content id once anyway)."""
     _check_config(message.config)
     arrays = {}
     for name, array in message.arrays.items():
         if not isinstance(name, str):
             raise WireError(f'array name {name!r} is not a string')
-        a = np.ascontiguousarray(array)
+        cached = array_cache.get(id(array)) if array_cache is not None else None
+        if cached is not None and cached[0] is array:
+            arrays[name] = cached[1]
+            continue
+        a = np.asarray(array, order='C')  # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
         if a.dtype.kind not in _ALLOWED_KINDS:
             raise WireError(f'array {name!r} has dtype {a.dtype}; only numeric arrays travel')
         arrays[name] = Array(a)
+        if array_cache is not None:
+            array_cache[id(array)] = (array, arrays[name])  # the array is kept: its id cannot be reused meanwhile
     config = ConfigRecord({'format': FORMAT, 'kind': message.kind,
                            'config': json.dumps(message.config, allow_nan=True), **extra_config})
     return RecordDict({CONFIG_RECORD: config, ARRAY_RECORD: ArrayRecord(arrays)})
@@ -215,13 +223,13 @@ class FlowerEngine:
         t0 = time.time()
         kind = next(iter(requests.values())).kind if requests else ''
         entry = {'kind': kind, 'started': t0, 'sites': {}}
-        outgoing = []
+        outgoing, cache = [], {}
         for site, message in requests.items():
             node = self.site_node.get(site)
             if node is None:
                 self.missing[site] = 'not connected'
                 continue
-            content = to_record_dict(message)
+            content = to_record_dict(message, cache)
             size, flower_size = wire_size(message), flower_payload_size(content)
             self._count(site, size, flower_size, sent=True)
             entry['sites'][site] = {'bytes_sent': size, 'flower_bytes_sent': flower_size,
@@ -334,6 +342,12 @@ class FlowerEngine:
                     raise FederationError(f'could not start: {error_text(content)}', site=record.get('site') or
                                           f'(SuperNode {node})')
                 identity = from_record_dict(content).config
+                if self.members is not None and identity.get('site') not in self.members:
+                    # another federation's site, or one left out on purpose: not an error, but said
+                    self.refused[node] = (f"site '{identity.get('site')}' is not one of the federation's sites "
+                                          f"{self.members}")
+                    self.log(f'SuperNode {node} ignored: {self.refused[node]}')
+                    continue
                 self._check_identity(node, identity)
             except (FederationError, WireError) as e:
                 self.refused[node] = str(e)
@@ -362,8 +376,6 @@ class FlowerEngine:
                 'runs ' + ', '.join(f"{k.replace('_version', '')} {identity.get(k)}" for k in wrong) +
                 '; the server runs ' + ', '.join(f"{k.replace('_version', '')} {self.versions.get(k)}" for k in wrong) +
                 ': install the same versions at every site and at the server', site=site, field='versions')
-        if self.members is not None and site not in self.members:
-            raise FederationError(f'is not one of the federation\'s sites {self.members}', site=site, field='site-id')
         name = identity.get('dataset_name')
         if not _same_dataset(name, self.dataset):
             raise FederationError(f'holds dataset {name}, the server was started for {self.dataset}', site=site,

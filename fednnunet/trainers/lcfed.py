@@ -20,7 +20,7 @@ class LCFedTrainer(TwoStageTrainer):
     method_name = 'lcfed'
     network_class_name = 'fednnunet.networks.lcfed.LCFedUNet'
     hyperparameters = {'alpha': 0.1, 'head_fraction': 0.2, 'hc_threshold': 0.2, 'stage2_rounds': 0,
-                       'stage2_lr': 1e-2}
+                       'stage2_lr': 1e-3}
 
     @classmethod
     def architecture_kwargs(cls, plans, configuration, num_sites, site_index, hyperparameters):

@@ -1,0 +1,568 @@
+"""fednnunet over Flower.
+
+Fast tests (no processes): the type conversion fednnunet Message <-> Flower records (exact arrays, no pickle) and
+the FlowerEngine's logic over an in-process grid that carries every message through Flower's own object encoding.
+
+Slow tests (real processes on 127.0.0.1: a SuperLink, SuperNodes, flwr run; free ports, a temporary FLWR_HOME):
+every phase over Flower with TLS + SuperNode authentication gives the simulation's weights; a SuperNode killed in a
+round is survived, named, and its site rejoins.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import fednnunet
+import pytest
+
+flwr = pytest.importorskip('flwr', reason="Flower is not installed (pip install -e '.[flower]' or '.[test]')")
+
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message as FlowerMessage, RecordDict  # noqa: E402
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: E402
+
+from fednnunet.engines.flower import (FlowerEngine, error_record, from_record_dict, handle_site_message,  # noqa: E402
+                                      message_type, to_record_dict, wire_size)
+from fednnunet.errors import FederationError  # noqa: E402
+from fednnunet.federation import Federation, server_folder  # noqa: E402
+from fednnunet.site_worker import MESSAGE_KINDS, SiteWorker, software_versions  # noqa: E402
+from fednnunet.wire import Message, WireError, encode  # noqa: E402
+
+from conftest import DATASET_ID, DATASET_NAME  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLANS = 'nnUNetCPUPlans'
+FAST = ['--rounds', '2', '--local-iterations', '3', '--val-iterations', '2']
+
+
+# ============================================================================ type conversion (no processes)
+
+def _transported(content: RecordDict) -> RecordDict:
+    """What the other side gets: the records through Flower's object encoding (deflate -> bytes -> inflate)."""
+    record = RecordDict(dict(content))
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(record).items()}
+    return inflate_object_from_contents(record.object_id, contents)
+
+
+ALL_DTYPES = ['float16', 'float32', 'float64', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32',
+              'uint64', 'bool', '>f4', '>i8']
+
+
+def test_message_roundtrip_through_flower_records_is_exact():
+    rng = np.random.RandomState(0)
+    arrays = {f'a_{np.dtype(d).str}': (rng.randn(3, 4, 2) * 100).astype(d) for d in ALL_DTYPES}
+    arrays.update({'scalar': np.array(3.5, dtype=np.float32), 'empty': np.zeros((0, 3), np.int16),
+                   'transposed': np.arange(12, dtype=np.float64).reshape(3, 4).T,
+                   'encoder.stages.0.0.convs.0.conv.weight': rng.randn(8, 1, 3, 3, 3).astype(np.float32),
+                   'same_a': np.zeros(5, np.float32), 'same_b': np.zeros(5, np.float32)})
+    config = {'round': 3, 'keys': ['a', 'b'], 'nested': {'x': 1.5, 'y': None, 'nan': float('nan')}, 'text': 'é ✓'}
+    message = Message('fit', config, arrays)
+    back = from_record_dict(_transported(to_record_dict(message)))
+    assert back.kind == 'fit'
+    assert json.dumps(back.config, allow_nan=True) == json.dumps(config, allow_nan=True)
+    assert list(back.arrays) == list(arrays)
+    for name, a in arrays.items():
+        b = back.arrays[name]
+        assert b.dtype == a.dtype and b.shape == a.shape, name
+        assert b.tobytes() == np.asarray(a, order='C').tobytes(), name
+    without_scalar = Message('fit', config, {k: v for k, v in arrays.items() if np.ndim(v)})
+    assert wire_size(without_scalar) == len(encode(without_scalar))
+
+
+def test_configs_and_arrays_that_are_not_plain_data_are_refused():
+    with pytest.raises(WireError, match='not plain JSON'):
+        to_record_dict(Message('x', {'obj': object()}))
+    with pytest.raises(WireError, match='only numeric arrays'):
+        to_record_dict(Message('x', arrays={'o': np.array([object()], dtype=object)}))
+    with pytest.raises(WireError, match='only numeric arrays'):
+        to_record_dict(Message('x', arrays={'s': np.array(['text'])}))
+
+
+def test_arriving_records_are_checked_and_never_unpickled():
+    from flwr.app import Array
+    import io
+    good = to_record_dict(Message('x', arrays={'a': np.arange(4, dtype=np.float32)}))
+    # a pickled object array, forged into a Flower Array: np.load(allow_pickle=False) refuses it
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{'evil': 1}], dtype=object), allow_pickle=True)
+    forged = RecordDict({'fednnunet': good['fednnunet'],
+                         'arrays': ArrayRecord({'a': Array(dtype='object', shape=(1,), stype='numpy.ndarray',
+                                                           data=buffer.getvalue())})})
+    with pytest.raises(WireError, match='refused'):
+        from_record_dict(_transported(forged))
+    # a header that lies about the data
+    lying = RecordDict({'fednnunet': good['fednnunet'],
+                        'arrays': ArrayRecord({'a': Array(dtype='float64', shape=(4,), stype='numpy.ndarray',
+                                                          data=good['arrays']['a'].data)})})
+    with pytest.raises(WireError, match='does not match'):
+        from_record_dict(lying)
+    # not a fednnunet message / another format version
+    with pytest.raises(WireError, match='not a fednnunet message'):
+        from_record_dict(RecordDict({'config': ConfigRecord({'lr': 0.1})}))
+    other = RecordDict({'fednnunet': ConfigRecord({'format': 'fednnunet-flower-0', 'kind': 'x', 'config': '{}'})})
+    with pytest.raises(WireError, match='same fednnunet version'):
+        from_record_dict(other)
+
+
+def test_every_site_message_kind_has_a_clientapp_handler(demo_raw):
+    from fednnunet.flower_app import client_app
+    worker = SiteWorker(Federation.from_raw(DATASET_ID).sites['A'], DATASET_NAME, device='cpu')
+    assert set(worker.handlers) == set(MESSAGE_KINDS)
+    assert set(client_app._registered_funcs) == {message_type(k) for k in MESSAGE_KINDS}
+    assert message_type('fit') == 'train.fit' and message_type('finish') == 'evaluate.finish'
+    assert message_type('count_leq') == 'query.count_leq'
+    identity = worker.handle(Message('identify')).config
+    assert identity['site'] == 'A' and identity['dataset_name'] == DATASET_NAME
+    assert identity['flwr_version'] == flwr.__version__ and identity['fednnunet_version'] == fednnunet.__version__
+
+
+def test_the_app_declares_no_dependency_and_every_run_config_key(tmp_path):
+    import tomllib
+    from fednnunet.flower_app import RUN_CONFIG_DEFAULTS, run_config_toml, write_app
+    from fednnunet.flower_cli import run_config_from_args, server_parser
+    project = tomllib.loads((__import__('pathlib').Path(write_app(str(tmp_path))) / 'pyproject.toml').read_text())
+    assert project['project']['dependencies'] == []
+    assert project['tool']['flwr']['app']['components'] == {'serverapp': 'fednnunet.flower_app:server_app',
+                                                            'clientapp': 'fednnunet.flower_app:client_app'}
+    assert project['tool']['flwr']['app']['config'] == RUN_CONFIG_DEFAULTS
+    args = server_parser().parse_args(['-d', '501', '--method', 'fedprox', '--mu', '0.1', '--rounds', '7',
+                                       '--min-sites', '2', '--round-timeout', '7200', '--sites', 'A', 'B',
+                                       '--insecure'])
+    config = tomllib.loads(run_config_toml(run_config_from_args(args)))
+    assert config['rounds'] == 7 and config['min-sites'] == 2 and config['round-timeout'] == 7200.0
+    assert config['sites'] == 'A B' and json.loads(config['hyperparameters']) == {'mu': 0.1}
+    assert {k: type(v) for k, v in config.items()} == {k: type(RUN_CONFIG_DEFAULTS[k]) for k in config}
+
+
+def test_no_connection_without_tls_or_an_explicit_insecure(capsys):
+    from fednnunet.flower_cli import server_entry, site_entry
+    with pytest.raises(SystemExit):
+        server_entry(['-d', '501'])
+    assert '--tls-dir' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        site_entry(['--site', 'A', '-d', '501', '--server', '127.0.0.1:1'])
+    assert '--insecure' in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # checked before a SuperLink starts
+        server_entry(['-d', '501', '--insecure', '--method', 'fedavg', '--hp', 'mu=0.1'])
+    assert '--mu is not a hyper-parameter of fedavg' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        server_entry(['-d', '501', '--insecure', '--method', 'centralized'])
+    assert 'does not run over Flower' in capsys.readouterr().err
+
+
+# ============================================================================ the engine over an in-process grid
+
+@pytest.fixture
+def task_identity():
+    """Flower messages record the run and node they come from; outside a Flower process we say it."""
+    from flwr.supercore.task_identity import TaskIdentity
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+class InProcessGrid:
+    """A Flower grid whose nodes answer in this process. Every message and reply crosses Flower's object
+    encoding. nodes: {node id: handler(RecordDict) -> RecordDict | 'silent' | 'gone'}."""
+
+    def __init__(self, nodes):
+        self.nodes = dict(nodes)
+        self.replies = {}
+        self.sent = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__['_message_id'] = message.object_id
+            contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
+            arrived = inflate_object_from_contents(message.object_id, contents)
+            arrived.metadata.__dict__['_message_id'] = message.object_id
+            self.sent.append(message)
+            handler = self.nodes.get(message.metadata.dst_node_id)
+            answer = 'gone' if handler is None else handler(arrived.content)
+            if answer == 'gone':
+                reply = FlowerMessage(Error(code=5, reason='node is offline'), reply_to=arrived)
+            elif answer == 'silent':
+                reply = None
+            else:
+                reply = FlowerMessage(_transported(answer), reply_to=arrived)
+            if reply is not None:
+                self.replies[message.object_id] = reply
+            ids.append(message.object_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def site_node(worker_factory, site='', versions=None, fail_on=None):
+    """A node handler that runs a SiteWorker as the ClientApp does."""
+    def handle(content):
+        request = from_record_dict(content)
+        if fail_on and request.kind == fail_on:
+            return error_record(FederationError('label file holds values [3.0] that dataset.json does not '
+                                                'declare', site=site, case=f'{site}_000', field='labels'), site)
+        reply = handle_site_message(worker_factory, content, site)
+        if versions and request.kind == 'identify':
+            identity = from_record_dict(reply)
+            identity.config.update(versions)
+            return to_record_dict(identity)
+        return reply
+    return handle
+
+
+def _workers(federation):
+    return {name: (lambda s=site: SiteWorker(s, federation.dataset_name, 1, device='cpu'))
+            for name, site in federation.sites.items()}
+
+
+def test_planning_over_flower_records_equals_simulation(demo_raw, fresh_preprocessed, task_identity):
+    """Every planning message (describe, fingerprint, count_leq, release, preprocess) through the Flower engine and
+    Flower's encoding gives the simulation's fingerprint and plans; replies come in the order asked."""
+    from fednnunet.engines.simulation import SimulationEngine
+    from fednnunet.plan_and_preprocess import plan_and_preprocess
+    federation = Federation.from_raw(DATASET_ID)
+    plan_and_preprocess(SimulationEngine.for_federation(federation), DATASET_NAME, ['3d_fullres'], 'nnUNetPlannerCPU',
+                        preprocess=False)
+    with open(os.path.join(server_folder(DATASET_NAME), PLANS + '.json')) as f:
+        simulated = json.load(f)
+    with open(os.path.join(server_folder(DATASET_NAME), 'dataset_fingerprint.json')) as f:
+        simulated_fp = json.load(f)
+
+    workers = _workers(federation)
+    grid = InProcessGrid({30 + i: site_node(workers[s], s) for i, s in enumerate(['C', 'A', 'B'])})
+    engine = FlowerEngine(grid, sites=['A', 'B', 'C'], dataset=DATASET_ID, log=lambda t: None)
+    assert engine.connect() == ['A', 'B', 'C'] and engine.dataset_name == DATASET_NAME
+    assert engine.site_node == {'C': 30, 'A': 31, 'B': 32}
+    assert engine.identities['A']['flwr_version'] == software_versions()['flwr_version']
+    summary = plan_and_preprocess(engine, DATASET_NAME, ['3d_fullres'], 'nnUNetPlannerCPU', preprocess=False)
+    with open(os.path.join(server_folder(DATASET_NAME), PLANS + '.json')) as f:
+        assert json.load(f) == simulated
+    with open(os.path.join(server_folder(DATASET_NAME), 'dataset_fingerprint.json')) as f:
+        assert json.load(f) == simulated_fp
+    assert sorted(summary['sites']) == ['A', 'B', 'C']
+    assert [m['kind'] for m in engine.message_log][:2] == ['describe', 'fingerprint']
+    assert all(engine.bytes_sent[s] > 0 and engine.bytes_received[s] > 0 for s in 'ABC')
+    replies = engine.ask({s: Message('identify') for s in ['B', 'C', 'A']})
+    assert list(replies) == ['B', 'C', 'A'] and [r.config['site'] for r in replies.values()] == ['B', 'C', 'A']
+    # an array sent to several sites is serialized once, and is one Flower object (same id: uploaded once)
+    state = {'w': np.ones((4, 4), np.float32)}
+    grid.sent.clear()
+    engine.ask({s: Message('identify', {'round': i}, state) for i, s in enumerate('AB')})
+    a, b = (m.content['arrays']['w'] for m in grid.sent)
+    assert a.data is b.data and a.object_id == b.object_id
+    assert grid.sent[0].content['fednnunet'].object_id != grid.sent[1].content['fednnunet'].object_id
+
+
+def test_a_site_with_other_versions_is_a_clear_error(demo_raw, task_identity):
+    federation = Federation.from_raw(DATASET_ID)
+    workers = _workers(federation)
+    grid = InProcessGrid({1: site_node(workers['A'], 'A'),
+                          2: site_node(workers['B'], 'B', versions={'flwr_version': '1.0.0'})})
+    engine = FlowerEngine(grid, sites=['A', 'B'], log=lambda t: None)
+    with pytest.raises(FederationError) as e:
+        engine.connect()
+    mine = software_versions()['flwr_version']
+    assert "site 'B'" in str(e.value) and 'flwr 1.0.0' in str(e.value) and f'flwr {mine}' in str(e.value)
+
+
+def test_site_errors_timeouts_and_lost_nodes_are_missing_with_the_reason(demo_raw, task_identity):
+    from fednnunet.plan_and_preprocess import ask_every_site
+    federation = Federation.from_raw(DATASET_ID)
+    workers = _workers(federation)
+    behaviour = {'C': None}
+
+    def node_c(content):
+        if behaviour['C']:
+            return behaviour['C']
+        return site_node(workers['C'], 'C')(content)
+
+    grid = InProcessGrid({1: site_node(workers['A'], 'A'), 2: site_node(workers['B'], 'B', fail_on='describe'),
+                          3: node_c})
+    logged = []
+    engine = FlowerEngine(grid, sites=['A', 'B', 'C'], min_sites=2, round_timeout=0.5, log=logged.append)
+    engine.connect()
+    # planning needs every site: the site's own error text reaches the user
+    with pytest.raises(RuntimeError) as e:
+        ask_every_site(engine, Message('describe'))
+    assert "'B' (FederationError: site 'B', case 'B_000', field 'labels': label file holds values" in str(e.value)
+
+    behaviour['C'] = 'silent'
+    replies = engine.ask({s: Message('identify') for s in 'ABC'})
+    assert list(replies) == ['A', 'B'] and engine.missing == {'C': 'no reply within 0 s (--round-timeout)'}
+    assert any("site 'C' (no reply" in line for line in logged)
+
+    behaviour['C'] = 'gone'
+    engine.ask({s: Message('identify') for s in 'ABC'})
+    assert engine.missing['C'].startswith('SuperNode gone') and 'C' not in engine.site_node
+
+    # C's SuperNode restarts: a new node id, identified on the next request; the old one is gone
+    del grid.nodes[3]
+    behaviour['C'] = None
+    grid.nodes[9] = node_c
+    replies = engine.ask({s: Message('identify') for s in 'ABC'})
+    assert list(replies) == ['A', 'B', 'C'] and engine.site_node['C'] == 9 and not engine.missing
+    assert any("site 'C' connected (SuperNode 9" in line for line in logged)
+
+
+def test_without_a_site_list_the_federation_is_who_connected(demo_raw, task_identity):
+    federation = Federation.from_raw(DATASET_ID)
+    workers = _workers(federation)
+    grid = InProcessGrid({5: site_node(workers['B'], 'B'), 6: site_node(workers['A'], 'A')})
+    engine = FlowerEngine(grid, settle_seconds=0.0, dataset='Dataset999_Other', log=lambda t: None)
+    with pytest.raises(FederationError, match='the server was started for Dataset999_Other'):
+        engine.connect()
+    engine = FlowerEngine(grid, settle_seconds=0.0, dataset=DATASET_NAME, log=lambda t: None)
+    assert engine.connect() == ['A', 'B']
+    grid.nodes[7] = site_node(workers['C'], 'C')  # not a member: refused, said in the log
+    engine.ask_all(Message('identify'))
+    assert 7 in engine.refused and 'not one of the federation' in engine.refused[7]
+    engine = FlowerEngine(grid, sites=['A', 'B'], log=lambda t: None)  # an extra site is no error at the start
+    assert engine.connect() == ['A', 'B'] and 7 in engine.refused
+
+
+# ============================================================================ real processes (slow)
+
+def _env(**paths):
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in paths.items()})
+    env.update({'nnUNet_n_proc_DA': '0', 'nnUNet_def_n_proc': '1', 'PYTHONUNBUFFERED': '1'})
+    return env
+
+
+class Processes:
+    """Every process started here runs in its own session and is killed with its whole group at the end."""
+
+    def __init__(self, log_dir):
+        self.log_dir = log_dir
+        self.procs = {}
+
+    def start(self, name, args, env):
+        log = open(os.path.join(self.log_dir, f'{name}.log'), 'ab')
+        proc = subprocess.Popen([sys.executable, '-m', 'fednnunet.flower_cli'] + args, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                cwd=self.log_dir)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name):
+        with open(os.path.join(self.log_dir, f'{name}.log'), errors='replace') as f:
+            return f.read()
+
+    def kill(self, name, sig=signal.SIGKILL):
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def wait_for(self, name, text, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if text in self.log(name):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f'{text!r} did not appear in {name}.log within {timeout} s:\n{self.log(name)[-3000:]}')
+
+    def close(self):
+        for name in list(self.procs):
+            proc = self.procs[name]
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 15
+        for name, proc in list(self.procs.items()):
+            try:
+                proc.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group: SuperNode/SuperLink children included
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        self.procs = {}
+
+
+@pytest.fixture
+def processes(tmp_path):
+    p = Processes(str(tmp_path))
+    yield p
+    p.close()
+
+
+def _free_port():
+    from fednnunet.flower_cli import free_port
+    return free_port()
+
+
+def _weights(path):
+    import torch
+    return torch.load(path, map_location='cpu', weights_only=False)['network_weights']
+
+
+def _fedavg_fold(results_root):
+    return os.path.join(results_root, DATASET_NAME, f'FedAvgTrainer__{PLANS}__3d_fullres', 'fold_0')
+
+
+@pytest.fixture(scope='module')
+def two_site_simulation(demo_raw, tmp_path_factory):
+    """The reference: sites A and B planned and trained (fedavg, 2 rounds x 3 iterations) by the simulation
+    engine."""
+    from fednnunet.engines.simulation import SimulationEngine
+    from fednnunet.plan_and_preprocess import plan_and_preprocess
+    from fednnunet.training_server import FederatedTraining, TrainingConfig
+    root = tmp_path_factory.mktemp('flower_reference')
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ('nnUNet_preprocessed', 'nnUNet_results'):
+            os.makedirs(root / var)
+            mp.setenv(var, str(root / var))
+        federation = Federation.from_raw(DATASET_ID, only_sites=['A', 'B'])
+        engine = SimulationEngine.for_federation(federation, 1, device='cpu')
+        plan_and_preprocess(engine, DATASET_NAME, ['3d_fullres'], 'nnUNetPlannerCPU')
+        config = TrainingConfig(DATASET_NAME, '3d_fullres', 0, 'fedavg', PLANS, rounds=2, local_iterations=3,
+                                val_iterations=2, validate=False)
+        FederatedTraining(engine, config).run()
+    return {'weights': _weights(os.path.join(_fedavg_fold(root / 'nnUNet_results'), 'checkpoint_final.pth')),
+            'plans': json.load(open(root / 'nnUNet_preprocessed' / DATASET_NAME / f'{PLANS}.json'))}
+
+
+def _own_raw_folder(demo_raw, site, target):
+    """A hospital's nnUNet_raw: dataset.json, its own cases only, and a sites.json that lists only itself."""
+    federation = Federation.from_folder(str(demo_raw), only_sites=[site])
+    own = target / DATASET_NAME
+    for sub in ('imagesTr', 'labelsTr'):
+        (own / sub).mkdir(parents=True)
+    shutil.copy(os.path.join(demo_raw, 'dataset.json'), own / 'dataset.json')
+    cases = federation.sites[site].cases
+    for case in cases:
+        for f in federation.sites[site].image_files(case):
+            shutil.copy(f, own / 'imagesTr')
+        shutil.copy(federation.sites[site].label_file(case), own / 'labelsTr')
+    with open(own / 'sites.json', 'w') as f:
+        json.dump({'sites': {site: {'cases': list(cases)}}}, f)
+
+
+@pytest.mark.slow
+def test_every_phase_over_flower_with_tls_and_auth_equals_simulation(demo_raw, two_site_simulation, tmp_path,
+                                                                     processes):
+    """Two hospitals, each with only its own cases on its own 'disk', and a server that holds no images: the
+    fingerprint, plans, preprocessing, 2 fedavg rounds, validation and the final models all go over Flower
+    (TLS + SuperNode authentication, certificates from scripts/make_test_certs.sh). The server is stopped after
+    round 0 and resumed. Same weights as simulation. A SuperNode whose key the server did not register never gets
+    in, even under a member's name."""
+    certs = tmp_path / 'certs'
+    subprocess.run(['bash', os.path.join(REPO, 'scripts', 'make_test_certs.sh'), str(certs), '--sites', 'A', 'B',
+                    'intruder'], check=True, capture_output=True)
+    port = _free_port()
+    flwr_home = tmp_path / 'flwr_home'
+    for site in 'AB':
+        hospital = tmp_path / f'hospital_{site}'
+        _own_raw_folder(demo_raw, site, hospital / 'nnUNet_raw')
+        env = _env(nnUNet_raw=hospital / 'nnUNet_raw', nnUNet_preprocessed=hospital / 'nnUNet_preprocessed',
+                   nnUNet_results=hospital / 'nnUNet_results', FLWR_HOME=hospital / 'flwr_home')
+        processes.start(f'site_{site}', ['site', '--site', site, '-d', str(DATASET_ID), '--server',
+                                         f'127.0.0.1:{port}', '--tls-dir', str(certs), '--auth-key',
+                                         str(certs / 'keys' / site), '-device', 'cpu', '-np', '1'], env)
+        if site == 'A':
+            processes.start('intruder', ['site', '--site', 'A', '-d', str(DATASET_ID), '--server',
+                                         f'127.0.0.1:{port}', '--tls-dir', str(certs), '--auth-key',
+                                         str(certs / 'keys' / 'intruder'), '-device', 'cpu', '-np', '1'],
+                            dict(env, FLWR_HOME=str(tmp_path / 'intruder_home')))
+    server = tmp_path / 'server'
+    server_env = _env(nnUNet_raw=server / 'nnUNet_raw', nnUNet_preprocessed=server / 'nnUNet_preprocessed',
+                      nnUNet_results=server / 'nnUNet_results', FLWR_HOME=flwr_home)
+    server_args = ['-d', str(DATASET_ID), '-c', '3d_fullres', '--method', 'fedavg', *FAST, '--sites', 'A', 'B',
+                   '--host', '127.0.0.1', '--port', str(port), '--tls-dir', str(certs), '--auth-keys',
+                   str(certs / 'keys' / 'A.pub'), str(certs / 'keys' / 'B.pub'), '--wait-for-sites', '180']
+    processes.start('server', ['server', *server_args, '-pl', 'nnUNetPlannerCPU', '--work-dir', str(server / 'w1')],
+                    server_env)
+    # the server is stopped after round 0 (Ctrl-C / SIGTERM: the run and its SuperLink stop) and resumed with
+    # --continue on a new SuperLink; the sites' SuperNodes find it by themselves
+    round_log = os.path.join(_fedavg_fold(server / 'nnUNet_results'), 'federation_log.json')
+    deadline = time.time() + 600
+    while not os.path.isfile(round_log) and processes.procs['server'].poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    os.kill(processes.procs['server'].pid, signal.SIGTERM)
+    assert processes.procs['server'].wait(timeout=120) == 1, processes.log('server')[-5000:]
+    assert 'stopping run' in processes.log('server')
+    processes.start('server_resumed', ['server', *server_args, '-p', PLANS, '--continue', '--work-dir',
+                                       str(server / 'w2')], server_env)
+    assert processes.procs['server_resumed'].wait(timeout=900) == 0, processes.log('server_resumed')[-5000:]
+    log = processes.log('server') + processes.log('server_resumed')
+    assert 'finished:completed' in log and "site 'A' connected" in log and "site 'B' connected" in log
+    assert 'continuing after round' in log
+    assert [r['round'] for r in json.load(open(round_log))] == [0, 1]
+    assert 'refused' not in log and 'is now SuperNode' not in log, 'the intruder got through authentication'
+    assert 'Start `flwr-clientapp`' not in processes.log('intruder')
+
+    # the plans were negotiated over Flower and equal the simulation's; the server has no raw data
+    with open(server / 'nnUNet_preprocessed' / DATASET_NAME / f'{PLANS}.json') as f:
+        assert json.load(f) == two_site_simulation['plans']
+    assert not (server / 'nnUNet_raw').exists()
+    # the same global weights as the simulation engine, same seed
+    flower = _weights(os.path.join(_fedavg_fold(server / 'nnUNet_results'), 'checkpoint_final.pth'))
+    reference = two_site_simulation['weights']
+    assert set(flower) == set(reference)
+    for key in reference:
+        np.testing.assert_allclose(flower[key].numpy(), reference[key].numpy(), rtol=1e-4, atol=1e-6, err_msg=key)
+    # every site got its final model in nnU-Net's results layout on its own disk, and validated it
+    for site in 'AB':
+        site_fold = os.path.join(tmp_path / f'hospital_{site}' / 'nnUNet_results', DATASET_NAME,
+                                 f'FedAvgTrainer__{PLANS}__3d_fullres', 'sites', site, 'fold_0')
+        assert os.path.isfile(os.path.join(site_fold, 'checkpoint_final.pth'))
+        assert os.path.isfile(os.path.join(site_fold, 'validation', 'summary.json'))
+    summary = json.load(open(os.path.join(_fedavg_fold(server / 'nnUNet_results'), 'federated_summary.json')))
+    assert set(summary['final_validation']['per_site']) == {'A', 'B'}
+    messages = json.load(open(os.path.join(_fedavg_fold(server / 'nnUNet_results'), 'flower_messages.json')))
+    # the resumed run's messages: round 1 and the final models (round 0 was the first server's)
+    assert [m['kind'] for m in messages['messages']] == ['fit', 'finish']
+    assert messages['identities']['A']['fednnunet_version'] == software_versions()['fednnunet_version']
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_in_a_round_is_survived_named_and_rejoins(planned, tmp_path, processes):
+    """Three sites, --min-sites 2: site C's SuperNode is killed (SIGKILL, with its ClientApp) while it trains
+    round 0. Round 0 merges A and B and names C; C's SuperNode is started again (a new node id), C rejoins in
+    round 1 from the global model and stores its final model."""
+    port = _free_port()
+    results = tmp_path / 'nnUNet_results'
+    results.mkdir()
+    env = _env(nnUNet_results=results, FLWR_HOME=tmp_path / 'flwr_home')
+    site_args = {s: ['site', '--site', s, '-d', str(DATASET_ID), '--server', f'127.0.0.1:{port}', '--insecure',
+                     '-device', 'cpu', '-np', '1'] for s in 'ABC'}
+    for s in 'ABC':
+        processes.start(f'site_{s}', site_args[s], dict(env, FLWR_HOME=str(tmp_path / f'home_{s}')))
+    processes.start('server', ['server', '-d', str(DATASET_ID), '--phase', 'train', '-p', PLANS, '-c', '3d_fullres',
+                               '--method', 'fedavg', *FAST, '--no-val', '--sites', 'A', 'B', 'C', '--min-sites', '2',
+                               '--insecure', '--host', '127.0.0.1', '--port', str(port), '--wait-for-sites', '180',
+                               '--work-dir', str(tmp_path / 'server_work')], env)
+    processes.wait_for('site_C', 'train.fit', timeout=300)
+    time.sleep(2)  # C's ClientApp is training
+    processes.kill('site_C')
+    processes.start('site_C_again', site_args['C'], dict(env, FLWR_HOME=str(tmp_path / 'home_C2')))
+    assert processes.procs['server'].wait(timeout=900) == 0, processes.log('server')[-5000:]
+
+    fold = _fedavg_fold(results)
+    rounds = json.load(open(os.path.join(fold, 'federation_log.json')))
+    assert set(rounds[0]['sites']) == {'A', 'B'} and set(rounds[0]['missing_sites']) == {'C'}
+    assert 'SuperNode' in rounds[0]['missing_sites']['C']
+    assert set(rounds[1]['sites']) == {'A', 'B', 'C'} and rounds[1]['sites']['C']['state_from_round'] is None
+    training_log = open(os.path.join(fold, 'training_log.txt')).read()
+    assert "round 0: no update from site 'C'" in training_log
+    assert "no update from site 'C'" in processes.log('server')
+    assert os.path.isfile(os.path.join(fold, 'checkpoint_final.pth'))
+    for s in 'ABC':
+        assert os.path.isfile(os.path.join(os.path.dirname(fold), 'sites', s, 'fold_0', 'checkpoint_final.pth'))
