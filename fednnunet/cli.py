@@ -5,6 +5,7 @@ import sys
 import time
 
 from fednnunet.errors import FederationError
+from fednnunet.method_options import add_method_arguments, check_hyperparameters, hyperparameters_from_args
 
 
 def _fail(e: Exception):
@@ -113,17 +114,7 @@ def train_entry(argv=None):
     parser.add_argument('--seed', type=int, default=12345)
     parser.add_argument('--continue', dest='continue_training', action='store_true',
                         help='resume from the last round checkpoint')
-    parser.add_argument('--mu', type=float, default=None, help='fedprox: proximal weight (default 0.01)')
-    parser.add_argument('--head-fraction', type=float, default=None,
-                        help='fedrep: share of each round\'s iterations that train only the heads (default 0.2)')
-    parser.add_argument('--stage2-rounds', type=int, default=None,
-                        help='lcfed/feddp: how many of the --rounds are the second (local calibration) stage')
-    parser.add_argument('--alpha', type=float, default=None, help='lcfed: weight of the contrastive site term (0.1)')
-    parser.add_argument('--igc-lambda', type=float, default=None, help='feddp: weight of the calibration term (1.0)')
-    parser.add_argument('--hp', nargs='+', default=[], metavar='KEY=VALUE',
-                        help="any hyper-parameter of the method (see its documentation page), e.g. --hp stage2_lr=0.001")
-    parser.add_argument('--weighting', choices=['num_examples', 'uniform'], default='num_examples',
-                        help='FedAvg weights: training cases per site (default) or uniform')
+    add_method_arguments(parser)
     parser.add_argument('--state-in-memory', action='store_true',
                         help="simulation: keep sites' states between rounds in memory instead of on disk "
                              "(--continue then needs a run that kept them on disk)")
@@ -134,16 +125,11 @@ def train_entry(argv=None):
     from fednnunet.engines.simulation import SimulationEngine
     from fednnunet.evaluation import format_table
     from fednnunet.federation import Federation
-    from fednnunet.methods import get_method
 
-    hyperparameters = {k: v for k, v in (('mu', args.mu), ('head_fraction', args.head_fraction),
-                                         ('stage2_rounds', args.stage2_rounds), ('alpha', args.alpha),
-                                         ('igc_lambda', args.igc_lambda)) if v is not None}
-    for item in args.hp:
-        key, sep, value = item.partition('=')
-        if not sep:
-            _fail(f'--hp expects KEY=VALUE, got {item!r}')
-        hyperparameters[key] = float(value) if any(c in value for c in '.e') else int(value)
+    try:
+        hyperparameters = hyperparameters_from_args(args)
+    except ValueError as e:
+        _fail(e)
     try:
         federation = Federation.from_raw(args.dataset_name_or_id, args.sites)
         engine = SimulationEngine.for_federation(federation, args.np, device=args.device,
@@ -153,11 +139,7 @@ def train_entry(argv=None):
                 raise FederationError(f'{sorted(hyperparameters)} do not apply to --method centralized')
             result = run_centralized(engine, federation, args)
         else:
-            method = get_method(args.method)
-            for k in hyperparameters:
-                if k not in method.trainer.hyperparameters:
-                    raise FederationError(f'--{k.replace("_", "-")} is not a hyper-parameter of {args.method} (it has '
-                                          f'{sorted(method.trainer.hyperparameters) or "none"})', field=k)
+            check_hyperparameters(args.method, hyperparameters)
             from fednnunet.training_server import FederatedTraining, TrainingConfig
             config = TrainingConfig(federation.dataset_name, args.configuration, _fold(args.fold), args.method, args.p,
                                     args.rounds, args.local_iterations, args.val_iterations, args.seed,

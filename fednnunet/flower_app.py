@@ -208,15 +208,12 @@ def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) ->
 def check_method(method: str, hyperparameters: dict):
     """The method exists, runs over Flower, and takes these hyper-parameters (as fednnunet_train checks)."""
     from fednnunet.errors import FederationError
-    from fednnunet.methods import CENTRALIZED, get_method
+    from fednnunet.method_options import check_hyperparameters
+    from fednnunet.methods import CENTRALIZED
     if method == CENTRALIZED:
         raise FederationError('--method centralized pools every site\'s data on one machine; it does not run over '
                               'Flower (use fednnunet_train on the pooled data)', field='--method')
-    trainer = get_method(method).trainer
-    for k in hyperparameters:
-        if k not in trainer.hyperparameters:
-            raise FederationError(f'--{k.replace("_", "-")} is not a hyper-parameter of {method} (it has '
-                                  f'{sorted(trainer.hyperparameters) or "none"})', field=k)
+    check_hyperparameters(method, hyperparameters)
 
 
 def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional[int]) -> dict:

@@ -31,6 +31,8 @@ import threading
 import time
 from typing import List, Optional
 
+from fednnunet.method_options import add_method_arguments, hyperparameters_from_args
+
 DEFAULT_PORT = 9092
 CONNECTION = 'fednnunet'
 TLS_FILES = {'ca': 'ca.crt', 'cert': 'server.pem', 'key': 'server.key'}
@@ -146,15 +148,7 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument('--local-iterations', type=int, default=250)
     p.add_argument('--val-iterations', type=int, default=50)
     p.add_argument('--seed', type=int, default=12345)
-    p.add_argument('--mu', type=float, default=None, help='fedprox: proximal weight (default 0.01)')
-    p.add_argument('--head-fraction', type=float, default=None, help='fedrep: head share of each round (0.2)')
-    p.add_argument('--stage2-rounds', type=int, default=None,
-                   help='lcfed/feddp: how many of the --rounds are the second (local calibration) stage')
-    p.add_argument('--alpha', type=float, default=None, help='lcfed: weight of the contrastive site term (0.1)')
-    p.add_argument('--igc-lambda', type=float, default=None, help='feddp: weight of the calibration term (1.0)')
-    p.add_argument('--hp', nargs='+', default=[], metavar='KEY=VALUE',
-                   help='any hyper-parameter of the method (see its documentation page), e.g. --hp stage2_lr=0.001')
-    p.add_argument('--weighting', choices=['num_examples', 'uniform'], default='num_examples')
+    add_method_arguments(p)
     p.add_argument('--no-val', action='store_true', help='skip the final validation at every site')
     p.add_argument('--continue', dest='continue_training', action='store_true',
                    help='resume after the last completed round (federated_round_latest.pth)')
@@ -190,24 +184,11 @@ def server_parser() -> argparse.ArgumentParser:
     return p
 
 
-def hyperparameters_from_args(args) -> dict:
-    """The method's hyper-parameters, as fednnunet_train takes them."""
-    hyper = {k: v for k, v in (('mu', args.mu), ('head_fraction', args.head_fraction),
-                               ('stage2_rounds', args.stage2_rounds), ('alpha', args.alpha),
-                               ('igc_lambda', args.igc_lambda)) if v is not None}
-    for item in args.hp:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise CliError(f'--hp expects KEY=VALUE, got {item!r}')
-        try:
-            hyper[key] = float(value) if any(c in value for c in '.eE') else int(value)
-        except ValueError:
-            raise CliError(f'--hp {item}: the value must be a number') from None
-    return hyper
-
-
 def run_config_from_args(args) -> dict:
-    hyper = hyperparameters_from_args(args)
+    try:
+        hyper = hyperparameters_from_args(args)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     phase = args.phase or ('train' if args.continue_training else 'all')
     config = {
         'dataset': str(args.d), 'phase': phase, 'configuration': args.c, 'fold': str(args.fold),

@@ -281,5 +281,11 @@ def test_bad_training_requests_are_clear(planned, fresh_results, capsys):
         train_entry(['501', '3d_fullres', '--method', 'fedavg', '--mu', '0.1'] + FAST)
     assert '--mu is not a hyper-parameter of fedavg' in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        train_entry(['501', '3d_fullres', '--method', 'lcfed', '--hp', 'stage2_lr'] + FAST)
+    assert "--hp expects KEY=VALUE, got 'stage2_lr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_entry(['501', '3d_fullres', '--method', 'lcfed', '--hp', 'stage2_lr=fast'] + FAST)
+    assert '--hp stage2_lr=fast: the value must be a number' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         train_entry(['501', '3d_fullres', '--method', 'fedavg', '--continue'] + FAST)
     assert 'no federated_round_latest.pth' in capsys.readouterr().err
