@@ -31,6 +31,7 @@ from nnunetv2.training.logging.nnunet_logger import MetaLogger
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from fednnunet.errors import FederationError
 from fednnunet.evaluation import pooled_summary
 from fednnunet.federation import server_folder
 from fednnunet.jsonio import write_json
@@ -65,6 +66,19 @@ class TrainingConfig:
     plot_interval_seconds: float = 30.0
 
 
+def check_trainable(plans: dict, plans_identifier: str, configuration: str):
+    """The configuration exists in the plans and is not a cascade stage (which needs every site's predictions of
+    the previous stage, not implemented)."""
+    if configuration not in plans['configurations']:
+        raise FederationError(f"the plans '{plans_identifier}' have no configuration '{configuration}' (they have "
+                              f"{sorted(plans['configurations'])})", field='configuration')
+    previous = PlansManager(plans).get_configuration(configuration).previous_stage_name
+    if previous is not None:
+        raise NotImplementedError(f"'{configuration}' is the second stage of nnU-Net's cascade (it needs every "
+                                  f"site's '{previous}' predictions as input); federated cascade training is not "
+                                  f"implemented: train '{previous}' or 3d_fullres")
+
+
 class FederatedTraining:
     def __init__(self, engine, config: TrainingConfig):
         self.engine = engine
@@ -76,6 +90,7 @@ class FederatedTraining:
                                            config.configuration)
         self.output_folder = join(self.results_base, f'fold_{config.fold}')
         self.plans = load_json(join(server_folder(config.dataset_name), config.plans_identifier + '.json'))
+        check_trainable(self.plans, config.plans_identifier, config.configuration)
         self.dataset_json = load_json(join(server_folder(config.dataset_name), 'dataset.json'))
         self.logger = MetaLogger(self.output_folder, False)
         self.site_dice: Dict[str, List[float]] = {}

@@ -17,7 +17,7 @@ from fednnunet.federation import Federation, server_folder, site_folder
 from fednnunet.inference import load_checkpoint
 from fednnunet.methods import METHODS, get_method
 from fednnunet.trainers.base import initial_weights_seed, round_seed, seed_everything
-from fednnunet.training_server import FederatedTraining, TrainingConfig
+from fednnunet.training_server import FederatedTraining, TrainingConfig, check_trainable
 
 from conftest import DATASET_ID, DATASET_NAME
 
@@ -283,6 +283,14 @@ def test_bad_training_requests_are_clear(planned, fresh_results, capsys):
     with pytest.raises(SystemExit):
         train_entry(['501', '3d_fullres', '--method', 'lcfed', '--hp', 'stage2_lr'] + FAST)
     assert "--hp expects KEY=VALUE, got 'stage2_lr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_entry(['501', '3d_lowres', '--method', 'fedavg'] + FAST)  # the tiny plans dropped 3d_lowres
+    assert f"the plans '{PLANS}' have no configuration '3d_lowres'" in capsys.readouterr().err
+    # nnU-Net's cascade stage (as nnU-Net's planner writes it) is refused by name, before anything is written
+    plans = json.load(open(os.path.join(server_folder(DATASET_NAME), PLANS + '.json')))
+    plans['configurations']['3d_cascade_fullres'] = {'inherits_from': '3d_fullres', 'previous_stage': '3d_lowres'}
+    with pytest.raises(NotImplementedError, match="second stage of nnU-Net's cascade"):
+        check_trainable(plans, PLANS, '3d_cascade_fullres')
     with pytest.raises(SystemExit):
         train_entry(['501', '3d_fullres', '--method', 'lcfed', '--hp', 'stage2_lr=fast'] + FAST)
     assert '--hp stage2_lr=fast: the value must be a number' in capsys.readouterr().err
