@@ -175,7 +175,8 @@ def default_network_bytes():
     """The same encodings for nnU-Net's default 3d_fullres network (6 stages, 32..320 features): what a site of a
     real task receives each round."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from fednnunet.engines.flower import flower_payload_size, to_record_dict, wire_size
+    from fednnunet.engines.flower import flower_payload_size, to_record_dict
+    from fednnunet.wire import encoded_size
     from fednnunet.trainers.fedavg import FedAvgTrainer
     from fednnunet.wire import Message
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -189,7 +190,7 @@ def default_network_bytes():
     payload = flower_payload_size(to_record_dict(message))
     t = time.perf_counter() - t
     print(f"nnU-Net's default 3d_fullres network ({message.nbytes / 2 ** 20:.0f} MiB shared state, {len(state)} arrays): "
-          f"wire {wire_size(message) / message.nbytes:.5f}x, Flower payload {payload / message.nbytes:.5f}x the state; "
+          f"wire {encoded_size(message) / message.nbytes:.5f}x, Flower payload {payload / message.nbytes:.5f}x the state; "
           f"conversion to Flower records {t:.2f} s")
 
 

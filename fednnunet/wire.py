@@ -53,23 +53,40 @@ def _check_config(obj, path='config'):
         raise WireError(f'{path}: {type(obj).__name__} is not plain JSON data (use arrays for numbers in bulk)')
 
 
-def encode(message: Message) -> bytes:
+def checked_arrays(message: Message) -> Dict[str, np.ndarray]:
+    """The message's arrays, C-ordered, after checking names and dtypes; raises WireError. The config is checked
+    too. Every carrier (this byte format, Flower's records) sends what this returns."""
     _check_config(message.config)
-    entries, chunks, offset = [], [], 0
+    arrays = {}
     for name, array in message.arrays.items():
         if not isinstance(name, str):
             raise WireError(f'array name {name!r} is not a string')
-        a = np.ascontiguousarray(array)
+        a = np.asarray(array, order='C')  # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
         if a.dtype.kind not in _ALLOWED_KINDS:
             raise WireError(f'array {name!r} has dtype {a.dtype}; only numeric arrays travel')
-        raw = a.tobytes()
+        arrays[name] = a
+    return arrays
+
+
+def _header(message: Message, arrays: Dict[str, np.ndarray]) -> bytes:
+    entries, offset = [], 0
+    for name, a in arrays.items():
         entries.append({'name': name, 'dtype': a.dtype.str, 'shape': list(a.shape), 'offset': offset,
-                        'nbytes': len(raw)})
-        chunks.append(raw)
-        offset += len(raw)
-    header = json.dumps({'kind': message.kind, 'config': message.config, 'arrays': entries},
-                        allow_nan=True).encode()
-    return b''.join([MAGIC, struct.pack('<Q', len(header)), header] + chunks)
+                        'nbytes': int(a.nbytes)})
+        offset += int(a.nbytes)
+    return json.dumps({'kind': message.kind, 'config': message.config, 'arrays': entries}, allow_nan=True).encode()
+
+
+def encode(message: Message) -> bytes:
+    arrays = checked_arrays(message)
+    header = _header(message, arrays)
+    return b''.join([MAGIC, struct.pack('<Q', len(header)), header] + [a.tobytes() for a in arrays.values()])
+
+
+def encoded_size(message: Message) -> int:
+    """``len(encode(message))``, without building it."""
+    arrays = checked_arrays(message)
+    return len(MAGIC) + 8 + len(_header(message, arrays)) + sum(int(a.nbytes) for a in arrays.values())
 
 
 def decode(data: bytes) -> Message:

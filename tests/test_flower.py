@@ -27,11 +27,11 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents  # noqa: E402
 
 from fednnunet.engines.flower import (FlowerEngine, error_record, from_record_dict, handle_site_message,  # noqa: E402
-                                      message_type, to_record_dict, wire_size)
+                                      message_type, to_record_dict)
 from fednnunet.errors import FederationError  # noqa: E402
 from fednnunet.federation import Federation, server_folder  # noqa: E402
 from fednnunet.site_worker import MESSAGE_KINDS, SiteWorker, software_versions  # noqa: E402
-from fednnunet.wire import Message, WireError, encode  # noqa: E402
+from fednnunet.wire import Message, WireError, encode, encoded_size  # noqa: E402
 
 from conftest import DATASET_ID, DATASET_NAME  # noqa: E402
 
@@ -70,8 +70,7 @@ def test_message_roundtrip_through_flower_records_is_exact():
         b = back.arrays[name]
         assert b.dtype == a.dtype and b.shape == a.shape, name
         assert b.tobytes() == np.asarray(a, order='C').tobytes(), name
-    without_scalar = Message('fit', config, {k: v for k, v in arrays.items() if np.ndim(v)})
-    assert wire_size(without_scalar) == len(encode(without_scalar))
+    assert encoded_size(message) == len(encode(message))
 
 
 def test_configs_and_arrays_that_are_not_plain_data_are_refused():
@@ -305,9 +304,19 @@ def test_site_errors_timeouts_and_lost_nodes_are_missing_with_the_reason(demo_ra
     engine.ask({s: Message('identify') for s in 'ABC'})
     assert engine.missing['C'].startswith('SuperNode gone') and 'C' not in engine.site_node
 
+    # C's node misses its heartbeats (offline for Flower), then heartbeats again: Flower keeps its node id, and
+    # C is back in the next request without being asked who it is again
+    del grid.nodes[3]
+    engine.ask({s: Message('identify') for s in 'ABC'})
+    assert engine.missing == {'C': 'not connected'}
+    behaviour['C'] = None
+    grid.nodes[3] = node_c
+    replies = engine.ask({s: Message('identify') for s in 'ABC'})
+    assert list(replies) == ['A', 'B', 'C'] and engine.site_node['C'] == 3 and not engine.missing
+    assert any("site 'C' is back (SuperNode 3)" in line for line in logged)
+
     # C's SuperNode restarts: a new node id, identified on the next request; the old one is gone
     del grid.nodes[3]
-    behaviour['C'] = None
     grid.nodes[9] = node_c
     replies = engine.ask({s: Message('identify') for s in 'ABC'})
     assert list(replies) == ['A', 'B', 'C'] and engine.site_node['C'] == 9 and not engine.missing

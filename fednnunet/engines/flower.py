@@ -25,17 +25,15 @@ every Array + the ConfigRecord strings: ``flower_bytes_sent`` / ``flower_bytes_r
 (HTTP, protobuf, 5 MiB chunks) is not counted; Flower also sends an array whose bytes equal another's only once.
 """
 import json
-import struct
 import time
 import traceback
 from typing import Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message as FlowerMessage, RecordDict
 
 from fednnunet.errors import FederationError
 from fednnunet.site_worker import MESSAGE_KINDS, software_versions
-from fednnunet.wire import MAGIC, Message, WireError, _ALLOWED_KINDS, _check_config
+from fednnunet.wire import Message, WireError, _ALLOWED_KINDS, checked_arrays, encoded_size
 
 CONFIG_RECORD = 'fednnunet'
 ARRAY_RECORD = 'arrays'
@@ -61,21 +59,16 @@ def to_record_dict(message: Message, array_cache: Optional[dict] = None, **extra
     values for Flower's side only (e.g. timings), not part of the fednnunet message. ``array_cache``: a dict shared
     by the messages of one request, so that an array sent to several sites is serialized once (Flower uploads
     objects with the same content id once anyway)."""
-    _check_config(message.config)
     arrays = {}
-    for name, array in message.arrays.items():
-        if not isinstance(name, str):
-            raise WireError(f'array name {name!r} is not a string')
-        cached = array_cache.get(id(array)) if array_cache is not None else None
-        if cached is not None and cached[0] is array:
+    for name, a in checked_arrays(message).items():
+        original = message.arrays[name]
+        cached = array_cache.get(id(original)) if array_cache is not None else None
+        if cached is not None and cached[0] is original:
             arrays[name] = cached[1]
             continue
-        a = np.asarray(array, order='C')  # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
-        if a.dtype.kind not in _ALLOWED_KINDS:
-            raise WireError(f'array {name!r} has dtype {a.dtype}; only numeric arrays travel')
         arrays[name] = Array(a)
         if array_cache is not None:
-            array_cache[id(array)] = (array, arrays[name])  # the array is kept: its id cannot be reused meanwhile
+            array_cache[id(original)] = (original, arrays[name])  # kept: its id cannot be reused meanwhile
     config = ConfigRecord({'format': FORMAT, 'kind': message.kind,
                            'config': json.dumps(message.config, allow_nan=True), **extra_config})
     return RecordDict({CONFIG_RECORD: config, ARRAY_RECORD: ArrayRecord(arrays)})
@@ -133,18 +126,6 @@ def is_error(content: RecordDict) -> bool:
 def error_text(content: RecordDict) -> str:
     record = content[CONFIG_RECORD]
     return f"{record['error_type']}: {record['error']}"
-
-
-def wire_size(message: Message) -> int:
-    """Bytes of ``fednnunet.wire.encode(message)``, computed without building it."""
-    entries, offset = [], 0
-    for name, array in message.arrays.items():
-        a = np.asarray(array)
-        entries.append({'name': name, 'dtype': a.dtype.str, 'shape': list(a.shape), 'offset': offset,
-                        'nbytes': int(a.nbytes)})
-        offset += int(a.nbytes)
-    header = json.dumps({'kind': message.kind, 'config': message.config, 'arrays': entries}, allow_nan=True).encode()
-    return len(MAGIC) + len(struct.pack('<Q', 0)) + len(header) + offset
 
 
 def flower_payload_size(content: RecordDict) -> int:
@@ -230,7 +211,7 @@ class FlowerEngine:
                 self.missing[site] = 'not connected'
                 continue
             content = to_record_dict(message, cache)
-            size, flower_size = wire_size(message), flower_payload_size(content)
+            size, flower_size = encoded_size(message), flower_payload_size(content)
             self._count(site, size, flower_size, sent=True)
             entry['sites'][site] = {'bytes_sent': size, 'flower_bytes_sent': flower_size,
                                     'array_bytes_sent': message.nbytes}
@@ -251,10 +232,10 @@ class FlowerEngine:
             except WireError as e:
                 self.missing[site] = f'unreadable reply: {e}'
                 continue
-            size = wire_size(reply)
-            self._count(site, size, flower_payload_size(content), sent=False)
+            size, flower_size = encoded_size(reply), flower_payload_size(content)
+            self._count(site, size, flower_size, sent=False)
             record = content[CONFIG_RECORD]
-            entry['sites'][site].update({'bytes_received': size, 'flower_bytes_received': flower_payload_size(content),
+            entry['sites'][site].update({'bytes_received': size, 'flower_bytes_received': flower_size,
                                          'array_bytes_received': reply.nbytes,
                                          'reply_seconds': pulled_at - t0,
                                          'handler_seconds': record.get('handler_seconds'),
@@ -320,10 +301,18 @@ class FlowerEngine:
         """Identifies SuperNodes not seen before; forgets nodes that went offline. strict: a site that cannot
         start or runs other versions stops the run (at the start); else it is logged and left out."""
         online = set(int(n) for n in self.grid.get_node_ids())
-        for site, node in list(self.site_node.items()):
-            if node not in online:
-                del self.site_node[site]
+        # which node serves each site: the newest identified node of the site that is online. A node that missed
+        # heartbeats and came back keeps its id (and its site); a restarted SuperNode has a new id (identified below)
+        previous, self.site_node = self.site_node, {}
+        for node, site in self.node_site.items():  # in the order identified
+            if node in online:
+                self.site_node[site] = node
+        for site, node in previous.items():
+            if site not in self.site_node:
                 self.log(f"site '{site}' went offline (SuperNode {node})")
+        for site, node in self.site_node.items():
+            if site not in previous:
+                self.log(f"site '{site}' is back (SuperNode {node})")
         new = sorted(n for n in online if n not in self.node_site and n not in self.refused)
         if not new:
             return
@@ -486,5 +475,5 @@ def handle_site_message(worker_factory: Callable[[], object], content: RecordDic
         return error_record(e, site, handler_seconds=time.time() - t0)
 
 
-__all__ = ['FlowerEngine', 'to_record_dict', 'from_record_dict', 'error_record', 'message_type', 'wire_size',
+__all__ = ['FlowerEngine', 'to_record_dict', 'from_record_dict', 'error_record', 'message_type',
            'flower_payload_size', 'handle_site_message', 'MESSAGE_KINDS']
