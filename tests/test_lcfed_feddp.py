@@ -240,6 +240,13 @@ def test_lcfed_first_stage_alternates_heads_and_body(planned, fresh_results):
     trainer.before_train_step(trainer.head_steps())
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert 'pcs.fc2.0.weight' in trainable and not trainable & heads and not any(n.startswith('hc.') for n in trainable)
+    # head_fraction 0: no head phase, the body trains from the first step
+    trainer.head_fraction = 0
+    trainer.before_train_step(0)
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == trainable
+    trainer.after_local_training()
+    assert all(p.requires_grad for p in net.parameters())
+    trainer.head_fraction = 0.2
     # in the second stage only the calibration trains
     trainer.current_epoch = 2
     assert trainer.in_stage2(2) and not trainer.in_stage2(1)

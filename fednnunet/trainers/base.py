@@ -253,7 +253,10 @@ class FederatedTrainer(nnUNetTrainer):
         """Hook: called before each local step (e.g. FedRep switches from head to body steps)."""
 
     def after_local_training(self):
-        """Hook: called after the local steps."""
+        """Hook: called after the local steps. Methods that freeze parts of the network for some steps rely on
+        this to make every parameter trainable again (subclasses call super())."""
+        for p in self.unwrapped_network.parameters():
+            p.requires_grad_(True)
 
     def update_arrays(self, round_index: int) -> Dict[str, np.ndarray]:
         """What the site sends after its local steps. Default: its shared state."""

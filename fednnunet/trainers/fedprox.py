@@ -27,4 +27,5 @@ class FedProxTrainer(FederatedTrainer):
         self.global_parameters = [p.detach().clone().float() for p in self.unwrapped_network.parameters()]
 
     def after_local_training(self):
+        super().after_local_training()
         self.global_parameters = None

@@ -5,7 +5,6 @@ for the first ``head_fraction`` of the local iterations, then the body alone); s
 body and PCS; local: every segmentation head and HC. Stage 2 (the last ``stage2_rounds`` rounds): each site
 trains its head calibration on detached features with every site's final head (received read-only once).
 """
-import math
 
 import torch
 
@@ -13,11 +12,13 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from fednnunet.networks.lcfed import hc_kernel_size
 from fednnunet.trainers.base import segmentation_head_keys
+from fednnunet.trainers.head_body_alternation import HeadBodyAlternation
 from fednnunet.trainers.two_stage import TwoStageTrainer, as_tensor
 
 
-class LCFedTrainer(TwoStageTrainer):
+class LCFedTrainer(HeadBodyAlternation, TwoStageTrainer):
     method_name = 'lcfed'
+    never_alternated = ('hc.',)  # head calibration trains in the second stage only
     network_class_name = 'fednnunet.networks.lcfed.LCFedUNet'
     hyperparameters = {'alpha': 0.1, 'head_fraction': 0.2, 'hc_threshold': 0.2, 'stage2_rounds': 0,
                        'stage2_lr': 1e-3}
@@ -37,16 +38,9 @@ class LCFedTrainer(TwoStageTrainer):
         return [f'decoder.seg_layers.{last}.weight', f'decoder.seg_layers.{last}.bias']
 
     # stage 1: FedRep-style alternation and the contrastive site term
-    def head_steps(self) -> int:
-        return int(math.ceil(self.head_fraction * self.num_iterations_per_epoch))
-
     def before_train_step(self, step: int):
-        if self.in_stage2(self.current_epoch) or step not in (0, self.head_steps()):
-            return
-        heads = set(segmentation_head_keys(self.unwrapped_network))
-        for name, p in self.unwrapped_network.named_parameters():
-            in_head = name in heads
-            p.requires_grad_(in_head if step == 0 else not in_head and not name.startswith('hc.'))
+        if not self.in_stage2(self.current_epoch):
+            self.alternate_heads_and_body(step)
 
     def extra_loss(self, output, target):
         term = self.unwrapped_network.last_contrastive

@@ -112,10 +112,6 @@ class TwoStageTrainer(FederatedTrainer):
             for name, p in self.unwrapped_network.named_parameters():
                 p.requires_grad_(self.stage2_trainable(name))
 
-    def after_local_training(self):
-        for p in self.unwrapped_network.parameters():
-            p.requires_grad_(True)
-
     def update_arrays(self, round_index: int) -> Dict[str, np.ndarray]:
         if self.in_stage2(round_index):
             return {}
