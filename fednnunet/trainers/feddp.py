@@ -80,6 +80,9 @@ class FedDPTrainer(TwoStageTrainer):
         self.frozen.eval()
         for p in self.frozen.parameters():
             p.requires_grad_(False)
+        # built once, not per step: the frozen model's tensors (copy_ targets) and every site's queries on the device
+        self._frozen_tensors = self.frozen.state_dict()
+        self._device_queries = {i: {k: v.to(self.device) for k, v in q.items()} for i, q in self.query_sets.items()}
 
     def stage2_trainable(self, name: str) -> bool:
         return True
@@ -88,9 +91,9 @@ class FedDPTrainer(TwoStageTrainer):
         """U (B, 1, *spatial): std over sites of the frozen models' softmax, mean over classes, / max per case."""
         with torch.no_grad():
             probabilities = []
-            for i in sorted(self.query_sets):
-                for k, v in self.query_sets[i].items():
-                    self.frozen.state_dict()[k].copy_(v)
+            for i in sorted(self._device_queries):
+                for k, v in self._device_queries[i].items():
+                    self._frozen_tensors[k].copy_(v)
                 probabilities.append(torch.softmax(self.frozen(x).float(), 1))
             return igc_weight(torch.stack(probabilities))
 
