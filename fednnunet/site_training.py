@@ -14,6 +14,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
 from nnunetv2.paths import nnUNet_results
+from nnunetv2.utilities.file_path_utilities import get_output_folder
 
 from fednnunet.methods import get_method
 from fednnunet.trainers.base import FederatedTrainer, cpu_copy, to_plain
@@ -82,8 +83,8 @@ class SiteStateStore:
 
 
 def results_folder(dataset_name: str, trainer_class, plans_identifier: str, configuration: str) -> str:
-    """nnU-Net's results folder naming: <Trainer>__<plans>__<configuration>."""
-    return join(str(nnUNet_results), dataset_name, f'{trainer_class.__name__}__{plans_identifier}__{configuration}')
+    """nnU-Net's results folder: <nnUNet_results>/<dataset>/<Trainer>__<plans>__<configuration>."""
+    return get_output_folder(dataset_name, trainer_class.__name__, plans_identifier, configuration)
 
 
 def build_site_trainer(worker, config: dict) -> FederatedTrainer:

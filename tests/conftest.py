@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny 3-site demo federation (32^3 volumes) and nnU-Net's folders in tmp dirs."""
+import importlib
 import os
+import pkgutil
 import shutil
+import sys
 
 # before nnunetv2 is imported anywhere: one process for nnU-Net's pools, single-threaded augmentation (2-core CI)
 os.environ.setdefault('nnUNet_def_n_proc', '1')
@@ -19,18 +22,17 @@ TINY_SIZE = 32
 def nnunet_environment(tmp_path_factory):
     """nnU-Net's three folders point into a session tmp dir; single-threaded augmentation (2-core CI)."""
     root = tmp_path_factory.mktemp('nnunet')
-    old = {k: os.environ.get(k) for k in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results',
-                                          'nnUNet_n_proc_DA')}
-    for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
-        os.environ[var] = str(root / var)
-        os.makedirs(os.environ[var])
-    os.environ['nnUNet_n_proc_DA'] = '0'
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+            os.makedirs(root / var)
+            point_nnunet_folder(mp, var, root / var)
+        mp.setenv('nnUNet_n_proc_DA', '0')
+        # every fednnunet module (and the nnunetv2 modules they use) imported now, with the session's folders: a
+        # module imported first inside a test's private folders would otherwise keep them after that test
+        import fednnunet
+        for module in pkgutil.walk_packages(fednnunet.__path__, 'fednnunet.'):
+            importlib.import_module(module.name)
+        yield root
 
 
 @pytest.fixture(scope='session')
@@ -40,12 +42,24 @@ def demo_raw(nnunet_environment):
                                  seed=0, verbose=False)
 
 
+def point_nnunet_folder(monkeypatch, var: str, folder):
+    """Points nnU-Net's folder ``var`` (nnUNet_raw/_preprocessed/_results) at ``folder`` until ``monkeypatch``
+    undoes it. nnunetv2 reads its folders once, when nnunetv2.paths is first imported, and every module keeps the
+    value it imported (fednnunet follows nnU-Net there); so the value is replaced in every loaded nnunetv2 and
+    fednnunet module that holds it, and in the environment (for subprocesses and for modules imported later)."""
+    monkeypatch.setenv(var, str(folder))
+    for name, module in list(sys.modules.items()):
+        if name.split('.')[0] in ('nnunetv2', 'fednnunet') and \
+                isinstance(getattr(module, '__dict__', {}).get(var), str):
+            monkeypatch.setattr(module, var, str(folder))
+
+
 @pytest.fixture
 def fresh_preprocessed(tmp_path, monkeypatch):
     """A private nnUNet_preprocessed for one test."""
     folder = tmp_path / 'nnUNet_preprocessed'
     folder.mkdir()
-    monkeypatch.setenv('nnUNet_preprocessed', str(folder))
+    point_nnunet_folder(monkeypatch, 'nnUNet_preprocessed', folder)
     return folder
 
 
@@ -56,7 +70,7 @@ def raw_copy(demo_raw, tmp_path, monkeypatch):
     shutil.copytree(demo_raw, raw_root / DATASET_NAME)
     for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         (tmp_path / var).mkdir(exist_ok=True)
-        monkeypatch.setenv(var, str(tmp_path / var))
+        point_nnunet_folder(monkeypatch, var, tmp_path / var)
     return raw_root / DATASET_NAME
 
 
@@ -78,5 +92,5 @@ def fresh_results(tmp_path, monkeypatch):
     """A private nnUNet_results for one test."""
     folder = tmp_path / 'nnUNet_results'
     folder.mkdir()
-    monkeypatch.setenv('nnUNet_results', str(folder))
+    point_nnunet_folder(monkeypatch, 'nnUNet_results', folder)
     return folder

@@ -10,6 +10,8 @@ from fednnunet.demo import (DEMO_DATASET_ID, DEMO_DATASET_NAME, TEST_SITES, buil
                             site_shape, site_spacing_mm)
 from fednnunet.federation import Federation
 
+from conftest import point_nnunet_folder
+
 SIZE = 32
 
 
@@ -110,8 +112,8 @@ def test_determinism_and_site_independence(built, tmp_path):
 def test_verify_dataset_integrity(built, monkeypatch, tmp_path):
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
     monkeypatch.setenv('nnUNet_raw', os.path.dirname(built))
-    monkeypatch.setenv('nnUNet_preprocessed', str(tmp_path / 'pre'))
-    monkeypatch.setenv('nnUNet_results', str(tmp_path / 'res'))
+    point_nnunet_folder(monkeypatch, 'nnUNet_preprocessed', tmp_path / 'pre')
+    point_nnunet_folder(monkeypatch, 'nnUNet_results', tmp_path / 'res')
     verify_dataset_integrity(built, 1)
 
 
@@ -124,7 +126,7 @@ def test_overwrite_and_interrupted_build(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match='unique'):
         build_demo_federation(raw_root=str(tmp_path), name='Other', size=16, sites=small, verbose=False)
     # $nnUNet_raw is the default root
-    monkeypatch.setenv('nnUNet_raw', str(tmp_path))
+    point_nnunet_folder(monkeypatch, 'nnUNet_raw', tmp_path)
     again = build_demo_federation(size=16, seed=3, sites=small, overwrite=True, verbose=False)
     assert again == folder
     assert json.load(open(os.path.join(folder, 'dataset.json')))['description'].endswith('seed=3.')

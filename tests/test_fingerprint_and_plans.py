@@ -14,7 +14,7 @@ from fednnunet.engines.simulation import SimulationEngine
 from fednnunet.federation import Federation, server_folder
 from fednnunet.plan_and_preprocess import plan_and_preprocess
 
-from conftest import DATASET_ID, DATASET_NAME
+from conftest import DATASET_ID, DATASET_NAME, point_nnunet_folder
 
 EXACT_STATS = ('min', 'max', 'median', 'percentile_00_5', 'percentile_99_5')
 ACCUMULATED_STATS = ('mean', 'std')  # nnU-Net accumulates these in float32
@@ -30,7 +30,7 @@ def pooled_vs_federated(demo_raw, tmp_path_factory):
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv('nnUNet_n_proc_DA', '1')  # stock nnU-Net 2.8.1 planning crashes with 0
-        mp.setenv('nnUNet_preprocessed', str(root / 'stock'))
+        point_nnunet_folder(mp, 'nnUNet_preprocessed', root / 'stock')
         os.makedirs(root / 'stock')
         out['stock_fingerprint'] = _jsonable(extract_fingerprint_dataset(DATASET_ID, num_processes=1, clean=True,
                                                                          verbose=False, show_progress_bar=False))
@@ -38,7 +38,7 @@ def pooled_vs_federated(demo_raw, tmp_path_factory):
         out['stock_plans_resenc'] = _jsonable(plan_experiment_dataset(DATASET_ID, nnUNetPlannerResEncM)[0])
 
         mp.setenv('nnUNet_n_proc_DA', '0')  # federated planning copes with what tests use for training
-        mp.setenv('nnUNet_preprocessed', str(root / 'federated'))
+        point_nnunet_folder(mp, 'nnUNet_preprocessed', root / 'federated')
         os.makedirs(root / 'federated')
         engine = SimulationEngine.for_federation(Federation.from_raw(DATASET_ID), 1)
         out['summary'] = plan_and_preprocess(engine, DATASET_NAME, preprocess=False)
@@ -116,11 +116,11 @@ def test_two_channels_and_a_case_without_foreground(raw_copy, tmp_path, monkeypa
     empty.CopyInformation(label)
     sitk.WriteImage(empty, str(raw_copy / 'labelsTr' / 'C_001.nii.gz'))
 
-    monkeypatch.setenv('nnUNet_preprocessed', str(tmp_path / 'stock'))
+    point_nnunet_folder(monkeypatch, 'nnUNet_preprocessed', tmp_path / 'stock')
     os.makedirs(tmp_path / 'stock')
     stock = _jsonable(extract_fingerprint_dataset(DATASET_ID, num_processes=1, clean=True, verbose=False,
                                                   show_progress_bar=False))
-    monkeypatch.setenv('nnUNet_preprocessed', str(tmp_path / 'federated'))
+    point_nnunet_folder(monkeypatch, 'nnUNet_preprocessed', tmp_path / 'federated')
     os.makedirs(tmp_path / 'federated')
     engine = SimulationEngine.for_federation(Federation.from_raw(DATASET_ID), 1)
     plan_and_preprocess(engine, DATASET_NAME, preprocess=False)

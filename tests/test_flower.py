@@ -33,7 +33,7 @@ from fednnunet.federation import Federation, server_folder  # noqa: E402
 from fednnunet.site_worker import MESSAGE_KINDS, SiteWorker, software_versions  # noqa: E402
 from fednnunet.wire import Message, WireError, encode, encoded_size  # noqa: E402
 
-from conftest import DATASET_ID, DATASET_NAME  # noqa: E402
+from conftest import DATASET_ID, DATASET_NAME, point_nnunet_folder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANS = 'nnUNetCPUPlans'
@@ -437,7 +437,7 @@ def two_site_simulation(demo_raw, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for var in ('nnUNet_preprocessed', 'nnUNet_results'):
             os.makedirs(root / var)
-            mp.setenv(var, str(root / var))
+            point_nnunet_folder(mp, var, root / var)
         federation = Federation.from_raw(DATASET_ID, only_sites=['A', 'B'])
         engine = SimulationEngine.for_federation(federation, 1, device='cpu')
         plan_and_preprocess(engine, DATASET_NAME, ['3d_fullres'], 'nnUNetPlannerCPU')

@@ -14,7 +14,7 @@ from fednnunet.federation import Federation, server_folder, site_folder
 from fednnunet.plan_and_preprocess import plan_and_preprocess
 from fednnunet.preprocessing import site_splits
 
-from conftest import DATASET_ID, DATASET_NAME
+from conftest import DATASET_ID, DATASET_NAME, point_nnunet_folder
 
 CONFIGS = ('2d', '3d_fullres')
 
@@ -23,7 +23,7 @@ CONFIGS = ('2d', '3d_fullres')
 def preprocessed(demo_raw, tmp_path_factory):
     root = tmp_path_factory.mktemp('pp')
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv('nnUNet_preprocessed', str(root / 'federated'))
+        point_nnunet_folder(mp, 'nnUNet_preprocessed', root / 'federated')
         fed = Federation.from_raw(DATASET_ID)
         summary = plan_and_preprocess(SimulationEngine.for_federation(fed), DATASET_NAME, CONFIGS, 'nnUNetPlannerCPU')
         # stock nnU-Net preprocessing of the pooled data with the very same plans
@@ -31,9 +31,9 @@ def preprocessed(demo_raw, tmp_path_factory):
         os.makedirs(stock)
         for f in ('nnUNetCPUPlans.json', 'dataset.json'):
             shutil.copy(os.path.join(server_folder(DATASET_NAME), f), stock / f)
-        mp.setenv('nnUNet_preprocessed', str(root / 'stock'))
+        point_nnunet_folder(mp, 'nnUNet_preprocessed', root / 'stock')
         preprocess_dataset(DATASET_ID, 'nnUNetCPUPlans', CONFIGS, [1], show_progress_bar=False)
-        mp.setenv('nnUNet_preprocessed', str(root / 'federated'))
+        point_nnunet_folder(mp, 'nnUNet_preprocessed', root / 'federated')
         sites = {s: site_folder(DATASET_NAME, s) for s in fed.sites}
     return {'federation': fed, 'summary': summary, 'sites': sites, 'stock': stock,
             'root': root / 'federated', 'server': os.path.join(root / 'federated', DATASET_NAME)}
@@ -90,7 +90,7 @@ def test_rerun_replaces_outputs_atomically(preprocessed, monkeypatch):
     """Preprocessing again (e.g. after adding a case) rewrites complete folders and keeps a valid split."""
     fed = preprocessed['federation']
     folder = preprocessed['sites']['A']
-    monkeypatch.setenv('nnUNet_preprocessed', str(preprocessed['root']))
+    point_nnunet_folder(monkeypatch, 'nnUNet_preprocessed', preprocessed['root'])
     before = sorted(os.listdir(os.path.join(folder, 'nnUNetCPUPlans_3d_fullres')))
     from fednnunet.site_worker import SiteWorker
     from fednnunet.wire import Message

@@ -12,7 +12,7 @@ from fednnunet.engines.simulation import SimulationEngine
 from fednnunet.federation import Federation, server_folder
 from fednnunet.plan_and_preprocess import plan_and_preprocess
 
-from conftest import DATASET_NAME
+from conftest import DATASET_NAME, point_nnunet_folder
 
 
 def _fingerprint_and_plans(folder):
@@ -45,7 +45,7 @@ def test_sites_with_only_their_own_files_give_the_pooled_result(raw_copy, tmp_pa
     shutil.rmtree(raw_copy / 'labelsTr')
     with open(raw_copy / 'sites.json', 'w') as f:
         json.dump(spec, f)
-    monkeypatch.setenv('nnUNet_preprocessed', str(tmp_path / 'separate_preprocessed'))
+    point_nnunet_folder(monkeypatch, 'nnUNet_preprocessed', tmp_path / 'separate_preprocessed')
     os.makedirs(tmp_path / 'separate_preprocessed')
 
     separate = Federation.from_folder(str(raw_copy))

@@ -29,6 +29,7 @@ import time
 import traceback
 from typing import Callable, Dict, List, Optional, Sequence
 
+from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message as FlowerMessage, RecordDict
 
 from fednnunet.errors import FederationError
@@ -456,7 +457,10 @@ def _same_dataset(name: Optional[str], wanted) -> bool:
         return False
     wanted = str(wanted)
     if wanted.isdigit():
-        return name.startswith('Dataset') and name[7:10].isdigit() and int(name[7:10]) == int(wanted)
+        try:
+            return convert_dataset_name_to_id(name) == int(wanted)
+        except (AssertionError, ValueError):  # not a DatasetXXX_Name
+            return False
     return name == wanted
 
 

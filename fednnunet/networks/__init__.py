@@ -6,8 +6,7 @@ named in the site's plans.json ``architecture``, whose ``arch_kwargs`` keep ever
 strides, kernel sizes and features from there) plus ``base_network_class_name`` and the method's own ``wrapper``
 settings, so nnU-Net's predictor builds them like any planned network.
 """
-import pydoc
-
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
 WRAPPER_KEYS = ('base_network_class_name', 'wrapper')
@@ -19,13 +18,9 @@ class HookedUNet(nn.Module):
     def __init__(self, input_channels: int, num_classes: int, base_network_class_name: str,
                  deep_supervision: bool = True, **base_kwargs):
         super().__init__()
-        base_class = pydoc.locate(base_network_class_name)
-        if base_class is None:
-            raise ImportError(f'network class {base_network_class_name} not found')
-        base = base_class(input_channels=input_channels, num_classes=num_classes, deep_supervision=deep_supervision,
-                          **base_kwargs)
-        if hasattr(base, 'initialize'):  # as nnU-Net's get_network_from_plans initializes planned networks
-            base.apply(base.initialize)
+        # nnU-Net's own builder (its class lookup and weight initialization); the kwargs are already imported
+        base = get_network_from_plans(base_network_class_name, base_kwargs, [], input_channels, num_classes,
+                                      allow_init=True, deep_supervision=deep_supervision)
         self.encoder = base.encoder
         self.decoder = base.decoder
         self.num_classes = num_classes
