@@ -7,7 +7,7 @@ Results follow nnU-Net's layout::
         fold_X/checkpoint_final.pth, checkpoint_best.pth      (global model, nnU-Net's checkpoint format;
                                                                only for methods whose merge is a whole network)
         fold_X/federated_round_latest.pth                    (server state for --continue)
-        fold_X/progress.png, federation_log.json, training_log.txt
+        fold_X/progress.png, progress_sites.png, federation_log.json, training_log.txt
         sites/<site>/                                         (each site's own nnU-Net model folder: its
                                                                personalized checkpoint_final.pth, logs, plots)
 
@@ -217,8 +217,7 @@ class FederatedTraining:
             self.record_round(r, t0, updates, received, t_merge, sent_before)
             self.save_server_state(r + 1, global_state)
             if time.time() - last_plot >= c.plot_interval_seconds or r + 1 == c.rounds:
-                plot_federated_progress(self.logger.local_logger.my_fantastic_logging, self.site_dice,
-                                        self.output_folder)
+                plot_federated_progress(self.logger, self.site_dice, self.output_folder)
                 last_plot = time.time()
             bar.set_postfix(pooled_pseudo_dice=f"{self.logger.get_value('mean_fg_dice', -1):.4f}")
         return self.finish(global_state)

@@ -74,6 +74,7 @@ def test_every_method_trains_predicts_and_evaluates(planned, fresh_results, tmp_
             dice = summary['final_validation']['per_site'][site]['foreground_mean']['Dice']
             assert 0 <= dice <= 1
         assert os.path.isfile(os.path.join(base, 'fold_0', 'progress.png'))
+        assert os.path.isfile(os.path.join(base, 'fold_0', 'progress_sites.png'))
         log = json.load(open(os.path.join(base, 'fold_0', 'federation_log.json')))
         assert [r['round'] for r in log] == [0, 1] and set(log[0]['sites']) == {'A', 'B', 'C'}
 
