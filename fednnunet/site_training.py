@@ -78,8 +78,8 @@ class SiteStateStore:
                         if f.startswith('round_') and f.endswith('.pth') and int(f[6:10]) <= at_most)
         if not rounds:
             return None, None
-        return rounds[-1], torch.load(join(folder, f'round_{rounds[-1]:04d}.pth'), map_location='cpu',
-                                      weights_only=True)
+        path = join(folder, f'round_{rounds[-1]:04d}.pth')
+        return rounds[-1], torch.load(path, map_location='cpu', weights_only=True)
 
 
 def results_folder(dataset_name: str, trainer_class, plans_identifier: str, configuration: str) -> str:

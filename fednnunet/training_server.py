@@ -281,8 +281,8 @@ class FederatedTraining:
         if self.has_global_model:
             torch.save(self.nnunet_checkpoint(global_state, axes), join(self.output_folder, 'checkpoint_final.pth'))
             if os.path.isfile(join(self.output_folder, 'checkpoint_best.pth')):  # add the axes found at the end
-                best = torch.load(join(self.output_folder, 'checkpoint_best.pth'), map_location='cpu',
-                                  weights_only=True)
+                best_path = join(self.output_folder, 'checkpoint_best.pth')
+                best = torch.load(best_path, map_location='cpu', weights_only=True)
                 best['inference_allowed_mirroring_axes'] = axes
                 torch.save(best, join(self.output_folder, 'checkpoint_best.pth'))
         summaries = {s: rep.config['validation_summary'] for s, rep in replies.items()}
