@@ -49,8 +49,9 @@ def case_metrics(reference_file: str, prediction_file: str, reader, labels: List
 
 
 def summarize_cases(results: List[dict], labels: List) -> dict:
-    """nnU-Net's summary layout (metric_per_case, mean, foreground_mean), HD95 included (inf excluded from
-    means, counted in 'HD95_undefined')."""
+    """nnU-Net's summary (``compute_metrics_on_folder``'s numbers: per label the NaN-ignoring mean over cases,
+    foreground the plain mean over labels), plus HD95: per label the mean over the cases where it is finite
+    ('HD95_undefined' counts the others), foreground the mean over the labels that have one."""
     means = {}
     for label in labels:
         means[label] = {}
@@ -59,9 +60,14 @@ def summarize_cases(results: List[dict], labels: List) -> dict:
             if metric == 'HD95':
                 means[label]['HD95_undefined'] = int(np.sum(~np.isfinite(values)))
                 values = values[np.isfinite(values)]
-            means[label][metric] = float(np.nanmean(values)) if values.size else float('nan')
-    foreground = {m: float(np.nanmean([means[k][m] for k in means if k not in (0, '0')]))
-                  for m in means[labels[0]] if m != 'HD95_undefined'}
+                means[label][metric] = float(np.mean(values)) if values.size else float('nan')
+            else:
+                means[label][metric] = float(np.nanmean(values))
+    foreground_labels = [k for k in means if k not in (0, '0')]
+    foreground = {m: float(np.mean([means[k][m] for k in foreground_labels]))
+                  for m in means[labels[0]] if m not in ('HD95', 'HD95_undefined')}
+    hd95 = [means[k]['HD95'] for k in foreground_labels if np.isfinite(means[k]['HD95'])]
+    foreground['HD95'] = float(np.mean(hd95)) if hd95 else float('nan')
     summary = {'metric_per_case': results, 'mean': means, 'foreground_mean': foreground}
     recursive_fix_for_json_export(summary)
     return summary
@@ -87,11 +93,19 @@ def evaluate_cases(predictor, cases: Sequence[str], image_files: Dict[str, List[
         return json.load(f)  # the JSON form (labels as strings), as it travels to the server
 
 
-def shareable_summary(summary: dict) -> dict:
-    """What a site sends of its summary: the numbers per case, named by case id, without its file paths."""
-    cases = [{'case': os.path.basename(r['prediction_file']).split('.')[0], 'metrics': r['metrics']}
+def shareable_summary(summary: dict, file_ending: str) -> dict:
+    """What a site sends of its summary: the numbers per case, named by case id (the file name without the
+    dataset's file ending; ids may hold dots), without its file paths."""
+    cases = [{'case': case_id(r['prediction_file'], file_ending), 'metrics': r['metrics']}
              for r in summary['metric_per_case']]
     return {'metric_per_case': cases, 'mean': summary['mean'], 'foreground_mean': summary['foreground_mean']}
+
+
+def case_id(path: str, file_ending: str) -> str:
+    name = os.path.basename(path)
+    if not name.endswith(file_ending):
+        raise ValueError(f'{name} does not end with {file_ending}')
+    return name[:-len(file_ending)]
 
 
 def pooled_summary(site_summaries: Dict[str, Optional[dict]]) -> dict:

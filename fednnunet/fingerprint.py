@@ -18,9 +18,11 @@ import pandas as pd
 
 from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from fednnunet.errors import FederationError
+from fednnunet.file_checks import check_complete, scalar_components
 from fednnunet.federated_quantiles import exact_order_statistics, linear_percentiles, percentile_ranks
 from fednnunet.federation import Site
 from fednnunet.parallel import run_per_case
@@ -53,6 +55,11 @@ def _checked_reader(base, site: str, case: str, n_channels: int, expected_labels
         def read_images(self, image_fnames):
             if self._reading_seg:
                 return super().read_images(image_fnames)
+            for i, f in enumerate(image_fnames):
+                try:
+                    check_complete(f)
+                except ValueError as e:
+                    raise FederationError(f'image file {f} {e}', site=site, case=case, field=f'channel {i}') from None
             try:
                 images, props = super().read_images(image_fnames)
             except Exception as e:
@@ -64,15 +71,27 @@ def _checked_reader(base, site: str, case: str, n_channels: int, expected_labels
                                               case=case, field=f'channel {i}') from None
                 raise FederationError(f'cannot read images {list(image_fnames)} together ({e})', site=site,
                                       case=case, field='images') from None
-            if images.shape[0] != n_channels:
-                raise FederationError(f'has {images.shape[0]} channels, dataset.json declares {n_channels}',
-                                      site=site, case=case, field='channel_names')
+            for i, f in enumerate(image_fnames if issubclass(base, SimpleITKIO) else ()):
+                components = scalar_components(f)  # SimpleITKIO would read a vector image as extra dimension
+                if components is not None and components > 1:
+                    raise FederationError(f'image file {f} holds {components} components per voxel (a vector image); '
+                                          f'nnU-Net reads one scalar image per channel file ({case}_0000, '
+                                          f'{case}_0001, ...): split it into one file per channel', site=site,
+                                          case=case, field=f'channel {i}')
+            if images.ndim != 4 or images.shape[0] != n_channels:
+                raise FederationError(f'the images {list(image_fnames)} read as an array of shape {images.shape}; '
+                                      f'nnU-Net expects {n_channels} channel(s) of 3D images (dataset.json '
+                                      f'declares {n_channels})', site=site, case=case, field='channel_names')
             if np.isnan(images).any():
                 raise FederationError('image contains NaN values', site=site, case=case, field='images')
             seen['shape'], seen['spacing'] = images.shape[1:], props['spacing']
             return images, props
 
         def read_seg(self, seg_fname):
+            try:
+                check_complete(seg_fname)
+            except ValueError as e:
+                raise FederationError(f'label file {seg_fname} {e}', site=site, case=case, field='label') from None
             self._reading_seg = True
             try:
                 seg, props = super().read_seg(seg_fname)
@@ -168,11 +187,13 @@ def count_values_leq(private_folder: str, thresholds: Dict[str, np.ndarray]) -> 
 
 
 def release_private_sample(private_folder: str):
-    """After the merge the sample has served its purpose; the site deletes it."""
+    """After the merge the sample has served its purpose; the site deletes it (and the folder, once empty)."""
     if os.path.isdir(private_folder):
         for f in os.listdir(private_folder):
             if f.startswith('foreground_'):
                 os.remove(os.path.join(private_folder, f))
+        if not os.listdir(private_folder):
+            os.rmdir(private_folder)
 
 
 def merge_moments(parts: List[dict]) -> dict:

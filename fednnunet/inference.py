@@ -1,72 +1,96 @@
-"""Prediction with a federated model through nnU-Net's own predictor.
+"""Prediction with a federated model through nnU-Net's own predictor and its own model loading.
 
 A model folder is nnU-Net's (plans.json, dataset.json, fold_X/checkpoint_*.pth): the global model lives in
 ``<Trainer>__<plans>__<config>/``, a site's personalized model in ``<Trainer>__<plans>__<config>/sites/<site>/``.
-The network is rebuilt by the trainer that trained it (fednnunet's trainers are not on nnU-Net's search path, so
-``nnUNetPredictor.manual_initialization`` is used instead of a name lookup); everything else, sliding window,
-mirroring, resampling and export, is nnU-Net's.
+nnU-Net's ``nnUNetPredictor.initialize_from_trained_model_folder`` loads it (its trainer lookup finds fednnunet's
+trainers through ``nnUNet_extTrainer``, as for stock ``nnUNetv2_predict``; several folds are ensembled); the only
+change is that checkpoints are read with ``torch.load(weights_only=True)``: nothing in them is unpickled but
+tensors, plain containers and numpy scalars. Sliding window, mirroring, resampling and export are nnU-Net's.
 """
+import contextlib
+import io
 import os
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from batchgenerators.utilities.file_and_folder_operations import join
 
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+import fednnunet.trainers
 from fednnunet.errors import FederationError
 
+#: the folder nnU-Net's trainer lookup searches (nnUNet_extTrainer) for fednnunet's trainer classes
+TRAINERS_FOLDER = os.path.dirname(os.path.abspath(fednnunet.trainers.__file__))
 
-def trainer_class_by_name(name: str):
-    """fednnunet's trainers first, then nnU-Net's own lookup (its package and nnUNet_extTrainer)."""
-    from fednnunet.methods import METHODS
-    from fednnunet.trainers.centralized import CentralizedTrainer
-    for cls in [m.trainer for m in METHODS.values()] + [CentralizedTrainer]:
-        if cls.__name__ == name:
-            return cls
-    cls = recursive_find_trainer_class_by_name(name)
-    if cls is None:
-        raise FederationError(f'no trainer class named {name!r}', field='trainer_name')
-    return cls
+
+def _numpy_scalar_globals() -> list:
+    """What nnU-Net's checkpoints hold besides tensors (its trainer logs numpy floats)."""
+    core = getattr(np, '_core', None) or np.core  # numpy 2 renamed np.core to np._core
+    return [core.multiarray.scalar, np.dtype] + [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64,
+                                                                              np.int64)]
 
 
 def load_checkpoint(path: str) -> dict:
-    """An nnU-Net checkpoint, unpickling nothing but tensors, plain containers and numpy scalars (nnU-Net's
-    trainer logs numpy floats)."""
-    numpy_scalars = [np._core.multiarray.scalar, np.dtype] + [type(np.dtype(t)) for t in
-                                                              (np.float16, np.float32, np.float64, np.int64)]
-    with torch.serialization.safe_globals(numpy_scalars):
+    """An nnU-Net checkpoint, unpickling nothing but tensors, plain containers and numpy scalars."""
+    with torch.serialization.safe_globals(_numpy_scalar_globals()):
         return torch.load(path, map_location='cpu', weights_only=True)
 
 
-def load_predictor(model_folder: str, fold: Union[int, str] = 0, checkpoint_name: str = 'checkpoint_final.pth',
-                   device: Optional[torch.device] = None, use_mirroring: bool = True,
-                   tile_step_size: float = 0.5, allow_tqdm: bool = False) -> nnUNetPredictor:
-    checkpoint_file = join(model_folder, f'fold_{fold}', checkpoint_name)
-    if not os.path.isfile(checkpoint_file):
-        raise FederationError(f'{checkpoint_file} does not exist; was this model trained (and finished)?',
-                              field='checkpoint')
+@contextlib.contextmanager
+def checkpoints_loaded_without_pickle():
+    """For the duration of a call into nnU-Net: its ``torch.load(..., weights_only=False)`` (which would run any
+    pickled code in a checkpoint) reads with ``weights_only=True`` instead."""
+    original = torch.load
+
+    def weights_only_load(f, *args, **kwargs):
+        kwargs['weights_only'] = True
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return original(f, *args, **kwargs)
+
+    torch.load = weights_only_load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+@contextlib.contextmanager
+def fednnunet_trainers_findable():
+    """nnU-Net finds a checkpoint's trainer class by name in its own package, then in the folders of
+    ``nnUNet_extTrainer``: fednnunet's trainers folder is added there for the call."""
+    previous = os.environ.get('nnUNet_extTrainer')
+    paths = [p for p in (previous or '').split(os.pathsep) if p]
+    if TRAINERS_FOLDER not in paths:
+        os.environ['nnUNet_extTrainer'] = os.pathsep.join(paths + [TRAINERS_FOLDER])
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop('nnUNet_extTrainer', None)
+        else:
+            os.environ['nnUNet_extTrainer'] = previous
+
+
+def load_predictor(model_folder: str, folds: Union[int, str, Sequence] = 0,
+                   checkpoint_name: str = 'checkpoint_final.pth', device: Optional[torch.device] = None,
+                   use_mirroring: bool = True, tile_step_size: float = 0.5, allow_tqdm: bool = False,
+                   verbose: bool = False) -> nnUNetPredictor:
+    """nnU-Net's predictor for the model in ``model_folder`` (one fold, or several: nnU-Net ensembles them)."""
+    folds = [folds] if isinstance(folds, (int, str)) else list(folds)
+    for f in folds:
+        checkpoint_file = join(model_folder, f'fold_{f}', checkpoint_name)
+        if not os.path.isfile(checkpoint_file):
+            raise FederationError(f'{checkpoint_file} does not exist; was this model trained (and finished)?',
+                                  field='checkpoint')
     device = device or torch.device('cpu')
-    dataset_json = load_json(join(model_folder, 'dataset.json'))
-    plans_manager = PlansManager(load_json(join(model_folder, 'plans.json')))
-    checkpoint = load_checkpoint(checkpoint_file)
-    configuration_manager = plans_manager.get_configuration(checkpoint['init_args']['configuration'])
-    trainer_class = trainer_class_by_name(checkpoint['trainer_name'])
-    network = trainer_class.build_network_architecture(
-        plans_manager, configuration_manager,
-        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
-        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
-    network.load_state_dict(checkpoint['network_weights'])
     predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                                 perform_everything_on_device=device.type == 'cuda', device=device, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=allow_tqdm)
-    predictor.manual_initialization(network, plans_manager, configuration_manager, [checkpoint['network_weights']],
-                                    dataset_json, checkpoint['trainer_name'],
-                                    checkpoint.get('inference_allowed_mirroring_axes'))
+    quiet = contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext()
+    with quiet, fednnunet_trainers_findable(), checkpoints_loaded_without_pickle():  # nnU-Net narrates its lookup
+        predictor.initialize_from_trained_model_folder(model_folder, tuple(folds), checkpoint_name)
     return predictor
 
 

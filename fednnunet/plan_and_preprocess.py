@@ -39,6 +39,15 @@ def ask_every_site(engine, message: Message) -> Dict[str, Message]:
     return replies
 
 
+def discard_site_fingerprints(engine):
+    """After a failed planning: every site deletes its fingerprint and its private intensity sample (best effort: a
+    site that cannot be reached keeps its files, and says so in its own log when it is asked next)."""
+    try:
+        engine.ask_all(Message('release_fingerprint', {'discard': True}))
+    except Exception:  # noqa: BLE001 - the planning's own error is the one to report
+        pass
+
+
 def federated_fingerprint(engine, gpu_memory_gb: Optional[float] = None) -> dict:
     """Phases 1-3. Returns {'negotiation', 'fingerprint', 'site_fingerprints', 'count_rounds'}."""
     descriptions = ask_every_site(engine, Message('describe'))
@@ -67,10 +76,14 @@ def plan_and_preprocess(engine, dataset_name: str, configurations: Sequence[str]
                         preprocess: bool = True) -> dict:
     """Runs all phases; returns a summary that is also written to <server folder>/federation/negotiation_<plans>.json."""
     t0 = time.time()
-    fp = federated_fingerprint(engine, gpu_memory_gb)
-    t_fingerprint = time.time() - t0
-    plans, plans_identifier = plan_federation(dataset_name, fp['negotiation'], fp['fingerprint'], planner_name,
-                                              plans_name, overwrite_target_spacing)
+    try:
+        fp = federated_fingerprint(engine, gpu_memory_gb)
+        t_fingerprint = time.time() - t0
+        plans, plans_identifier = plan_federation(dataset_name, fp['negotiation'], fp['fingerprint'], planner_name,
+                                                  plans_name, overwrite_target_spacing)
+    except BaseException:
+        discard_site_fingerprints(engine)  # nothing of a failed planning stays at the sites
+        raise
     t_plan = time.time() - t0 - t_fingerprint
     plans_file = os.path.join(server_folder(dataset_name), plans_identifier + '.json')
     with open(plans_file) as f:

@@ -8,19 +8,25 @@ starts a fresh process) or in memory (simulation). Both give identical rounds: e
 """
 import multiprocessing
 import os
+import re
+import shutil
 from typing import Dict, Optional, Tuple
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
 from nnunetv2.paths import nnUNet_results
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 
+from fednnunet.errors import FederationError
 from fednnunet.methods import get_method
 from fednnunet.trainers.base import FederatedTrainer, cpu_copy, to_plain
 from fednnunet.wire import Message
 
 _cpu_notice_shown = False
+RUN_ID = re.compile(r'^[0-9a-f]{32}$')
+STATE_FILE = re.compile(r'^round_(\d{4})\.pth$')
 
 
 def resolve_device(name: str = 'cuda') -> torch.device:
@@ -39,16 +45,24 @@ def resolve_device(name: str = 'cuda') -> torch.device:
 
 
 class SiteStateStore:
-    """A site's state after each completed round: ``round_XXXX.pth`` in the site's results fold folder, or
-    in memory. Keeps the last two (a server that failed before saving its round resumes from the previous)."""
+    """A site's state after each completed round of one run: ``site_state/<run id>/round_XXXX.pth`` in the site's
+    results fold folder, or in memory. Keeps the run's last two (a server that failed before saving its round
+    resumes from the previous); states of other runs are never read, and never outrank this run's."""
 
     def __init__(self, in_memory: bool = False):
         self.in_memory = in_memory
         self._memory: Dict[str, Dict[int, dict]] = {}
 
     @staticmethod
-    def _folder(trainer: FederatedTrainer) -> str:
+    def root(trainer: FederatedTrainer) -> str:
         return join(trainer.output_folder, 'site_state')
+
+    @classmethod
+    def _folder(cls, trainer: FederatedTrainer) -> str:
+        if not trainer.run_id or not RUN_ID.match(trainer.run_id):
+            raise ValueError(f"site '{trainer.site_name}': the run id {trainer.run_id!r} is not a run id (32 hex "
+                             f"digits)")
+        return join(cls.root(trainer), trainer.run_id)
 
     def save(self, trainer: FederatedTrainer, rounds_done: int, state: dict):
         folder = self._folder(trainer)
@@ -62,24 +76,36 @@ class SiteStateStore:
         path = join(folder, f'round_{rounds_done:04d}.pth')
         torch.save(state, path + '.partial')
         os.replace(path + '.partial', path)
-        for f in sorted(f for f in os.listdir(folder) if f.startswith('round_') and f.endswith('.pth'))[:-2]:
-            os.remove(join(folder, f))
+        for r in self._rounds_on_disk(folder)[:-2]:
+            os.remove(join(folder, f'round_{r:04d}.pth'))
+
+    @staticmethod
+    def _rounds_on_disk(folder: str) -> list:
+        if not os.path.isdir(folder):
+            return []
+        return sorted(int(m.group(1)) for m in map(STATE_FILE.match, os.listdir(folder)) if m)
 
     def latest(self, trainer: FederatedTrainer, at_most: int) -> Tuple[Optional[int], Optional[dict]]:
-        """The newest state with at most ``at_most`` completed rounds."""
+        """The newest state of the trainer's run with at most ``at_most`` completed rounds."""
         folder = self._folder(trainer)
         if self.in_memory:
             kept = self._memory.get(folder, {})
             rounds = [r for r in kept if r <= at_most]
             return (max(rounds), cpu_copy(kept[max(rounds)])) if rounds else (None, None)
-        if not os.path.isdir(folder):
-            return None, None
-        rounds = sorted(int(f[6:10]) for f in os.listdir(folder)
-                        if f.startswith('round_') and f.endswith('.pth') and int(f[6:10]) <= at_most)
+        rounds = [r for r in self._rounds_on_disk(folder) if r <= at_most]
         if not rounds:
             return None, None
-        path = join(folder, f'round_{rounds[-1]:04d}.pth')
-        return rounds[-1], torch.load(path, map_location='cpu', weights_only=True)
+        state = torch.load(join(folder, f'round_{rounds[-1]:04d}.pth'), map_location='cpu', weights_only=True)
+        if state.get('run_id') != trainer.run_id:
+            raise ValueError(f"site '{trainer.site_name}': {folder} holds a state of run {state.get('run_id')!r}")
+        return rounds[-1], state
+
+    def other_runs(self, trainer: FederatedTrainer) -> list:
+        """Run ids of other runs whose state this site holds in the same results folder (on disk)."""
+        root = self.root(trainer)
+        if self.in_memory or not os.path.isdir(root):
+            return []
+        return sorted(d for d in os.listdir(root) if d != trainer.run_id and os.path.isdir(join(root, d)))
 
 
 def results_folder(dataset_name: str, trainer_class, plans_identifier: str, configuration: str) -> str:
@@ -90,39 +116,80 @@ def results_folder(dataset_name: str, trainer_class, plans_identifier: str, conf
 def build_site_trainer(worker, config: dict) -> FederatedTrainer:
     """The site's trainer for one message: plans and dataset.json come from the site's own folder."""
     method = get_method(config['method'])
+    dataset_json = load_json(join(worker.folder, 'dataset.json'))
     plans = method.trainer.adapt_plans(load_json(join(worker.folder, config['plans_identifier'] + '.json')),
                                        config['configuration'], config['num_sites'], config['site_index'],
-                                       config.get('hyperparameters') or {})
+                                       config.get('hyperparameters') or {}, dataset_json)
     plans['continue_training'] = False
-    dataset_json = load_json(join(worker.folder, 'dataset.json'))
     trainer = method.trainer(plans, config['configuration'], config['fold'], dataset_json, worker.device)
     trainer.verbose = worker.verbose
     trainer.configure_federation(
         worker.site.name, config['site_index'], worker.folder,
         results_folder(worker.dataset_name, method.trainer, config['plans_identifier'], config['configuration']),
         config['rounds'], config['local_iterations'], config['val_iterations'], config['seed'],
-        config.get('hyperparameters') or {})
+        config.get('hyperparameters') or {}, config['num_sites'])
     trainer.run_id = config.get('run_id')
     return trainer
 
 
-def own_state(worker, trainer: FederatedTrainer, at_most: int) -> Tuple[Optional[int], Optional[dict]]:
-    """The site's newest state of this run (a state left by another run in the same folder is not used)."""
-    rounds_done, state = worker.state_store.latest(trainer, at_most)
-    if state is None or state.get('run_id') != trainer.run_id:
-        return None, None
-    return rounds_done, state
-
-
 def started_trainer(worker, config: dict, round_index: int) -> Tuple[FederatedTrainer, Optional[int]]:
     """The site's trainer, set up for ``round_index`` with its own newest state of this run loaded (if any).
-    Returns (trainer, the number of rounds that state had completed)."""
+    Returns (trainer, the number of rounds that state had completed).
+
+    A results folder that holds another run's state is refused at a run's start, unless the server asked to
+    overwrite (then that state is deleted): a new run never mixes with an old one."""
     trainer = build_site_trainer(worker, config)
+    rounds_done, state = worker.state_store.latest(trainer, round_index)
+    if state is None:
+        others = worker.state_store.other_runs(trainer)
+        if others and config.get('overwrite'):  # the earlier run's models, logs and state go; this run starts clean
+            shutil.rmtree(trainer.output_folder)
+            os.makedirs(trainer.output_folder)
+        elif others:
+            raise FederationError(f'{SiteStateStore.root(trainer)} holds an earlier training run (run ids '
+                                  f'{", ".join(others)}); start the server with --continue to resume that run or '
+                                  f'with --overwrite to replace it', site=worker.site.name, field='results folder')
     trainer.start(round_index)
-    rounds_done, state = own_state(worker, trainer, round_index)
     if state is not None:
         trainer.load_site_state(state)
     return trainer, rounds_done
+
+
+def check_training(worker, message: Message) -> Message:
+    """Before a run writes anything: the site has the plans, its preprocessed cases of the configuration and its
+    splits, and (for a new run) no other run's state in its results folder unless the server overwrites. Reads
+    only; an error names the site and the command that fixes it."""
+    from fednnunet.training_server import check_trainable, plan_and_preprocess_hint
+    config = message.config
+    dataset, plans_id, configuration = worker.dataset_name, config['plans_identifier'], config['configuration']
+    hint = plan_and_preprocess_hint(dataset, plans_id, configuration)
+    plans_file = join(worker.folder, plans_id + '.json')
+    if not os.path.isfile(plans_file):
+        raise FederationError(f"the site has no plans '{plans_id}' (in {worker.folder}): run `{hint}` first",
+                              site=worker.site.name, field='-p')
+    plans = load_json(plans_file)
+    check_trainable(plans, plans_id, configuration)
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+    data = join(worker.folder, data_identifier)
+    absent = [c for c in worker.site.cases if not os.path.isfile(join(data, c + '.pkl'))]
+    if absent:
+        raise FederationError(f"configuration '{configuration}' is not preprocessed at this site ({len(absent)} of "
+                              f"{len(worker.site.cases)} cases missing in {data}, e.g. {absent[0]}): run `{hint}`",
+                              site=worker.site.name, field='-c')
+    splits_file = join(worker.folder, 'splits_final.json')
+    if config['fold'] != 'all' and (not os.path.isfile(splits_file) or
+                                    int(config['fold']) >= len(load_json(splits_file))):
+        raise FederationError(f"no fold {config['fold']} in {splits_file}: run `{hint}`", site=worker.site.name,
+                              field='fold')
+    if not config.get('continue') and not config.get('overwrite'):
+        method = get_method(config['method'])
+        state_root = join(results_folder(worker.dataset_name, method.trainer, plans_id, configuration), 'sites',
+                          worker.site.name, f"fold_{config['fold']}", 'site_state')
+        if os.path.isdir(state_root) and os.listdir(state_root):
+            raise FederationError(f'{state_root} holds an earlier training run (its site state): resume it with '
+                                  f'--continue, or replace it with --overwrite', site=worker.site.name,
+                                  field='results folder')
+    return Message('ready', {'num_training_cases': len(worker.site.cases)})
 
 
 def fit(worker, message: Message) -> Message:
@@ -152,10 +219,9 @@ def finish(worker, message: Message) -> Message:
             raise RuntimeError(f"site '{worker.site.name}' has no training state to finish from")
         if message.arrays:
             trainer.load_shared_state(dict(message.arrays))
-        trainer.current_epoch = rounds - 1  # nnU-Net stores current_epoch + 1
-        trainer.save_checkpoint(join(trainer.output_folder, 'checkpoint_final.pth'))
         trainer.current_epoch = rounds
-        trainer.logger.plot_progress_png(trainer.output_folder)
+        trainer.on_train_end()  # nnU-Net's: checkpoint_final.pth, checkpoint_latest.pth removed, loaders stopped
+        trainer.logger.local_logger.plot_progress_png(trainer.output_folder)
         summary = None
         if config.get('validate', True):
             summary = evaluate_model(worker, config, trainer.output_folder_base, 'checkpoint_final.pth',
@@ -183,12 +249,13 @@ def evaluate_model(worker, config: dict, model_folder: str, checkpoint: str, out
     the per-case numbers without file paths."""
     from fednnunet.evaluation import evaluate_cases, shareable_summary
     from fednnunet.inference import load_predictor
-    predictor = load_predictor(model_folder, config['fold'], checkpoint, worker.device)
+    predictor = load_predictor(model_folder, config['fold'], checkpoint, worker.device, verbose=worker.verbose)
     cases = validation_cases(worker, config['fold'])
-    return shareable_summary(evaluate_cases(predictor, cases, {c: worker.site.image_files(c) for c in cases},
-                                            {c: worker.site.label_file(c) for c in cases}, output_folder,
-                                            num_processes=worker.num_processes if worker.num_processes > 1 else 0,
-                                            verbose=worker.verbose))
+    summary = evaluate_cases(predictor, cases, {c: worker.site.image_files(c) for c in cases},
+                             {c: worker.site.label_file(c) for c in cases}, output_folder,
+                             num_processes=worker.num_processes if worker.num_processes > 1 else 0,
+                             verbose=worker.verbose)
+    return shareable_summary(summary, predictor.dataset_json['file_ending'])
 
 
 def evaluate(worker, message: Message) -> Message:

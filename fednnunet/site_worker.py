@@ -17,8 +17,8 @@ from fednnunet.federation import Site, site_folder
 from fednnunet.wire import Message
 
 #: every request a site answers (the Flower ClientApp registers one handler per kind)
-MESSAGE_KINDS = ('identify', 'describe', 'fingerprint', 'count_leq', 'release_fingerprint', 'preprocess', 'fit',
-                 'finish', 'evaluate')
+MESSAGE_KINDS = ('identify', 'describe', 'fingerprint', 'count_leq', 'release_fingerprint', 'preprocess',
+                 'check_training', 'fit', 'finish', 'evaluate')
 
 
 def package_version(name: str) -> Optional[str]:
@@ -54,6 +54,7 @@ class SiteWorker:
             'count_leq': self.count_leq,
             'release_fingerprint': self.release_fingerprint,
             'preprocess': self.preprocess,
+            'check_training': lambda m: self._site_training().check_training(self, m),
             'fit': lambda m: self._site_training().fit(self, m),
             'finish': lambda m: self._site_training().finish(self, m),
             'evaluate': lambda m: self._site_training().evaluate(self, m),
@@ -119,8 +120,14 @@ class SiteWorker:
         return Message('counts', arrays=count_values_leq(self.private_folder, message.arrays))
 
     def release_fingerprint(self, message: Message) -> Message:
+        """After the merge: the private sample goes. ``discard`` (after a failed planning): the site's fingerprint
+        goes too."""
         from fednnunet.fingerprint import release_private_sample
         release_private_sample(self.private_folder)
+        if message.config.get('discard') is True:
+            own = os.path.join(self.folder, 'dataset_fingerprint.json')
+            if os.path.isfile(own):
+                os.remove(own)
         return Message('released')
 
     def preprocess(self, message: Message) -> Message:

@@ -35,6 +35,15 @@ class Strategy:
         if weighting not in ('num_examples', 'uniform'):
             raise ValueError(f"weighting must be 'num_examples' or 'uniform', not {weighting!r}")
         self.weighting = weighting
+        self._notes: List[str] = []
+
+    def note(self, text: str):
+        """Something the server should log for this round (e.g. a site that handed nothing over)."""
+        self._notes.append(text)
+
+    def take_notes(self) -> List[str]:
+        notes, self._notes = self._notes, []
+        return notes
 
     def weight(self, update: 'SiteUpdate') -> float:
         return 1.0 if self.weighting == 'uniform' else float(update.num_examples)
@@ -107,25 +116,28 @@ class FedAvg(Strategy):
 
 class TwoStageFedAvg(FedAvg):
     """FedAvg over the shared keys for the first stage; then hands every site's ``readonly/`` parts (sent with the
-    last first-stage round) to every site with the first second-stage round, and merges nothing afterwards
-    (see fednnunet/trainers/two_stage.py)."""
+    last first-stage round) to every site, with the first second-stage round that site takes part in, and merges
+    nothing afterwards (see fednnunet/trainers/two_stage.py). A site that missed the last first-stage round handed
+    nothing over: the others calibrate without its parts, and the server says so."""
 
     READONLY = 'readonly/'
 
     def __init__(self, weighting: str = 'num_examples'):
         super().__init__(weighting)
         self.readonly: Dict[str, Dict[str, np.ndarray]] = {}
-        self.stage1_rounds = None
+        self.handed_over: List[str] = []  # sites that have received the read-only parts
+        self.stage1_rounds = self.rounds = None
         self.site_indices: Dict[str, int] = {}
 
     def setup(self, rounds, site_indices, hyperparameters):
-        self.stage1_rounds = rounds - int(hyperparameters.get('stage2_rounds', 0))
+        self.rounds = rounds
+        self.stage1_rounds = rounds - int(hyperparameters['stage2_rounds'])
         self.site_indices = dict(site_indices)
 
     def configure_fit(self, round_index, site, global_state):
         if round_index < self.stage1_rounds:
             return global_state
-        if round_index == self.stage1_rounds:
+        if site not in self.handed_over and round_index < self.rounds:  # the finish message hands nothing over
             out = dict(global_state)
             for s, parts in self.readonly.items():
                 out.update({f'{self.READONLY}{self.site_indices[s]}/{k}': v for k, v in parts.items()})
@@ -140,16 +152,26 @@ class TwoStageFedAvg(FedAvg):
                 self.readonly[u.site] = parts
             plain.append(SiteUpdate(u.site, {k: v for k, v in u.arrays.items() if not k.startswith(self.READONLY)},
                                     u.num_examples, u.metrics))
+        if round_index == self.stage1_rounds - 1:
+            missing = sorted(set(self.site_indices) - set(self.readonly))
+            if missing:
+                self.note(f'the second stage starts without the parts of site(s) {missing} (no update in the last '
+                          f'round of the first stage): the other sites calibrate against '
+                          f'{sorted(self.readonly)} only')
         if round_index >= self.stage1_rounds:
+            for u in updates:
+                if u.site not in self.handed_over:
+                    self.handed_over.append(u.site)
             return global_state
         return super().aggregate(round_index, plain, global_state)
 
     def state(self):
-        return {'readonly': self.readonly}
+        return {'readonly': self.readonly, 'handed_over': list(self.handed_over)}
 
     def load_state(self, state):
         self.readonly = {s: {k: np.asarray(v) for k, v in parts.items()}
                          for s, parts in state.get('readonly', {}).items()}
+        self.handed_over = list(state.get('handed_over', []))
 
 
 class NoAggregation(Strategy):

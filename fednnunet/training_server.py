@@ -14,12 +14,13 @@ Results follow nnU-Net's layout::
 The server never sees images. It sends each site what the method's strategy says, merges what comes back,
 and keeps the pooled pseudo Dice (exact, from the sites' summed TP/FP/FN) to select the best global model.
 """
+import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -28,7 +29,6 @@ from batchgenerators.utilities.file_and_folder_operations import join, load_json
 from tqdm import tqdm
 
 from nnunetv2.training.logging.nnunet_logger import MetaLogger
-from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from fednnunet.errors import FederationError
@@ -44,6 +44,15 @@ from fednnunet.trainers.base import (canonical_keys, canonical_state, expand_ali
 from fednnunet.wire import Message
 
 SERVER_CHECKPOINT = 'federated_round_latest.pth'
+#: files in a results fold folder that show an earlier run (a new run refuses the folder unless asked to overwrite)
+RUN_FILES = (SERVER_CHECKPOINT, 'federation_log.json', 'federated_summary.json', 'checkpoint_final.pth',
+             'checkpoint_best.pth')
+#: settings that may differ between an interrupted run and its --continue (they do not change what is trained)
+OPERATIONAL_SETTINGS = ('min_sites', 'plot_interval_seconds')
+#: the planner that writes nnU-Net's (and fednnunet's) standard plans, for the hint when plans are missing
+PLANNER_OF_PLANS = {'nnUNetPlans': 'ExperimentPlanner', 'nnUNetCPUPlans': 'nnUNetPlannerCPU',
+                    'nnUNetResEncUNetMPlans': 'nnUNetPlannerResEncM', 'nnUNetResEncUNetLPlans': 'nnUNetPlannerResEncL',
+                    'nnUNetResEncUNetXLPlans': 'nnUNetPlannerResEncXL'}
 
 
 @dataclass
@@ -79,18 +88,46 @@ def check_trainable(plans: dict, plans_identifier: str, configuration: str):
                                   f"implemented: train '{previous}' or 3d_fullres")
 
 
+def plan_and_preprocess_hint(dataset_name: str, plans_identifier: str, configuration: str) -> str:
+    """The command that makes these plans and preprocesses this configuration at every site."""
+    planner = PLANNER_OF_PLANS.get(plans_identifier)
+    planner_args = f'-pl {planner}' if planner else f'-pl PLANNER -overwrite_plans_name {plans_identifier}'
+    return f'fednnunet_plan_and_preprocess -d {dataset_name} {planner_args} -c {configuration}'
+
+
+def load_plans(dataset_name: str, plans_identifier: str, configuration: str) -> dict:
+    """The negotiated plans from the server's folder; a clear error (with the command that makes them) if absent."""
+    folder = server_folder(dataset_name)
+    path = join(folder, plans_identifier + '.json')
+    if not os.path.isfile(path):
+        found = sorted(f[:-5] for f in os.listdir(folder) if f.endswith('Plans.json')) if os.path.isdir(folder) else []
+        raise FederationError(f"no plans '{plans_identifier}' in {folder}: plan and preprocess first with "
+                              f"`{plan_and_preprocess_hint(dataset_name, plans_identifier, configuration)}`"
+                              + (f" (plans found there: {', '.join(found)}; choose them with -p)" if found else ''),
+                              field='-p')
+    return load_json(path)
+
+
+def json_digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 class FederatedTraining:
     def __init__(self, engine, config: TrainingConfig):
         self.engine = engine
-        self.config = config
         self.method = get_method(config.method)
+        # every hyper-parameter with its value for this run (e.g. the second stage's share of the rounds): the sites
+        # get the resolved values, and --continue compares them
+        resolved, self.notes = self.method.trainer.resolve_hyperparameters(dict(config.hyperparameters),
+                                                                           config.rounds)
+        self.config = config = replace(config, hyperparameters=resolved)
         self.strategy = self.method.strategy(**config.strategy_options)
         self.has_global_model = self.strategy.produces_global_model and self.method.has_global_model
+        self.plans = load_plans(config.dataset_name, config.plans_identifier, config.configuration)
+        check_trainable(self.plans, config.plans_identifier, config.configuration)
         self.results_base = results_folder(config.dataset_name, self.method.trainer, config.plans_identifier,
                                            config.configuration)
         self.output_folder = join(self.results_base, f'fold_{config.fold}')
-        self.plans = load_json(join(server_folder(config.dataset_name), config.plans_identifier + '.json'))
-        check_trainable(self.plans, config.plans_identifier, config.configuration)
         self.dataset_json = load_json(join(server_folder(config.dataset_name), 'dataset.json'))
         self.logger = MetaLogger(self.output_folder, False)
         self.site_dice: Dict[str, List[float]] = {}
@@ -99,9 +136,12 @@ class FederatedTraining:
         self.site_indices = {s: i for i, s in enumerate(sorted(engine.site_names))}
         self.log_file = join(self.output_folder, 'training_log.txt')
         self.run_id = uuid.uuid4().hex  # a resumed run keeps its own; sites ignore states of other runs
+        self.continue_training = self.overwrite = False
+        self._checkpoint_trainer = None
 
     # ------------------------------------------------------------------ helpers
     def log(self, text: str, console: bool = False):
+        os.makedirs(self.output_folder, exist_ok=True)
         with open(self.log_file, 'a') as f:
             f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")}: {text}\n')
         if console:
@@ -113,17 +153,31 @@ class FederatedTraining:
                 'plans_identifier': c.plans_identifier, 'rounds': c.rounds, 'local_iterations': c.local_iterations,
                 'val_iterations': c.val_iterations, 'seed': c.seed, 'hyperparameters': c.hyperparameters,
                 'site_index': self.site_indices[site], 'num_sites': len(self.site_indices), 'run_id': self.run_id,
-                **extra}
+                'overwrite': self.overwrite, 'continue': self.continue_training, **extra}
+
+    def checkpoint_trainer(self):
+        """The method's nnU-Net trainer on the server, without data: it builds the initial network (seeded as the
+        sites seed theirs) and writes the global model's checkpoints with nnU-Net's own ``save_checkpoint``,
+        including nnU-Net's inference mirroring axes for this configuration."""
+        if self._checkpoint_trainer is None:
+            c = self.config
+            plans = self.method.trainer.adapt_plans(self.plans, c.configuration, len(self.site_indices), 0,
+                                                    c.hyperparameters, self.dataset_json)
+            trainer = self.method.trainer(dict(plans, continue_training=False), c.configuration, c.fold,
+                                          self.dataset_json, torch.device('cpu'))
+            trainer.output_folder_base, trainer.output_folder = self.results_base, self.output_folder
+            trainer.log_file = self.log_file
+            trainer.num_epochs = c.rounds
+            trainer.set_hyperparameters(c.hyperparameters)
+            seed_everything(initial_weights_seed(c.seed))
+            trainer.build_without_data()
+            trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the inference mirroring axes
+            self._checkpoint_trainer = trainer
+        return self._checkpoint_trainer
 
     def initial_network_state(self) -> Dict[str, np.ndarray]:
         """The network every site starts from: the method's architecture from the plans, seeded."""
-        pm = PlansManager(self.method.trainer.adapt_plans(self.plans, self.config.configuration,
-                                                          len(self.site_indices), 0, self.config.hyperparameters))
-        cm = pm.get_configuration(self.config.configuration)
-        seed_everything(initial_weights_seed(self.config.seed))
-        network = self.method.trainer.build_network_architecture(
-            pm, cm, determine_num_input_channels(pm, cm, self.dataset_json),
-            pm.get_label_manager(self.dataset_json).num_segmentation_heads, True)
+        network = self.checkpoint_trainer().unwrapped_network
         self.shared_keys = self.method.trainer.shared_keys(network)
         self.aliases = state_dict_aliases(network)
         if self.method.has_global_model != (set(self.shared_keys) == set(canonical_keys(network))):
@@ -137,20 +191,17 @@ class FederatedTraining:
         shutil.copyfile(join(server_folder(self.config.dataset_name), 'dataset_fingerprint.json'),
                         join(self.results_base, 'dataset_fingerprint.json'))
 
-    def nnunet_checkpoint(self, state: Dict[str, np.ndarray], mirroring_axes) -> dict:
-        """nnU-Net's checkpoint format, as ``nnUNetTrainer.save_checkpoint`` writes it, for the global model."""
-        return {
-            'network_weights': expand_aliases({k: torch.from_numpy(np.array(v)) for k, v in state.items()},
-                                              self.aliases),
-            'optimizer_state': None, 'grad_scaler_state': None,
-            'logging': to_plain(self.logger.get_checkpoint()),
-            '_best_ema': to_plain(self.best_ema),
-            'current_epoch': self.config.rounds,
-            'init_args': {'plans': self.plans, 'configuration': self.config.configuration, 'fold': self.config.fold,
-                          'dataset_json': self.dataset_json, 'device': torch.device('cpu')},
-            'trainer_name': self.method.trainer.__name__,
-            'inference_allowed_mirroring_axes': mirroring_axes,
-        }
+    def save_global_checkpoint(self, filename: str, state: Dict[str, np.ndarray]):
+        """The global model in nnU-Net's checkpoint format, written by nnU-Net's own ``save_checkpoint`` (the
+        server's logs and best EMA, the rounds, init args, trainer name, mirroring axes; the optimizer state is the
+        server trainer's empty one: momentum lives at the sites)."""
+        trainer = self.checkpoint_trainer()
+        trainer.unwrapped_network.load_state_dict(expand_aliases(
+            {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, self.aliases))
+        trainer.logger.load_checkpoint(to_plain(self.logger.get_checkpoint()))
+        trainer._best_ema = to_plain(self.best_ema)
+        trainer.current_epoch = self.config.rounds - 1  # nnU-Net stores current_epoch + 1
+        trainer.save_checkpoint(join(self.output_folder, filename))
 
     def save_server_state(self, rounds_done: int, global_state: Dict[str, np.ndarray]):
         path = join(self.output_folder, SERVER_CHECKPOINT)
@@ -159,44 +210,87 @@ class FederatedTraining:
                     'logging': to_plain(self.logger.get_checkpoint()), 'site_dice': self.site_dice,
                     'best_ema': to_plain(self.best_ema), 'strategy': arrays_to_tensors(self.strategy.state()),
                     'site_indices': self.site_indices, 'config': to_plain(asdict(self.config)), 'run_id': self.run_id,
-                    'mirroring_axes': to_plain(getattr(self, 'mirroring_axes', None))}, path + '.partial')
+                    'plans_sha256': json_digest(self.plans), 'dataset_json_sha256': json_digest(self.dataset_json)},
+                   path + '.partial')
         os.replace(path + '.partial', path)
         write_json(join(self.output_folder, 'federation_log.json'), self.rounds_log, indent=1)
 
     def load_server_state(self) -> tuple:
         path = join(self.output_folder, SERVER_CHECKPOINT)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f'--continue: no {SERVER_CHECKPOINT} in {self.output_folder}')
+            raise FederationError(f'--continue: no {SERVER_CHECKPOINT} in {self.output_folder}: there is no '
+                                  f'interrupted run to resume (start without --continue)', field='--continue')
         ck = torch.load(path, map_location='cpu', weights_only=True)
-        saved = ck['config']
-        for key in ('method', 'configuration', 'plans_identifier', 'rounds', 'local_iterations', 'seed'):
-            if saved[key] != to_plain(asdict(self.config))[key]:
-                raise ValueError(f'--continue: {key} was {saved[key]!r} in the interrupted run, now '
-                                 f'{getattr(self.config, key)!r}')
+        self.check_same_run(ck)
         self.logger.load_checkpoint(ck['logging'])
         self.site_dice = ck['site_dice']
         self.best_ema = ck['best_ema']
         self.strategy.load_state(tensors_to_arrays(ck['strategy']))
         self.site_indices = ck['site_indices']
         self.run_id = ck['run_id']
-        self.mirroring_axes = ck['mirroring_axes']
         log_file = join(self.output_folder, 'federation_log.json')
         self.rounds_log = json.load(open(log_file)) if os.path.isfile(log_file) else []
         return ck['rounds_done'], {k: v.numpy() for k, v in ck['global_state'].items()}
 
+    def check_same_run(self, checkpoint: dict):
+        """--continue resumes the same run: every setting that changes the result, the plans and dataset.json are as
+        they were; the first difference is named."""
+        saved, now = checkpoint['config'], to_plain(asdict(self.config))
+        for key in now:
+            if key not in OPERATIONAL_SETTINGS and saved.get(key) != now[key]:
+                raise FederationError(f'--continue: {key} was {saved.get(key)!r} in the interrupted run, now '
+                                      f'{now[key]!r}; resume with the same settings, or start a new run with '
+                                      f'--overwrite', field=key)
+        for key, obj, what in (('plans_sha256', self.plans, 'plans'),
+                               ('dataset_json_sha256', self.dataset_json, 'dataset.json')):
+            if checkpoint.get(key) != json_digest(obj):
+                raise FederationError(f'--continue: the {what} changed since the interrupted run (planned again?); '
+                                      f'start a new run with --overwrite', field=what)
+
+    def check_results_folder(self):
+        """A new run starts in an empty results fold folder: an earlier run's files are refused (a federated run can
+        cost days; it is never silently replaced), or deleted first with ``overwrite``."""
+        found = [f for f in RUN_FILES if os.path.isfile(join(self.output_folder, f))]
+        if not found:
+            return
+        if not self.overwrite:
+            raise FederationError(f'{self.output_folder} holds an earlier training run ({", ".join(found)}): resume '
+                                  f'it with --continue, or replace it with --overwrite', field='results folder')
+        shutil.rmtree(self.output_folder)
+        self.log(f'--overwrite: the earlier run in {self.output_folder} was deleted', console=True)
+
+    def check_sites_ready(self):
+        """Every site has what this training needs (the plans, the preprocessed configuration, its splits, no state of
+        another run unless overwriting), asked before anything is written."""
+        replies = self.engine.ask({s: Message('check_training', self.site_config(s, round=0))
+                                   for s in sorted(self.engine.site_names)})
+        self.check_quorum(-1, replies, what='training check')
+
     # ------------------------------------------------------------------ the run
-    def run(self, continue_training: bool = False) -> dict:
+    def run(self, continue_training: bool = False, overwrite: bool = False) -> dict:
+        """The whole run. Nothing is written before the settings, the results folder and every site are checked.
+        ``continue_training``: resume after the last completed round (same settings); ``overwrite``: replace an
+        earlier run in this results folder (without it, such a folder is refused)."""
+        if continue_training and overwrite:
+            raise FederationError('--continue and --overwrite exclude each other', field='--overwrite')
         c = self.config
+        self.continue_training, self.overwrite = bool(continue_training), bool(overwrite)
         self.strategy.setup(c.rounds, self.site_indices, c.hyperparameters)
+        if continue_training:
+            start, global_state = self.load_server_state()
+        else:
+            self.check_results_folder()
+        self.check_sites_ready()
+        for note in self.notes:
+            self.log(f'note: {note}', console=True)
         self.write_model_folder()
         network_state = self.initial_network_state()
         if continue_training:
-            start, global_state = self.load_server_state()
             self.log(f'continuing after round {start}', console=True)
         else:
             start, global_state = 0, self.strategy.initial_state(network_state, self.shared_keys)
             self.log(f'{c.method} on sites {sorted(self.site_indices)}: {c.rounds} rounds x {c.local_iterations} '
-                     f'local iterations, seed {c.seed}', console=False)
+                     f'local iterations, seed {c.seed}, hyper-parameters {c.hyperparameters}', console=False)
 
         last_plot = 0.0
         bar = tqdm(range(start, c.rounds), desc=f'{c.method} rounds', initial=start, total=c.rounds)
@@ -214,6 +308,8 @@ class FederatedTraining:
             global_state = self.strategy.aggregate(r, updates, global_state)
             global_state = self.strategy.server_step(r, global_state)
             t_merge = time.time() - t_merge
+            for note in self.strategy.take_notes():
+                self.log(f'round {r}: {note}', console=True)
             self.record_round(r, t0, updates, received, t_merge, sent_before)
             self.save_server_state(r + 1, global_state)
             if time.time() - last_plot >= c.plot_interval_seconds or r + 1 == c.rounds:
@@ -222,15 +318,16 @@ class FederatedTraining:
             bar.set_postfix(pooled_pseudo_dice=f"{self.logger.get_value('mean_fg_dice', -1):.4f}")
         return self.finish(global_state)
 
-    def check_quorum(self, r: int, replies: Dict[str, Message]):
+    def check_quorum(self, r: int, replies: Dict[str, Message], what: Optional[str] = None):
         """A round merges the sites that answered, if there are at least ``min_sites`` of them."""
+        what = what or f'round {r}'
         missing = dict(self.engine.missing)
         if missing:
-            self.log(f'round {r}: no update from ' + ', '.join(f"site '{s}' ({why})" for s, why in
-                                                              sorted(missing.items())), console=True)
+            self.log(f'{what}: no answer from ' + ', '.join(f"site '{s}' ({why})" for s, why in
+                                                            sorted(missing.items())), console=True)
         needed = self.config.min_sites if self.config.min_sites is not None else len(self.site_indices)
         if len(replies) < needed:
-            raise RuntimeError(f'round {r}: only {len(replies)} site(s) answered ({sorted(replies)}), {needed} needed '
+            raise RuntimeError(f'{what}: only {len(replies)} site(s) answered ({sorted(replies)}), {needed} needed '
                                f'(--min-sites); the last completed round is saved, --continue resumes')
 
     def record_round(self, r: int, t0: float, updates: List[SiteUpdate], received: Dict[str, np.ndarray],
@@ -253,8 +350,7 @@ class FederatedTraining:
         ema = float(self.logger.get_value('ema_fg_dice', -1))
         if self.has_global_model and (self.best_ema is None or ema > self.best_ema):
             self.best_ema = ema
-            torch.save(self.nnunet_checkpoint(received, getattr(self, 'mirroring_axes', None)),
-                       join(self.output_folder, 'checkpoint_best.pth'))
+            self.save_global_checkpoint('checkpoint_best.pth', received)
         self.rounds_log.append(to_plain({
             'round': r, 'pooled_pseudo_dice': pooled, 'mean_pooled_pseudo_dice': mean_pooled, 'ema': ema,
             'seconds': time.time() - t0, 'merge_seconds': t_merge, 'missing_sites': dict(self.engine.missing),
@@ -276,15 +372,8 @@ class FederatedTraining:
             self.log('finish: no final model stored at ' + ', '.join(sorted(self.engine.missing)), console=True)
         if not replies:
             raise RuntimeError('no site answered the final message')
-        axes = next(iter(replies.values())).config['inference_allowed_mirroring_axes']
-        self.mirroring_axes = axes
         if self.has_global_model:
-            torch.save(self.nnunet_checkpoint(global_state, axes), join(self.output_folder, 'checkpoint_final.pth'))
-            if os.path.isfile(join(self.output_folder, 'checkpoint_best.pth')):  # add the axes found at the end
-                best_path = join(self.output_folder, 'checkpoint_best.pth')
-                best = torch.load(best_path, map_location='cpu', weights_only=True)
-                best['inference_allowed_mirroring_axes'] = axes
-                torch.save(best, join(self.output_folder, 'checkpoint_best.pth'))
+            self.save_global_checkpoint('checkpoint_final.pth', global_state)
         summaries = {s: rep.config['validation_summary'] for s, rep in replies.items()}
         result = {'method': c.method, 'results_folder': self.results_base, 'fold': c.fold,
                   'global_model': self.has_global_model,

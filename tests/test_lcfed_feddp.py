@@ -54,7 +54,7 @@ def test_head_calibration_disagreement_and_nms_by_hand():
                          threshold=0.2)
     # three sites' 1x1 heads on one feature channel: logits (w * f, 0)
     weights = [torch.tensor([[[[w]]], [[[0.0]]]]) for w in (1.0, 2.0, -1.0)]
-    hc.set_site_heads(weights, [torch.zeros(2)] * 3)
+    hc.set_site_heads({i: (w, torch.zeros(2)) for i, w in enumerate(weights)})
     f = torch.tensor([[[[0.0, 1.0], [2.0, -1.0]]]])  # (1, 1, 2, 2)
     own_logits = torch.cat([f * 1.0, torch.zeros_like(f)], 1)  # the site is site 0
     own_p = torch.softmax(own_logits, 1)
@@ -92,18 +92,36 @@ def test_igc_weight_and_term_by_hand():
     # population std of two values = |a - b| / 2: voxel 0 -> 0.2 for both classes, voxel 1 -> 0
     np.testing.assert_allclose(u.numpy()[0, 0], [1.0, 0.0], atol=1e-6)
     logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])
-    labels = torch.tensor([[0, 1]])
+    labels = torch.tensor([[[0, 1]]])  # nnU-Net's target (B, 1, *spatial)
     ce0 = -np.log(np.exp(2) / (np.exp(2) + 1))
     assert igc_term(logits, labels, u, 1.0).item() == pytest.approx((1.0 * ce0 + 0.0) / 2, rel=1e-5)
     assert igc_term(logits, labels, u, 0.5).item() == pytest.approx(0.5 * ce0 / 2, rel=1e-5)
+    # an ignored voxel counts neither in the sum nor in the mean
+    uniform = torch.ones(1, 1, 2)
+    ce1 = -np.log(np.exp(1) / (np.exp(1) + 1))
+    assert igc_term(logits, torch.tensor([[[0, 1]]]), uniform, 1.0).item() == pytest.approx((ce0 + ce1) / 2, rel=1e-5)
+    assert igc_term(logits, torch.tensor([[[0, 3]]]), uniform, 1.0, has_ignore_label=True,
+                    ignore_label=3).item() == pytest.approx(ce0, rel=1e-5)
+    # regions: BCE per region, averaged over regions; nnU-Net's ignore mask is the target's last channel
+    region_logits = torch.tensor([[[2.0, -1.0], [0.5, 0.0]]])  # (B=1, R=2, N=2)
+    regions = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+
+    def bce(x, t):
+        return -(t * np.log(1 / (1 + np.exp(-x))) + (1 - t) * np.log(1 - 1 / (1 + np.exp(-x))))
+    voxel0 = (bce(2.0, 1) + bce(0.5, 0)) / 2
+    voxel1 = (bce(-1.0, 0) + bce(0.0, 1)) / 2
+    assert igc_term(region_logits, regions, u, 1.0, region_based=True).item() == pytest.approx(voxel0 / 2, rel=1e-5)
+    with_mask = torch.cat([regions, torch.tensor([[[1.0, 0.0]]])], 1)  # voxel 0 ignored
+    assert igc_term(region_logits, with_mask, uniform, 1.0, region_based=True, has_ignore_label=True).item() == \
+        pytest.approx(voxel1, rel=1e-5)
 
 
 # ---------------------------------------------------------------- what is shared, by name
 def _network(trainer, plans, configuration='3d_fullres', num_sites=3, site_index=1, hp=None):
-    adapted = trainer.adapt_plans(plans, configuration, num_sites, site_index, hp or {})
+    dj = json.load(open(os.path.join(server_folder(DATASET_NAME), 'dataset.json')))
+    adapted = trainer.adapt_plans(plans, configuration, num_sites, site_index, hp or {}, dj)
     pm = PlansManager(adapted)
     cm = pm.get_configuration(configuration)
-    dj = json.load(open(os.path.join(server_folder(DATASET_NAME), 'dataset.json')))
     return trainer.build_network_architecture(pm, cm, 1, pm.get_label_manager(dj).num_segmentation_heads, True), cm
 
 
@@ -198,7 +216,8 @@ def test_trains_predicts_and_evaluates_with_personalized_models(planned, fresh_r
                 torch.testing.assert_close(site_ckpt[s]['hc.head_weight'][j * 3:(j + 1) * 3], own_head)
     else:  # personalized queries; every site calibrates against every site's final queries, kept frozen
         assert not torch.equal(site_ckpt['A']['attention.1.q.weight'], site_ckpt['B']['attention.1.q.weight'])
-        states = {s: os.path.join(result['results_folder'], 'sites', s, 'fold_0', 'site_state') for s in 'ABC'}
+        states = {s: os.path.join(result['results_folder'], 'sites', s, 'fold_0', 'site_state', ft.run_id)
+                  for s in 'ABC'}
         after_stage1 = {s: torch.load(os.path.join(states[s], 'round_0002.pth'), weights_only=True) for s in 'ABC'}
         final_a = torch.load(os.path.join(states['A'], 'round_0003.pth'), weights_only=True)['method']
         assert sorted(final_a['queries']) == ['0', '1', '2']
@@ -259,4 +278,78 @@ def test_lcfed_first_stage_alternates_heads_and_body(planned, fresh_results):
     assert net.last_contrastive is not None and net.last_contrastive.item() <= 0
     torch.testing.assert_close(trainer.loss(out, batch['target']),
                                trainer.loss.loss(out, batch['target']) + 0.1 * net.last_contrastive)
+    trainer.close()
+
+
+# ---------------------------------------------------------------- FedDP's calibration does something
+def _stage2_trainer(method, site='A', configuration='2d', rounds=3):
+    from fednnunet.site_training import build_site_trainer
+    from fednnunet.site_worker import SiteWorker
+    fed = Federation.from_raw(DATASET_ID)
+    ft = FederatedTraining(_engine(fed), _config(method, configuration, rounds=rounds,
+                                                 hyperparameters={'stage2_rounds': 1}))
+    trainer = build_site_trainer(SiteWorker(fed.sites[site], DATASET_NAME, device='cpu'),
+                                 ft.site_config(site, round=rounds - 1))
+    trainer.start(rounds - 1)
+    trainer.current_epoch = rounds - 1
+    return trainer
+
+
+def test_feddp_references_are_independent_and_calibration_changes_the_loss(planned, fresh_results):
+    import copy
+    from fednnunet.networks.feddp import query_keys
+    trainer = _stage2_trainer('feddp')
+    net = trainer.unwrapped_network
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained network: its attention changes the features (untrained, it adds nothing)
+        for p in net.attention.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    queries = query_keys(net)
+    sd = net.state_dict()
+    readonly = {i: {k: (torch.randn(sd[k].shape, generator=generator) * 0.5).numpy() for k in queries}
+                for i in range(3)}
+    trainer.enter_stage2(trainer.handed_over_parts(readonly))
+    batch = next(trainer.dataloader_train)
+    x, target = batch['data'], batch['target']
+    trainer.network.eval()
+    u = trainer.disagreement(x)
+    assert u.shape == (x.shape[0], 1, *x.shape[2:])
+    assert u.max().item() == pytest.approx(1.0, abs=1e-5) and u.mean().item() > 0.01  # the sites' models disagree
+
+    # the references do not change when the live network changes (the bug: deep copies ran the live attention)
+    with torch.no_grad():
+        for p in net.attention.parameters():
+            p.add_(torch.randn(p.shape, generator=generator))
+    torch.testing.assert_close(trainer.disagreement(x), u)
+    assert trainer.reference is not net and not any(p is q for p in trainer.reference.parameters()
+                                                    for q in net.parameters())
+    # and a deep copy of the network runs its own attention blocks, not the original's
+    twin = copy.deepcopy(net).eval()
+    before = twin(x)[0].detach().clone() if isinstance(twin(x), (list, tuple)) else twin(x).detach().clone()
+    with torch.no_grad():
+        for p in net.attention.parameters():
+            p.mul_(-3.0)
+    after = twin(x)
+    torch.testing.assert_close(after[0] if isinstance(after, (list, tuple)) else after, before)
+
+    # with every site's queries alike there is no disagreement
+    same = {i: readonly[0] for i in range(3)}
+    trainer.enter_stage2(same)
+    assert trainer.disagreement(x).abs().max().item() < 1e-6
+    trainer.enter_stage2(trainer.handed_over_parts(readonly))
+
+    # the calibration term changes the loss and its gradient
+    trainer.network.train()
+    out = trainer.network(x)
+    with_igc = trainer.loss(out, target)
+    trainer.igc_lambda = 0.0
+    without = trainer.loss(out, target)
+    trainer.igc_lambda = 1.0
+    expected = igc_term(out[0], target[0], trainer.disagreement(x), 1.0)
+    assert expected.item() > 1e-4
+    torch.testing.assert_close(with_igc - without, expected, rtol=1e-4, atol=1e-6)
+    head = net.decoder.seg_layers[-1].weight
+    grad_with = torch.autograd.grad(with_igc, head, retain_graph=True)[0]
+    grad_without = torch.autograd.grad(without, head)[0]
+    assert (grad_with - grad_without).abs().max().item() > 1e-6
     trainer.close()

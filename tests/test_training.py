@@ -27,7 +27,7 @@ FAST = ['--rounds', '2', '--local-iterations', '3', '--val-iterations', '2', '-p
 
 def _config(method='fedavg', configuration='3d_fullres', rounds=2, local_iterations=3, **kw):
     return TrainingConfig(DATASET_NAME, configuration, 0, method, PLANS, rounds=rounds,
-                          local_iterations=local_iterations, val_iterations=2, **kw)
+                          local_iterations=local_iterations, val_iterations=kw.pop('val_iterations', 2), **kw)
 
 
 def _results(method, configuration='3d_fullres'):
@@ -185,10 +185,12 @@ def test_site_state_in_memory_or_on_disk_gives_identical_rounds(planned, tmp_pat
     weights = []
     for in_memory in (True, False):
         point_nnunet_folder(monkeypatch, 'nnUNet_results', tmp_path / f'memory_{in_memory}')
-        FederatedTraining(_engine(fed, state_in_memory=in_memory), _config('fedbn', validate=False)).run()
+        training = FederatedTraining(_engine(fed, state_in_memory=in_memory), _config('fedbn', validate=False))
+        training.run()
         weights.append(_final_weights('fedbn'))
     _assert_same(*weights)
-    assert sorted(os.listdir(os.path.join(_results('fedbn'), 'sites', 'A', 'fold_0', 'site_state'))) == \
+    assert sorted(os.listdir(os.path.join(_results('fedbn'), 'sites', 'A', 'fold_0', 'site_state',
+                                          training.run_id))) == \
         ['round_0001.pth', 'round_0002.pth']
 
 

@@ -46,6 +46,21 @@ class SelfAttentionBlock(nn.Module):
         return tokens.transpose(1, 2).reshape(b, c, *spatial)
 
 
+class StageAttention:
+    """The forward hook that runs the network's attention block ``index`` on an encoder stage's output.
+
+    It reaches the block through the network that owns it (``network.attention[index]``), never through the block
+    object itself: a copy of the network (``copy.deepcopy``, which copies hooks with their objects) then runs its
+    own blocks, not the original's."""
+
+    def __init__(self, network: nn.Module, index: int):
+        self.network = network
+        self.index = index
+
+    def __call__(self, module, inputs, output):
+        return self.network.attention[self.index](output)
+
+
 class FedDPUNet(HookedUNet):
     """``wrapper``: attention_stages (how many of the lowest-resolution encoder stages get attention; 2)."""
 
@@ -56,11 +71,10 @@ class FedDPUNet(HookedUNet):
         n = len(self.encoder.stages)
         self.attention_stage_indices = list(range(max(0, n - attention_stages), n))
         self.attention = nn.ModuleList()
-        for i in self.attention_stage_indices:
+        for j, i in enumerate(self.attention_stage_indices):
             channels = self.encoder.output_channels[i]
-            block = SelfAttentionBlock(channels, attention_heads(channels))
-            self.attention.append(block)
-            self.encoder.stages[i].register_forward_hook(lambda module, inputs, output, block=block: block(output))
+            self.attention.append(SelfAttentionBlock(channels, attention_heads(channels)))
+            self.encoder.stages[i].register_forward_hook(StageAttention(self, j))
 
 
 def query_keys(network: nn.Module) -> list:

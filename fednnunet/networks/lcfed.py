@@ -6,8 +6,10 @@ the bottleneck and head calibration (HC) of the full-resolution output.
   f' = f * A + f. In training it also computes the contrastive site term
   L_con = -(1/(K-1)) sum_{j != k} MSE(A_k, A_j), with A_j from the same features and site j's embedding
   (no gradient).
-- HC: on the last decoder features F, every site's final head (copies received read-only) predicts; the
-  disagreement U = sqrt(sum_i (p_i - p_k)^2 / (K-1)) is normalized per sample and class by its spatial maximum
+- HC: on the last decoder features F, every site's final head (copies received read-only) predicts (softmax over
+  classes; sigmoid per region for region-based datasets, as the paper's sigmoid outputs); the disagreement
+  U = sqrt(sum_i (p_i - p_k)^2 / (K'-1)) over the K' sites whose heads arrived is normalized per sample and class by
+  its spatial maximum
   (+eps), its local maxima above a threshold are kept (non-maximum suppression) and spread by a fixed Gaussian
   (peak 1); features are modulated per class by the spread disagreement and by the smoothed prediction
   (F * G(U_c) + F and F * G(P_c) + F), concatenated, and a 3x3(x3) convolution, added to the site's own logits
@@ -16,7 +18,7 @@ the bottleneck and head calibration (HC) of the full-resolution output.
 
 The modules attach to the planned network with forward hooks, so every nnU-Net key keeps its name.
 """
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -72,11 +74,17 @@ def hc_kernel_size(patch_size: Sequence[int], reference_patch: int = 384, refere
     return sizes
 
 
+def output_probabilities(logits: torch.Tensor, region_based: bool) -> torch.Tensor:
+    """nnU-Net's output non-linearity: softmax over classes, or a sigmoid per region."""
+    return torch.sigmoid(logits) if region_based else torch.softmax(logits, 1)
+
+
 class HeadCalibration(nn.Module):
     def __init__(self, features: int, num_classes: int, num_sites: int, conv_op, kernel_size: Sequence[int],
-                 threshold: float = 0.2, eps: float = 1e-8):
+                 threshold: float = 0.2, eps: float = 1e-8, region_based: bool = False):
         super().__init__()
         self.num_classes, self.num_sites, self.threshold, self.eps = num_classes, num_sites, threshold, eps
+        self.region_based = bool(region_based)
         self.kernel_size = list(kernel_size)
         self.calibrate = conv_op(2 * num_classes * features, num_classes, kernel_size=3, padding=1)
         # residual calibration: the calibrated logits are the site's own logits plus this convolution, which starts
@@ -87,6 +95,7 @@ class HeadCalibration(nn.Module):
         # every site's final head (1x1 conv), received read-only at the start of the HC stage
         self.register_buffer('head_weight', torch.zeros(num_sites * num_classes, features, *([1] * dims)))
         self.register_buffer('head_bias', torch.zeros(num_sites * num_classes))
+        self.register_buffer('present', torch.zeros(num_sites))  # which sites' heads arrived
         self.register_buffer('active', torch.zeros(()))
         sigma = [k * 6.0 / 31.0 for k in self.kernel_size]  # the paper's sigma 6 for a 31 window
         for name, norm in (('peak_kernel', 'peak'), ('smooth_kernel', 'sum')):
@@ -95,19 +104,32 @@ class HeadCalibration(nn.Module):
         self.conv = F.conv3d if dims == 3 else F.conv2d
         self.max_pool = F.max_pool3d if dims == 3 else F.max_pool2d
 
-    def set_site_heads(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
+    def set_site_heads(self, heads: Dict[int, Tuple[torch.Tensor, torch.Tensor]]):
+        """The final heads {site index: (weight, bias)} of the sites that handed theirs over; the others stay out of
+        the disagreement."""
+        weight = torch.zeros_like(self.head_weight)
+        bias = torch.zeros_like(self.head_bias)
+        present = torch.zeros_like(self.present)
+        c = self.num_classes
+        for i, (w, b) in heads.items():
+            weight[i * c:(i + 1) * c] = w.reshape(c, *self.head_weight.shape[1:])
+            bias[i * c:(i + 1) * c] = b.reshape(-1)
+            present[i] = 1
         with torch.no_grad():
-            self.head_weight.copy_(torch.cat([w.reshape(self.num_classes, *self.head_weight.shape[1:])
-                                              for w in weights]))
-            self.head_bias.copy_(torch.cat([b.reshape(-1) for b in biases]))
+            self.head_weight.copy_(weight)
+            self.head_bias.copy_(bias)
+            self.present.copy_(present)
 
     def disagreement(self, features: torch.Tensor, own_probabilities: torch.Tensor) -> torch.Tensor:
-        """U per class, normalized by its spatial maximum per sample and class."""
+        """U per class, over the sites whose heads arrived, normalized by its spatial maximum per sample and
+        class."""
         logits = self.conv(features, self.head_weight.to(features.dtype), self.head_bias.to(features.dtype))
         b = features.shape[0]
-        probabilities = torch.softmax(logits.view(b, self.num_sites, self.num_classes, *logits.shape[2:]), 2)
-        squared = ((probabilities - own_probabilities[:, None]) ** 2).sum(1)
-        u = torch.sqrt(squared / max(self.num_sites - 1, 1))
+        logits = logits.view(b, self.num_sites, self.num_classes, *logits.shape[2:])
+        probabilities = torch.sigmoid(logits) if self.region_based else torch.softmax(logits, 2)
+        present = self.present.to(features.dtype).view(1, -1, *([1] * (probabilities.ndim - 2)))
+        squared = (present * (probabilities - own_probabilities[:, None]) ** 2).sum(1)
+        u = torch.sqrt(squared / max(float(self.present.sum()) - 1, 1))
         return u / (u.flatten(2).amax(-1).view(b, self.num_classes, *([1] * (u.ndim - 2))) + self.eps)
 
     def peaks(self, u: torch.Tensor) -> torch.Tensor:
@@ -116,7 +138,7 @@ class HeadCalibration(nn.Module):
         return ((u == pooled) & (u > self.threshold)).to(u.dtype)
 
     def forward(self, features: torch.Tensor, own_logits: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.softmax(own_logits, 1)
+        probabilities = output_probabilities(own_logits, self.region_based)
         pad = [k // 2 for k in self.kernel_size]
         spread_u = self.conv(self.peaks(self.disagreement(features, probabilities)),
                              self.peak_kernel.to(features.dtype), padding=pad, groups=self.num_classes)
@@ -130,7 +152,8 @@ class HeadCalibration(nn.Module):
 
 
 class LCFedUNet(HookedUNet):
-    """``wrapper``: num_sites, site_index, hc_kernel_size, hc_threshold (0.2), pcs_reduction (16)."""
+    """``wrapper``: num_sites, site_index, hc_kernel_size, hc_threshold (0.2), pcs_reduction (16), region_based
+    (False: softmax outputs)."""
 
     def __init__(self, input_channels: int, num_classes: int, base_network_class_name: str, wrapper: dict,
                  deep_supervision: bool = True, **base_kwargs):
@@ -139,7 +162,8 @@ class LCFedUNet(HookedUNet):
         bottleneck_channels = self.encoder.output_channels[-1]
         self.pcs = PersonalizedChannelSelection(bottleneck_channels, self.num_sites, wrapper.get('pcs_reduction', 16))
         self.hc = HeadCalibration(self.final_head.in_channels, num_classes, self.num_sites, self.conv_op,
-                                  wrapper['hc_kernel_size'], wrapper.get('hc_threshold', 0.2))
+                                  wrapper['hc_kernel_size'], wrapper.get('hc_threshold', 0.2),
+                                  region_based=bool(wrapper.get('region_based', False)))
         self.register_buffer('site_onehot', torch.eye(self.num_sites)[self.site_index], persistent=False)
         self.last_contrastive = None
         self.bottleneck_stage.register_forward_hook(self._channel_selection)

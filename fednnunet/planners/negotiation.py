@@ -159,12 +159,18 @@ def plan_federation(dataset_name: str, negotiation: dict, fingerprint: dict, pla
     """Runs nnU-Net's planner on the merged fingerprint. Writes, in the server's nnU-Net preprocessed folder,
     dataset_fingerprint.json, dataset.json and the plans; returns (plans, plans identifier)."""
     out = server_folder(dataset_name)
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, 'dataset_fingerprint.json'), fingerprint)
     planner = federated_planner_class(find_planner_class(planner_name), negotiation['reader_writer'])
-    with data_free_raw_dataset(dataset_name, negotiation['dataset_json']):
-        plans, plans_identifier = plan_experiment_dataset(dataset_name, planner, negotiation['gpu_memory_target_gb'],
-                                           preprocessor_name, overwrite_target_spacing, plans_name)
+    os.makedirs(out, exist_ok=True)
+    fingerprint_file = os.path.join(out, 'dataset_fingerprint.json')
+    write_json(fingerprint_file, fingerprint)  # nnU-Net's planner reads it from there
+    try:
+        with data_free_raw_dataset(dataset_name, negotiation['dataset_json']):
+            plans, plans_identifier = plan_experiment_dataset(dataset_name, planner,
+                                                              negotiation['gpu_memory_target_gb'], preprocessor_name,
+                                                              overwrite_target_spacing, plans_name)
+    except BaseException:
+        os.remove(fingerprint_file)  # no server output that looks like a finished planning
+        raise
     # the planner copied the stand-in dataset.json; the negotiated one is the real contract
     write_json(os.path.join(out, 'dataset.json'), negotiation['dataset_json'])
     return plans, plans_identifier

@@ -1,9 +1,13 @@
 """FederatedTrainer: nnU-Net's trainer, run one federated round at a time.
 
-One round is one nnU-Net epoch at one site: validation of the model the site received, then
-``local_iterations`` of nnU-Net's own ``train_step`` with its own data loaders, augmentation, deep
-supervision, loss and gradient clipping. The poly learning rate is indexed by the round, so it spans all
-rounds (``num_epochs`` = rounds); the optimizer state (SGD momentum) stays with the site between rounds.
+One round is one nnU-Net epoch at one site, driven through nnU-Net's own epoch hooks (``on_epoch_start``,
+``on_validation_epoch_start``/``validation_step``/``on_validation_epoch_end``, ``on_train_epoch_start``,
+``train_step`` x ``local_iterations``, ``on_train_epoch_end``, ``on_epoch_end``), so that a subclass of any
+nnU-Net trainer variant keeps its behaviour. The one difference to nnU-Net's epoch: validation comes first, so it
+measures the model the site received (the global model for FedAvg), not the site's locally trained one. nnU-Net's
+own data loaders, augmentation, deep supervision, loss and gradient clipping are used unchanged. The poly learning
+rate is indexed by the round, so it spans all rounds (``num_epochs`` = rounds); the optimizer state (SGD
+momentum) stays with the site between rounds.
 
 The only interface engines see is :meth:`train_round` and :meth:`shared_keys` (and the state a site keeps
 between rounds, :meth:`site_state`/:meth:`load_site_state`). A method subclasses this trainer: it says which
@@ -25,6 +29,7 @@ from torch import nn
 from nnunetv2.training.logging.nnunet_logger import MetaLogger
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
 
 def round_seed(seed: int, site_index: int, round_index: int) -> int:
@@ -93,12 +98,13 @@ class FederatedTrainer(nnUNetTrainer):
         self.num_iterations_per_epoch = 250  # local iterations per round
         self.num_val_iterations_per_epoch = 50
         self.plot_every = 10  # rounds between the site's progress.png (nnU-Net plots every epoch; plots cost ~1 s)
+        self.num_sites = 1
         self.num_training_cases = None
 
     # ------------------------------------------------------------------ set-up
     def configure_federation(self, site_name: str, site_index: int, site_preprocessed_folder: str,
                              results_folder_base: str, rounds: int, local_iterations: int, val_iterations: int,
-                             seed: int, hyperparameters: Optional[dict] = None):
+                             seed: int, hyperparameters: Optional[dict] = None, num_sites: int = 1):
         """Points nnU-Net's folders at the site's own data and results; sets rounds and iterations.
 
         ``results_folder_base`` is the method's nnU-Net results folder (<Trainer>__<plans>__<config>); the site
@@ -106,24 +112,35 @@ class FederatedTrainer(nnUNetTrainer):
         if self.was_initialized:
             raise RuntimeError('configure_federation must be called before initialize()')
         self.site_name, self.site_index, self.seed = site_name, int(site_index), int(seed)
+        self.num_sites = int(num_sites)
         self.preprocessed_dataset_folder_base = site_preprocessed_folder
         self.preprocessed_dataset_folder = join(site_preprocessed_folder, self.configuration_manager.data_identifier)
         self.output_folder_base = join(results_folder_base, 'sites', site_name)
         self.output_folder = join(self.output_folder_base, f'fold_{self.fold}')
         maybe_mkdir_p(self.output_folder)
         self.log_file = join(self.output_folder, 'training_log.txt')
-        self.logger = MetaLogger(self.output_folder, False)
+        self.logger = RoundLogger(self.output_folder, False, plot_every=self.plot_every, num_rounds=int(rounds))
         self.num_epochs = int(rounds)
         self.num_iterations_per_epoch = int(local_iterations)
         self.num_val_iterations_per_epoch = int(val_iterations)
-        values = dict(self.hyperparameters)
-        unknown = set(hyperparameters or {}) - set(values)
-        if unknown:
-            raise ValueError(f'method {self.method_name} has no hyper-parameter(s) {sorted(unknown)}; '
-                             f'it has {sorted(values)}')
-        values.update(hyperparameters or {})
+        self.set_hyperparameters(hyperparameters or {})
+
+    def set_hyperparameters(self, given: dict):
+        """The method's hyper-parameters as attributes (resolved for ``num_epochs`` rounds)."""
+        values, _ = self.resolve_hyperparameters(given, self.num_epochs)
         for k, v in values.items():
             setattr(self, k, v)
+
+    @classmethod
+    def resolve_hyperparameters(cls, given: dict, rounds: int) -> Tuple[dict, List[str]]:
+        """Every hyper-parameter of the method with its value for a run of ``rounds`` rounds (the given ones, the
+        defaults for the rest; a method may derive defaults from the rounds), and notes worth a warning. The server
+        and every site resolve the same way; the server sends the resolved values."""
+        unknown = set(given) - set(cls.hyperparameters)
+        if unknown:
+            raise ValueError(f'method {cls.method_name} has no hyper-parameter(s) {sorted(unknown)}; '
+                             f'it has {sorted(cls.hyperparameters)}')
+        return {**cls.hyperparameters, **given}, []
 
     def print_to_log_file(self, *args, also_print_to_console=True, add_timestamp=True):
         if self._constructing:
@@ -142,6 +159,11 @@ class FederatedTrainer(nnUNetTrainer):
         if self.current_epoch == 0:
             super().plot_network_architecture()
 
+    def print_plans(self):
+        """nnU-Net's configuration dump, once per run (a site builds its trainer again for every round)."""
+        if self.current_epoch == 0:
+            super().print_plans()
+
     def _save_debug_information(self):
         if self.current_epoch == 0:
             super()._save_debug_information()
@@ -154,6 +176,18 @@ class FederatedTrainer(nnUNetTrainer):
             self.on_train_start()
         self.num_training_cases = len(self.do_split()[0])
 
+    def build_without_data(self):
+        """The network (nnU-Net's build_network_architecture) and the optimizer, without nnU-Net's initialize(),
+        which opens the preprocessed data: what the server, which holds no data, needs to build the initial network
+        and to write the global model with nnU-Net's save_checkpoint."""
+        self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
+                                                               self.dataset_json)
+        self.network = self.build_network_architecture(self.plans_manager, self.configuration_manager,
+                                                       self.num_input_channels,
+                                                       self.label_manager.num_segmentation_heads,
+                                                       self.enable_deep_supervision).to(self.device)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+
     def close(self):
         """Stops nnU-Net's background augmentation workers, if any."""
         for dl in (self.dataloader_train, self.dataloader_val):
@@ -163,7 +197,7 @@ class FederatedTrainer(nnUNetTrainer):
 
     @classmethod
     def adapt_plans(cls, plans: dict, configuration: str, num_sites: int, site_index: int,
-                    hyperparameters: dict) -> dict:
+                    hyperparameters: dict, dataset_json: dict) -> dict:
         """The plans this method trains with at this site. Default: the negotiated plans unchanged; methods that
         change the architecture (LC-Fed, FedDP) name their network class here, so nnU-Net's predictor builds it
         from the site's plans.json."""
@@ -222,7 +256,8 @@ class FederatedTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ the round
     def validate(self) -> dict:
-        """nnU-Net's online validation (pseudo Dice on random validation patches) of the current model."""
+        """nnU-Net's online validation (pseudo Dice on random validation patches) of the current model, through
+        its hooks; returns the summed TP/FP/FN and the logged numbers."""
         with torch.no_grad():
             self.on_validation_epoch_start()
             outputs = [self.validation_step(next(self.dataloader_val))
@@ -234,6 +269,17 @@ class FederatedTrainer(nnUNetTrainer):
                 'val_loss': float(np.mean(collated['loss'])),
                 'pseudo_dice': float(self.logger.get_value('mean_fg_dice', step=-1)),
                 'ema_pseudo_dice': float(self.logger.get_value('ema_fg_dice', step=-1))}
+
+    def keep_best_received(self, val: dict):
+        """nnU-Net's best-EMA checkpoint, of the model that was validated (the one the site received). Saved here,
+        before local training; nnU-Net's on_epoch_end then finds no better EMA and does not save it again."""
+        ema = self.logger.local_logger.my_fantastic_logging['ema_fg_dice']
+        if np.isnan(ema[-1]):  # first validation after joining late: the average starts here
+            ema[-1] = val['ema_pseudo_dice'] = val['pseudo_dice']
+        if self._best_ema is None or val['ema_pseudo_dice'] > self._best_ema:
+            self._best_ema = val['ema_pseudo_dice']
+            self.print_to_log_file(f'new best EMA pseudo Dice of the received model: {self._best_ema:.4f}')
+            self.save_checkpoint(join(self.output_folder, 'checkpoint_best.pth'))
 
     def pad_logs(self, round_index: int):
         """A site that missed rounds (it was offline, or joined late) gets NaN log entries for them, so nnU-Net's
@@ -264,7 +310,8 @@ class FederatedTrainer(nnUNetTrainer):
 
     def train_round(self, round_index: int, shared_state: Optional[Dict[str, np.ndarray]]) -> Tuple[
             Dict[str, np.ndarray], dict]:
-        """One federated round at this site. Returns (the shared state after local training, metrics).
+        """One federated round at this site, as one nnU-Net epoch through nnU-Net's hooks. Returns (what the site
+        sends, metrics).
 
         The metrics' validation numbers describe the model the site received (global shared keys + its local
         keys), measured on the site's own validation split before it trains."""
@@ -275,12 +322,7 @@ class FederatedTrainer(nnUNetTrainer):
         self.pad_logs(round_index)
         self.on_epoch_start()
         val = self.validate()
-        ema = self.logger.local_logger.my_fantastic_logging['ema_fg_dice']
-        if np.isnan(ema[-1]):  # first validation after joining late: the average starts here
-            ema[-1] = val['ema_pseudo_dice'] = val['pseudo_dice']
-        if self._best_ema is None or val['ema_pseudo_dice'] > self._best_ema:
-            self._best_ema = val['ema_pseudo_dice']
-            self.save_checkpoint(join(self.output_folder, 'checkpoint_best.pth'))
+        self.keep_best_received(val)
         self.on_train_epoch_start()
         self.before_local_training(shared_state or {})
         outputs = []
@@ -289,19 +331,15 @@ class FederatedTrainer(nnUNetTrainer):
             outputs.append(self.train_step(next(self.dataloader_train)))
         self.after_local_training()
         self.on_train_epoch_end(outputs)
-        self.logger.log('epoch_end_timestamps', time.time(), self.current_epoch)
-        self.print_to_log_file(f'round {round_index}: train_loss {self.logger.get_value("train_losses", -1):.4f}, '
-                               f'val_loss {val["val_loss"]:.4f}, pseudo dice {val["pseudo_dice"]:.4f} '
-                               f'(received model)')
-        if (round_index + 1) % self.plot_every == 0 or round_index + 1 == self.num_epochs:
-            self.logger.plot_progress_png(self.output_folder)
+        self.print_to_log_file(f'round {round_index}: validation (before local training) measured the received '
+                               f'model')
+        self.on_epoch_end()  # nnU-Net's: losses to the log, periodic checkpoint, progress plot, current_epoch + 1
         metrics = dict(val)
         metrics.update({'train_loss': float(self.logger.get_value('train_losses', step=-1)),
                         'lr': float(self.optimizer.param_groups[0]['lr']),
                         'num_training_cases': self.num_training_cases,
                         'seconds': float(self.logger.get_value('epoch_end_timestamps', -1) -
                                          self.logger.get_value('epoch_start_timestamps', -1))})
-        self.current_epoch = round_index + 1
         return self.update_arrays(round_index), metrics
 
     def save_checkpoint(self, filename: str) -> None:
@@ -343,6 +381,20 @@ class FederatedTrainer(nnUNetTrainer):
     def checkpoint_for_inference(self) -> dict:
         """What nnU-Net's predictor reads from a checkpoint, for the server's global checkpoint."""
         return {'inference_allowed_mirroring_axes': to_plain(self.inference_allowed_mirroring_axes)}
+
+
+class RoundLogger(MetaLogger):
+    """nnU-Net's logger; its progress plot (nnU-Net draws it every epoch, ~1 s) every ``plot_every`` rounds and
+    after the last one."""
+
+    def __init__(self, output_folder, resume, plot_every: int, num_rounds: int, verbose: bool = False):
+        super().__init__(output_folder, resume, verbose)
+        self.plot_every, self.num_rounds = int(plot_every), int(num_rounds)
+
+    def plot_progress_png(self, output_folder: str):
+        done = len(self.get_value('epoch_end_timestamps', step=None))
+        if done % self.plot_every == 0 or done >= self.num_rounds:
+            super().plot_progress_png(output_folder)
 
 
 def keys_of_modules(network: nn.Module, module_types: Iterable[type]) -> List[str]:

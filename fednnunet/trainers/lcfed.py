@@ -20,14 +20,18 @@ class LCFedTrainer(HeadBodyAlternation, TwoStageTrainer):
     method_name = 'lcfed'
     never_alternated = ('hc.',)  # head calibration trains in the second stage only
     network_class_name = 'fednnunet.networks.lcfed.LCFedUNet'
-    hyperparameters = {'alpha': 0.1, 'head_fraction': 0.2, 'hc_threshold': 0.2, 'stage2_rounds': 0,
-                       'stage2_lr': 1e-3}
+    hyperparameters = {'alpha': 0.1, 'head_fraction': 0.2, 'hc_threshold': 0.2, 'stage2_rounds': None,
+                       'stage2_fraction': 0.2, 'stage2_lr': 1e-3}
+    stage2_name = 'head calibration'
+    without_stage2 = 'FedRep with personalized channel selection'
 
     @classmethod
-    def architecture_kwargs(cls, plans, configuration, num_sites, site_index, hyperparameters):
-        patch = PlansManager(plans).get_configuration(configuration).patch_size
+    def architecture_kwargs(cls, plans, configuration, num_sites, site_index, hyperparameters, dataset_json):
+        pm = PlansManager(plans)
+        patch = pm.get_configuration(configuration).patch_size
         return {'num_sites': int(num_sites), 'site_index': int(site_index), 'hc_kernel_size': hc_kernel_size(patch),
-                'hc_threshold': float(hyperparameters['hc_threshold'])}
+                'hc_threshold': float(hyperparameters['hc_threshold']),
+                'region_based': bool(pm.get_label_manager(dataset_json).has_regions)}
 
     @classmethod
     def local_keys(cls, network):
@@ -55,13 +59,9 @@ class LCFedTrainer(HeadBodyAlternation, TwoStageTrainer):
 
     def enter_stage2(self, readonly):
         weight_key, bias_key = self._final_head_keys()
-        missing = sorted(set(range(self.unwrapped_network.num_sites)) - set(readonly))
-        if missing:
-            raise ValueError(f"site '{self.site_name}': no head received from site index(es) {missing}")
         hc = self.unwrapped_network.hc
-        order = sorted(readonly)
-        hc.set_site_heads([as_tensor(readonly[i][weight_key], hc.head_weight) for i in order],
-                          [as_tensor(readonly[i][bias_key], hc.head_bias) for i in order])
+        hc.set_site_heads({i: (as_tensor(parts[weight_key], hc.head_weight), as_tensor(parts[bias_key], hc.head_bias))
+                           for i, parts in readonly.items()})
         with torch.no_grad():
             hc.active.fill_(1)
 
