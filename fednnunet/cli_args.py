@@ -9,6 +9,7 @@ other spelling of a multi-word flag (``-`` for ``_`` or ``_`` for ``-``) is acce
 (:meth:`FedArgumentParser.add_spelling_aliases`).
 """
 import argparse
+import shutil
 import sys
 import textwrap
 
@@ -41,8 +42,9 @@ class FedArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, description=None, **kwargs):
         kwargs.setdefault('formatter_class', argparse.RawDescriptionHelpFormatter)
-        if description:  # the raw formatter keeps the epilog's lines; the description is wrapped here
-            description = textwrap.fill(' '.join(description.split()), 100)
+        if description:  # the raw formatter keeps the epilog's lines; the description is wrapped here, as argparse
+            width = max(shutil.get_terminal_size().columns - 2, 40)  # wraps the rest of the help
+            description = textwrap.fill(' '.join(description.split()), width)
         super().__init__(*args, description=description, **kwargs)
 
     def error(self, message):
