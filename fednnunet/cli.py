@@ -1,16 +1,19 @@
-"""Command-line entry points, following nnU-Net's conventions (-d -c -pl -np ...)."""
-import argparse
+"""Command-line entry points, following nnU-Net's conventions (-d -c -f -p -pl -np -chk -device ...).
+
+Every argument is checked while it is parsed, before torch or nnU-Net is imported (fednnunet.cli_args): ``--help``
+and a wrong argument answer at once, and nothing is written before an error."""
 import os
-import sys
 import time
 
+from fednnunet import method_names
+from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_start_arguments, check_device,
+                                device_name, fail, fold, int_at_least, method, methods_epilog, positive_number)
 from fednnunet.errors import FederationError
 from fednnunet.method_options import add_method_arguments, check_hyperparameters, hyperparameters_from_args
 
 
-def _fail(e: Exception):
-    print(f'fednnunet: error: {e}', file=sys.stderr)
-    sys.exit(2)
+def _fail(e):
+    fail(e)
 
 
 def _default_num_processes() -> int:
@@ -18,8 +21,8 @@ def _default_num_processes() -> int:
     return default_num_processes
 
 
-def plan_and_preprocess_entry(argv=None):
-    parser = argparse.ArgumentParser(
+def plan_and_preprocess_parser() -> FedArgumentParser:
+    parser = FedArgumentParser(
         prog='fednnunet_plan_and_preprocess',
         description='Federated nnU-Net planning: every site fingerprints its own cases, the server merges the '
                     'fingerprints exactly and runs nnU-Net\'s planner once, every site preprocesses locally.')
@@ -31,14 +34,19 @@ def plan_and_preprocess_entry(argv=None):
                         help="experiment planner: nnU-Net's (ExperimentPlanner, nnUNetPlannerResEncM/L/XL, ...) or "
                              "fednnunet's CPU preset (nnUNetPlannerCPU)")
     parser.add_argument('--sites', nargs='+', default=None, help='only these sites of sites.json (default: all)')
-    parser.add_argument('-np', type=int, default=None,
+    parser.add_argument('-np', type=int_at_least(1), default=None,
                         help='processes per site for fingerprinting and preprocessing (default: nnU-Net\'s)')
-    parser.add_argument('-gpu_memory_target', type=float, default=None,
-                        help='cap on device memory in GB; the plan uses min(this, every site\'s gpu_memory_gb)')
-    parser.add_argument('-overwrite_plans_name', default=None)
-    parser.add_argument('-overwrite_target_spacing', nargs='+', type=float, default=None)
+    parser.add_argument('-gpu_memory_target', type=positive_number, default=None,
+                        help='cap on device memory in GB (> 0); the plan uses min(this, every site\'s gpu_memory_gb)')
+    parser.add_argument('-overwrite_plans_name', default=None, help="as nnU-Net's: the name of the plans written")
+    parser.add_argument('-overwrite_target_spacing', nargs='+', type=positive_number, default=None,
+                        help="as nnU-Net's: the target spacing of 3d_fullres (positive numbers, in mm)")
     parser.add_argument('--no_pp', action='store_true', help='plan only, do not preprocess')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def plan_and_preprocess_entry(argv=None):
+    args = plan_and_preprocess_parser().parse_args(argv)
 
     from fednnunet.engines.simulation import SimulationEngine
     from fednnunet.federation import Federation
@@ -62,9 +70,8 @@ def plan_and_preprocess_entry(argv=None):
 
 def _add_federation_args(parser):
     parser.add_argument('--sites', nargs='+', default=None, help='only these sites of sites.json (default: all)')
-    parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'],
-                        help="as nnU-Net's; without CUDA fednnunet falls back to the CPU with a notice")
-    parser.add_argument('-np', type=int, default=1,
+    add_device_argument(parser)
+    parser.add_argument('-np', type=int_at_least(1), default=1,
                         help='processes per site for prediction/export (default 1: in-process)')
     parser.add_argument('--verbose', action='store_true', help="show the sites' nnU-Net logs on the console")
 
@@ -72,11 +79,13 @@ def _add_federation_args(parser):
 def _add_model_args(parser):
     """Which trained model: nnU-Net's -d -c -f -p -chk, and the method that trained it."""
     parser.add_argument('-d', required=True, help='dataset id or name')
-    parser.add_argument('-c', required=True, help='configuration')
-    parser.add_argument('-f', default='0', help='fold (default 0)')
-    parser.add_argument('--method', default='fedavg', help='the method that trained the model (default fedavg)')
-    parser.add_argument('-p', default='nnUNetPlans', help='plans identifier')
-    parser.add_argument('-chk', default='checkpoint_final.pth', help='checkpoint name')
+    parser.add_argument('-c', required=True, help='configuration, e.g. 3d_fullres')
+    parser.add_argument('-f', type=fold, default='0', help='fold: 0-4 or all (default 0)')
+    parser.add_argument('--method', type=method(), default='fedavg',
+                        help='the method that trained the model (default fedavg; the list is below)')
+    parser.add_argument('-p', default='nnUNetPlans',
+                        help='plans identifier (default nnUNetPlans; the demo trains with nnUNetCPUPlans)')
+    parser.add_argument('-chk', default='checkpoint_final.pth', help='checkpoint name (default checkpoint_final.pth)')
 
 
 def _trained_by(method: str):
@@ -89,52 +98,81 @@ def _trained_by(method: str):
     return m.trainer, m.has_global_model
 
 
+def _model_base(args, dataset_name: str, command: str) -> str:
+    """The results folder of the model asked for (-d -c -p --method); a FederationError that lists the trained
+    models and the flags of the closest one when it does not exist."""
+    from fednnunet.site_training import results_folder
+    from fednnunet.trained_models import missing_model_message
+    trainer_class, _ = _trained_by(args.method)
+    base = results_folder(dataset_name, trainer_class, args.p, args.c)
+    if not os.path.isdir(base):
+        raise FederationError(missing_model_message(
+            dataset_name, str(args.d), args.method, args.p, args.c, args.f, base, command, args.chk,
+            predict=command.startswith('fednnunet_predict'), site=getattr(args, 'site', None)))
+    return base
+
+
+def _dataset_labels(folder: str):
+    """dataset.json's labels in a results folder (None if it cannot be read): the table's column names."""
+    import json
+    try:
+        with open(os.path.join(folder, 'dataset.json')) as f:
+            return json.load(f).get('labels')
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _fold(value: str):
     return value if value == 'all' else int(value)
 
 
-def train_entry(argv=None):
-    from fednnunet.methods import CENTRALIZED, METHODS, PLANNED
-    parser = argparse.ArgumentParser(
+def train_parser() -> FedArgumentParser:
+    parser = FedArgumentParser(
         prog='fednnunet_train',
         description='Federated nnU-Net training: rounds of nnU-Net epochs at every site, merged by the method\'s '
-                    'strategy. Results go to nnU-Net\'s layout under nnUNet_results.')
+                    'strategy. Results go to nnU-Net\'s layout under nnUNet_results.',
+        epilog=methods_epilog())
     parser.add_argument('dataset_name_or_id')
     parser.add_argument('configuration', help='e.g. 3d_fullres, 2d')
-    parser.add_argument('fold', nargs='?', default='0', help='0-4 or all (default 0)')
-    parser.add_argument('--method', default='fedavg', help=f'one of {sorted(METHODS) + [CENTRALIZED]} '
-                                                           f'(planned: {sorted(PLANNED)})')
+    parser.add_argument('fold', nargs='?', type=fold, default='0', help='0-4 or all (default 0)')
+    parser.add_argument('--method', type=method(), default='fedavg',
+                        help='the training method (default fedavg; the list is below)')
     parser.add_argument('-p', default='nnUNetPlans', help='plans identifier (default nnUNetPlans; the demo uses '
                                                           'nnUNetCPUPlans)')
-    parser.add_argument('--rounds', type=int, default=1000, help="federated rounds (nnU-Net's epochs; default 1000)")
-    parser.add_argument('--local-iterations', type=int, default=250,
+    parser.add_argument('--rounds', type=int_at_least(1), default=1000,
+                        help="federated rounds (nnU-Net's epochs; default 1000)")
+    parser.add_argument('--local-iterations', type=int_at_least(1), default=250,
                         help="nnU-Net iterations per site and round (nnU-Net's epoch; default 250)")
-    parser.add_argument('--val-iterations', type=int, default=50,
+    parser.add_argument('--val-iterations', type=int_at_least(1), default=50,
                         help="nnU-Net validation iterations per site and round (default 50)")
-    parser.add_argument('--seed', type=int, default=12345)
-    parser.add_argument('--continue', dest='continue_training', action='store_true',
-                        help='resume from the last round checkpoint')
+    parser.add_argument('--seed', type=int_at_least(0), default=12345, help='seed of the run (>= 0; default 12345)')
+    add_run_start_arguments(parser, 'resume from the last round checkpoint (nnU-Net\'s --c works too)')
     add_method_arguments(parser)
     parser.add_argument('--state-in-memory', action='store_true',
                         help="simulation: keep sites' states between rounds in memory instead of on disk "
                              "(--continue then needs a run that kept them on disk)")
     parser.add_argument('--no-val', action='store_true', help='skip the final validation at every site')
     _add_federation_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def train_entry(argv=None):
+    args = train_parser().parse_args(argv)
+    check_device(args.device)
+    try:
+        hyperparameters = hyperparameters_from_args(args)
+    except ValueError as e:
+        _fail(e)
 
     from fednnunet.engines.simulation import SimulationEngine
     from fednnunet.evaluation import format_table
     from fednnunet.federation import Federation
 
     try:
-        hyperparameters = hyperparameters_from_args(args)
-    except ValueError as e:
-        _fail(e)
-    try:
         federation = Federation.from_raw(args.dataset_name_or_id, args.sites)
-        engine = SimulationEngine.for_federation(federation, args.np, device=args.device,
+        engine = SimulationEngine.for_federation(federation, args.np, device=device_name(args.device),
                                                  state_in_memory=args.state_in_memory, verbose=args.verbose)
-        if args.method == CENTRALIZED:
+        if args.method == method_names.CENTRALIZED:
             if hyperparameters:
                 raise FederationError(f'{sorted(hyperparameters)} do not apply to --method centralized')
             result = run_centralized(engine, federation, args)
@@ -144,12 +182,14 @@ def train_entry(argv=None):
             config = TrainingConfig(federation.dataset_name, args.configuration, _fold(args.fold), args.method, args.p,
                                     args.rounds, args.local_iterations, args.val_iterations, args.seed,
                                     hyperparameters, {'weighting': args.weighting}, validate=not args.no_val)
-            result = FederatedTraining(engine, config).run(continue_training=args.continue_training)
+            result = FederatedTraining(engine, config).run(continue_training=args.continue_training,
+                                                           overwrite=args.overwrite)
     except (FederationError, NotImplementedError, ValueError, FileNotFoundError) as e:
         _fail(e)
     print(f"results: {result['results_folder']}")
     if result.get('final_validation'):
-        print(format_table(result['final_validation'], f"{args.method}: final validation, fold {args.fold}"))
+        print(format_table(result['final_validation'], f"{args.method}: final validation, fold {args.fold}",
+                           labels=_dataset_labels(result['results_folder'])))
 
 
 def run_centralized(engine, federation, args) -> dict:
@@ -161,7 +201,7 @@ def run_centralized(engine, federation, args) -> dict:
     from fednnunet.wire import Message
     trainer = train_centralized(federation.dataset_name, federation.site_names, args.configuration, _fold(args.fold),
                                 args.p, args.rounds, args.local_iterations, args.val_iterations, args.seed,
-                                resolve_device(args.device), args.continue_training)
+                                resolve_device(device_name(args.device)), args.continue_training)
     result = {'method': 'centralized', 'results_folder': trainer.output_folder_base, 'final_validation': None}
     if not args.no_val:
         replies = engine.ask_all(Message('evaluate', {
@@ -172,36 +212,42 @@ def run_centralized(engine, federation, args) -> dict:
     return result
 
 
-def evaluate_entry(argv=None):
-    parser = argparse.ArgumentParser(
+def evaluate_parser() -> FedArgumentParser:
+    parser = FedArgumentParser(
         prog='fednnunet_evaluate',
         description='Every site predicts its own validation cases with the trained model and measures them '
                     '(nnU-Net\'s metrics + HD95); prints per-site Dice/HD95 and the pooled Dice (exact, from summed '
-                    'TP/FP/FN) and writes them to JSON.')
+                    'TP/FP/FN) and writes them to JSON.',
+        epilog=methods_epilog())
     _add_model_args(parser)
     parser.add_argument('--model', choices=['auto', 'global', 'site'], default='auto',
                         help="global: the merged model; site: each site's personalized model; auto: global where the "
                              "method has one, else site")
     parser.add_argument('-o', default=None, help='JSON output file (default: in the results fold folder)')
     _add_federation_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def evaluate_entry(argv=None):
+    args = evaluate_parser().parse_args(argv)
+    check_device(args.device)
 
     from fednnunet.engines.simulation import SimulationEngine
     from fednnunet.evaluation import format_table, pooled_summary
     from fednnunet.federation import Federation
     from fednnunet.jsonio import write_json
-    from fednnunet.site_training import results_folder
     from fednnunet.wire import Message
 
     try:
         federation = Federation.from_raw(args.d, args.sites)
-        trainer_class, has_global = _trained_by(args.method)
+        _, has_global = _trained_by(args.method)
         model = args.model if args.model != 'auto' else ('global' if has_global else 'site')
         if model == 'global' and not has_global:
             raise FederationError(f'{args.method} keeps parts of the model at the sites and has no global model; '
                                   f'use --model site', field='--model')
-        engine = SimulationEngine.for_federation(federation, args.np, device=args.device, verbose=args.verbose)
-        base = results_folder(federation.dataset_name, trainer_class, args.p, args.c)
+        base = _model_base(args, federation.dataset_name, 'fednnunet_evaluate')
+        engine = SimulationEngine.for_federation(federation, args.np, device=device_name(args.device),
+                                                 verbose=args.verbose)
         replies = engine.ask_all(Message('evaluate', {
             'results_folder_name': os.path.basename(base), 'model': model, 'checkpoint': args.chk,
             'fold': _fold(args.f)}))
@@ -210,45 +256,58 @@ def evaluate_entry(argv=None):
     pooled = pooled_summary({s: r.config['summary'] for s, r in replies.items()})
     out = args.o or os.path.join(base, f'fold_{args.f}', f'evaluation_{model}_{os.path.splitext(args.chk)[0]}.json')
     write_json(out, {'method': args.method, 'model': model, 'checkpoint': args.chk, **pooled})
-    print(format_table(pooled, f'{args.method} ({model} model, {args.chk}), fold {args.f}'))
+    print(format_table(pooled, f'{args.method} ({model} model, {args.chk}), fold {args.f}',
+                       labels=_dataset_labels(base)))
     print(f'written to {out}')
 
 
-def predict_entry(argv=None):
-    parser = argparse.ArgumentParser(
+def predict_parser() -> FedArgumentParser:
+    parser = FedArgumentParser(
         prog='fednnunet_predict',
         description="Predicts new scans with nnU-Net's predictor and a federated model: the global model, or with "
-                    "--site a site's personalized model (its local layers loaded).")
-    parser.add_argument('-i', required=True, help='input folder (nnU-Net naming: CASE_XXXX.ending)')
+                    "--site a site's personalized model (its local layers loaded).",
+        epilog=methods_epilog())
+    parser.add_argument('-i', required=True, help='input folder (nnU-Net naming: CASE_XXXX.ending, XXXX the channel)')
     parser.add_argument('-o', required=True, help='output folder')
     _add_model_args(parser)
     parser.add_argument('--site', default=None, help="use this site's personalized model")
-    parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
-    parser.add_argument('-npp', type=int, default=0, help='processes for pre/postprocessing (0: in-process)')
+    add_device_argument(parser)
+    parser.add_argument('-npp', type=int_at_least(0), default=0,
+                        help='processes for pre/postprocessing (default 0: in-process)')
     parser.add_argument('--disable_tta', action='store_true', help='no mirroring at test time (as nnU-Net)')
-    parser.add_argument('--save_probabilities', action='store_true')
-    args = parser.parse_args(argv)
+    parser.add_argument('--save_probabilities', action='store_true', help='also write the softmax (as nnU-Net)')
+    return parser
 
-    from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
-    from fednnunet.federation import dataset_name_from_id
-    from fednnunet.inference import load_predictor, predict_cases
-    from fednnunet.site_training import resolve_device, results_folder
+def predict_entry(argv=None):
+    args = predict_parser().parse_args(argv)
+    check_device(args.device)
+
+    from fednnunet.federation import dataset_name_from_id, load_json
+    from fednnunet.inference import input_files, load_predictor, predict_cases
+    from fednnunet.site_training import resolve_device
+    from fednnunet.trained_models import sites_with_model
 
     try:
         dataset_name = dataset_name_from_id(args.d)
-        trainer_class, has_global = _trained_by(args.method)
-        base = results_folder(dataset_name, trainer_class, args.p, args.c)
+        _, has_global = _trained_by(args.method)
+        base = _model_base(args, dataset_name, 'fednnunet_predict -i IN -o OUT')
         if args.site is None and not has_global:
             raise FederationError(f'{args.method} keeps parts of the model at the sites; choose a site\'s '
                                   f'personalized model with --site', field='--site')
-        model_folder = os.path.join(base, 'sites', args.site) if args.site else base
-        predictor = load_predictor(model_folder, _fold(args.f), args.chk, resolve_device(args.device),
+        model_folder = base
+        if args.site is not None:
+            model_folder = os.path.join(base, 'sites', args.site)
+            trained = sites_with_model(base, args.f, args.chk)
+            if args.site not in trained:
+                start = (f"site {args.site!r} has no fold_{args.f}/{args.chk} (was its training finished?)"
+                         if os.path.isdir(model_folder) else f'unknown site {args.site!r}')
+                raise FederationError(f"{start}; sites with a trained model: {', '.join(trained) or 'none'}")
+        dataset_json = load_json(os.path.join(model_folder, 'dataset.json'), what='dataset.json')
+        lists = input_files(args.i, dataset_json)
+        predictor = load_predictor(model_folder, _fold(args.f), args.chk, resolve_device(device_name(args.device)),
                                    use_mirroring=not args.disable_tta, allow_tqdm=True)
         ending = predictor.dataset_json['file_ending']
-        lists = create_lists_from_splitted_dataset_folder(args.i, ending)
-        if not lists:
-            raise FederationError(f'no image named CASE_XXXX{ending} in {args.i}', field='-i')
         cases = [os.path.basename(files[0])[:-len(ending) - 5] for files in lists]
         predict_cases(predictor, lists, [os.path.join(args.o, c) for c in cases], args.npp, args.save_probabilities)
     except (FederationError, NotImplementedError, ValueError) as e:
@@ -257,50 +316,92 @@ def predict_entry(argv=None):
 
 
 def demo_data_entry(argv=None):
-    parser = argparse.ArgumentParser(prog='fednnunet_demo_data',
-                                     description='Builds the demo federation (brain tissue, MNI152 anatomy from '
-                                                 'nilearn, simulated scanners per site) as an nnU-Net raw dataset.')
-    parser.add_argument('-d', type=int, default=None, help='dataset id (default 501)')
-    parser.add_argument('--size', type=int, default=64, help='voxels along the longest axis (default 64)')
-    parser.add_argument('--seed', type=int, default=0)
+    parser = FedArgumentParser(prog='fednnunet_demo_data',
+                               description='Builds the demo federation (brain tissue, MNI152 anatomy from nilearn, '
+                                           'simulated scanners per site) as an nnU-Net raw dataset.')
+    parser.add_argument('-d', type=int_at_least(1), default=None, help='dataset id (default 501)')
+    parser.add_argument('--size', type=int_at_least(16), default=64,
+                        help='voxels along the longest axis (>= 16; default 64)')
+    parser.add_argument('--seed', type=int_at_least(0), default=0, help='seed of the demo data (>= 0; default 0)')
     parser.add_argument('--test-sites', action='store_true', help='the small 3-site federation used by the tests')
-    parser.add_argument('--overwrite', action='store_true')
+    parser.add_argument('--overwrite', action='store_true', help='replace the dataset folder if it exists')
     args = parser.parse_args(argv)
     from fednnunet import demo
     sites = demo.TEST_SITES if args.test_sites else demo.DEFAULT_SITES
-    folder = demo.build_demo_federation(args.d if args.d is not None else demo.DEMO_DATASET_ID, size=args.size,
-                                        seed=args.seed, sites=sites, overwrite=args.overwrite)
+    try:
+        folder = demo.build_demo_federation(args.d if args.d is not None else demo.DEMO_DATASET_ID, size=args.size,
+                                            seed=args.seed, sites=sites, overwrite=args.overwrite)
+    except (FileExistsError, ValueError, FederationError) as e:
+        _fail(str(e).replace('pass overwrite=True', 'pass --overwrite'))
     print(f'demo federation written to {folder}')
 
 
-def _ensure_nnunet_paths(workdir: str):
-    """The demo works out of the box: nnU-Net's three folders default to <workdir>/nnUNet_*."""
+def _ensure_nnunet_paths(workdir: str) -> list:
+    """The demo works out of the box: nnU-Net's three folders default to <workdir>/nnUNet_*. Returns the
+    variables it set."""
+    set_here = []
     for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         if not os.environ.get(var):
             os.environ[var] = os.path.join(os.path.abspath(workdir), var)
+            set_here.append(var)
         os.makedirs(os.environ[var], exist_ok=True)
+    return set_here
+
+
+def demo_parser() -> FedArgumentParser:
+    parser = FedArgumentParser(prog='fednnunet_demo',
+                               description='The whole path on the bundled demo federation: build the data, '
+                                           'negotiate plans (CPU preset), preprocess at every site, train '
+                                           'federated rounds, predict every site\'s validation cases and print '
+                                           'the per-site Dice table; then the commands to go on with.',
+                               epilog=methods_epilog())
+    parser.add_argument('--workdir', default='demo_workdir',
+                        help='where nnUNet_raw/preprocessed/results go unless those variables are set')
+    parser.add_argument('--size', type=int_at_least(16), default=64,
+                        help='voxels along the longest axis (>= 16; default 64)')
+    parser.add_argument('--seed', type=int_at_least(0), default=0, help='seed of the demo data (>= 0; default 0)')
+    parser.add_argument('-c', default='3d_fullres', help='configuration to train (default 3d_fullres)')
+    parser.add_argument('--methods', nargs='+', type=method(), default=['fedavg'],
+                        help='methods to train and compare (default fedavg; e.g. local fedavg centralized)')
+    parser.add_argument('--rounds', type=int_at_least(1), default=10, help='federated rounds (default 10)')
+    parser.add_argument('--local-iterations', type=int_at_least(1), default=50,
+                        help='iterations per site and round (default 50)')
+    parser.add_argument('--val-iterations', type=int_at_least(1), default=10,
+                        help='validation iterations per site and round (default 10)')
+    add_device_argument(parser)
+    parser.add_argument('-np', type=int_at_least(1), default=1, help='processes per site for preprocessing')
+    return parser
+
+
+def demo_next_steps(dataset_id: int, raw_folder: str, configuration: str, plans: str, methods, site: str,
+                    workdir: str, device=None, exported=()) -> str:
+    """The commands to run after the demo, with the -d/-c/-p it trained with: predict a folder with the global
+    model, evaluate, predict with a site's personalized model (if a personalized method was trained)."""
+    model = f'-d {dataset_id} -c {configuration} -p {plans}'
+    dev = f' -device {device}' if device else ''
+    has_global = {m: _trained_by(m)[1] for m in methods}
+    lines = ['[demo] next steps (copy and paste):']
+    if exported:
+        lines.append('  export ' + ' '.join(f'{v}={os.environ[v]}' for v in exported))
+    images = os.path.join(raw_folder, 'imagesTr')
+    global_method = next((m for m in methods if has_global[m]), None)
+    if global_method:
+        lines.append(f'  fednnunet_predict -i {images} -o {os.path.join(workdir, "predictions_" + global_method)} '
+                     f'{model} --method {global_method}{dev}')
+    first = global_method or methods[0]
+    lines.append(f'  fednnunet_evaluate {model} --method {first}{dev}')
+    personal = next((m for m in methods if not has_global[m]), None)
+    if personal:
+        lines.append(f'  fednnunet_predict -i {images} -o {os.path.join(workdir, f"predictions_{personal}_{site}")} '
+                     f'{model} --method {personal} --site {site}{dev}')
+    lines.append(f"  (-i: any folder of CASE_0000.nii.gz scans; {images} holds the demo's own)")
+    return '\n'.join(lines)
 
 
 def demo_entry(argv=None):
-    parser = argparse.ArgumentParser(prog='fednnunet_demo',
-                                     description='The whole path on the bundled demo federation: build the data, '
-                                                 'negotiate plans (CPU preset), preprocess at every site, train '
-                                                 'federated rounds, predict every site\'s validation cases and print '
-                                                 'the per-site Dice table.')
-    parser.add_argument('--workdir', default='demo_workdir',
-                        help='where nnUNet_raw/preprocessed/results go unless those variables are set')
-    parser.add_argument('--size', type=int, default=64, help='voxels along the longest axis (default 64)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the demo data')
-    parser.add_argument('-c', default='3d_fullres', help='configuration to train (default 3d_fullres)')
-    parser.add_argument('--methods', nargs='+', default=['fedavg'],
-                        help='methods to train and compare (default fedavg; e.g. local fedavg centralized)')
-    parser.add_argument('--rounds', type=int, default=10)
-    parser.add_argument('--local-iterations', type=int, default=50)
-    parser.add_argument('--val-iterations', type=int, default=10)
-    parser.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
-    parser.add_argument('-np', type=int, default=1, help='processes per site for preprocessing')
-    args = parser.parse_args(argv)
-    _ensure_nnunet_paths(args.workdir)
+    args = demo_parser().parse_args(argv)
+    check_device(args.device)
+    exported = _ensure_nnunet_paths(args.workdir)
     os.environ.setdefault('nnUNet_n_proc_DA', '0')
 
     from fednnunet import demo
@@ -315,15 +416,18 @@ def demo_entry(argv=None):
         federation = Federation.from_folder(folder)
         summary = plan_and_preprocess(SimulationEngine.for_federation(federation, args.np), federation.dataset_name,
                                       [args.c], 'nnUNetPlannerCPU')
-    except FederationError as e:
+    except (FederationError, FileExistsError, ValueError) as e:
         _fail(e)
     print(f"[demo] plans '{summary['plans_identifier']}' negotiated by sites {list(summary['sites'])} and "
           f"preprocessed ({time.time() - t0:.1f} s)")
-    for method in args.methods:
+    device = ['-device', args.device] if args.device else []
+    for m in args.methods:
         t1 = time.time()
-        print(f'[demo] training {method}: {args.rounds} rounds x {args.local_iterations} iterations per site')
-        train_entry([str(demo.DEMO_DATASET_ID), args.c, '0', '--method', method, '-p', summary['plans_identifier'],
+        print(f'[demo] training {m}: {args.rounds} rounds x {args.local_iterations} iterations per site')
+        train_entry([str(demo.DEMO_DATASET_ID), args.c, '0', '--method', m, '-p', summary['plans_identifier'],
                      '--rounds', str(args.rounds), '--local-iterations', str(args.local_iterations),
-                     '--val-iterations', str(args.val_iterations), '-device', args.device])
-        print(f'[demo] {method} done in {time.time() - t1:.1f} s')
+                     '--val-iterations', str(args.val_iterations), '--overwrite'] + device)
+        print(f'[demo] {m} done in {time.time() - t1:.1f} s')
     print(f'[demo] total {time.time() - t0:.1f} s; results under {os.environ["nnUNet_results"]}')
+    print(demo_next_steps(demo.DEMO_DATASET_ID, folder, args.c, summary['plans_identifier'], args.methods,
+                          federation.site_names[0], os.path.abspath(args.workdir), args.device, exported))

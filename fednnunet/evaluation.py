@@ -135,17 +135,50 @@ def pooled_summary(site_summaries: Dict[str, Optional[dict]]) -> dict:
     return out
 
 
-def format_table(pooled: dict, title: str = '') -> str:
-    """A plain-text table: one row per site, then the pooled row."""
+def label_names(labels: Optional[dict], keys: Sequence[str]) -> Dict[str, str]:
+    """Display names for summary keys ('1', '(1, 2)': nnU-Net's label or region keys) from dataset.json's
+    ``labels`` (name -> value or region): the name whose value is the key; a region no name declares is named by
+    the labels it combines ('grey_matter+white_matter'); the key itself where dataset.json says nothing."""
+    from nnunetv2.evaluation.evaluate_predictions import key_to_label_or_region
+    if not labels:
+        return {k: str(k) for k in keys}
+
+    def as_tuple(value):
+        return tuple(sorted(int(v) for v in value)) if isinstance(value, (list, tuple)) else (int(value),)
+
+    by_value = {}
+    for name, value in labels.items():
+        if name != 'ignore':
+            by_value.setdefault(as_tuple(value), name)
+    out = {}
+    for key in keys:
+        try:
+            value = as_tuple(key_to_label_or_region(str(key)))
+        except ValueError:
+            out[key] = str(key)
+            continue
+        if value in by_value:
+            out[key] = by_value[value]
+        elif len(value) > 1 and all((v,) in by_value for v in value):
+            out[key] = '+'.join(by_value[(v,)] for v in value)
+        else:
+            out[key] = str(key)
+    return out
+
+
+def format_table(pooled: dict, title: str = '', labels: Optional[dict] = None) -> str:
+    """A plain-text table: one row per site, then the pooled row. ``labels``: dataset.json's ``labels`` (the
+    columns are then named 'Dice grey_matter', ...; without it 'Dice 1', ...)."""
     sites = pooled['per_site']
-    labels = sorted(pooled['pooled'], key=lambda x: (len(x), x))
-    header = ['site', 'cases'] + [f'Dice {lb}' for lb in labels] + ['mean Dice', 'mean HD95 [mm]']
+    keys = sorted(pooled['pooled'], key=lambda x: (len(x), x))
+    names = label_names(labels, keys)
+    header = ['site', 'cases'] + [f'Dice {names[lb]}' for lb in keys] + ['mean Dice', 'mean HD95 [mm]']
     rows = []
     for site, row in sites.items():
-        rows.append([site, str(row['num_cases'])] + [_f(row[lb]['Dice']) for lb in labels] +
+        rows.append([site, str(row['num_cases'])] + [_f(row[lb]['Dice']) for lb in keys] +
                     [_f(row['foreground_mean']['Dice']), _f(row['foreground_mean']['HD95'], 2)])
     rows.append(['pooled', str(sum(r['num_cases'] for r in sites.values()))] +
-                [_f(pooled['pooled'][lb]['Dice']) for lb in labels] + [_f(pooled.get('pooled_foreground_mean_dice')), ''])
+                [_f(pooled['pooled'][lb]['Dice']) for lb in keys] + [_f(pooled.get('pooled_foreground_mean_dice')), ''])
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
     lines = ([title] if title else []) + ['  '.join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ['  '.join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]

@@ -5,7 +5,8 @@
   plan_and_preprocess` and :class:`fednnunet.training_server.FederatedTraining`.
 - The **ClientApp** (``client_app``) answers every fednnunet message kind with the site's
   :class:`fednnunet.site_worker.SiteWorker`, built from the SuperNode's ``--node-config``:
-  ``site-id`` (required), ``dataset`` (required: id or name), ``device`` (cuda|cpu|mps, default cuda),
+  ``site-id`` (required), ``dataset`` (required: id or name), ``device`` (cuda|cpu|mps|auto; default auto: cuda if
+  the machine has it, else the CPU; an explicit cuda without CUDA is an error),
   ``num-processes`` (default 1), ``verbose`` (default false), and optionally ``nnunet-raw``,
   ``nnunet-preprocessed``, ``nnunet-results`` (else the SuperNode's environment variables).
 
@@ -67,6 +68,7 @@ RUN_CONFIG_DEFAULTS = {
     'weighting': 'num_examples',
     'validate': True,
     'continue': False,
+    'overwrite': False,                # a new run in a results folder with an earlier run (deletes its round state)
     'sites': '',                       # the federation's sites (space separated); '' = whoever connects
     'min-sites': 0,                    # 0: every site must answer every round
     'round-timeout': 86400.0,          # seconds per request (round, preprocessing, ...)
@@ -144,7 +146,7 @@ def _site_worker(context: Context):
     site = str(_node_setting(context, 'site-id'))
     federation = Federation.from_raw(str(_node_setting(context, 'dataset')), only_sites=[site])
     return SiteWorker(federation.sites[site], federation.dataset_name, int(_node_setting(context, 'num-processes', 1)),
-                      device=str(_node_setting(context, 'device', 'cuda')), state_in_memory=False,
+                      device=str(_node_setting(context, 'device', 'auto')), state_in_memory=False,
                       verbose=bool(_node_setting(context, 'verbose', False)))
 
 
@@ -188,6 +190,8 @@ def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) ->
     phase = str(cfg['phase'])
     if phase not in ('plan', 'train', 'all'):
         raise ValueError(f"phase must be plan, train or all, not {phase!r}")
+    if cfg['continue'] and cfg['overwrite']:
+        raise ValueError('continue and overwrite exclude each other')
     if phase != 'plan':
         check_method(str(cfg['method']), json.loads(str(cfg['hyperparameters']) or '{}'))
     sites = str(cfg['sites']).split()
@@ -250,12 +254,13 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
         if cfg['continue']:
             _members_from_checkpoint(engine, config)
         training = FederatedTraining(engine, config)
-        result['training'] = training.run(continue_training=bool(cfg['continue']))
+        result['training'] = training.run(continue_training=bool(cfg['continue']), overwrite=bool(cfg['overwrite']))
         write_json(os.path.join(training.output_folder, 'flower_messages.json'), _engine_report(engine), indent=1)
         if result['training'].get('final_validation'):
             from fednnunet.evaluation import format_table
             print(format_table(result['training']['final_validation'],
-                               f"{config.method}: final validation, fold {config.fold}"), flush=True)
+                               f"{config.method}: final validation, fold {config.fold}",
+                               labels=training.dataset_json.get('labels')), flush=True)
         _log(f"results: {result['training']['results_folder']}")
     _log(f'done in {time.time() - t0:.0f} s; bytes to/from each site: ' +
          ', '.join(f'{s} {engine.bytes_sent.get(s, 0) / 1e6:.1f}/{engine.bytes_received.get(s, 0) / 1e6:.1f} MB'

@@ -3,7 +3,7 @@
 Server machine (holds no images)::
 
     fednnunet_server -d 501 --method fedavg --rounds R [--sites A B C] [--tls-dir DIR | --insecure]
-                     [--auth-keys A.pub B.pub ...] [--min-sites N] [--round-timeout S] [--continue]
+                     [--auth-keys A.pub B.pub ...] [--min-sites N] [--round-timeout S] [--continue | --overwrite]
 
 starts a Flower SuperLink (``flower-superlink``, runtime dependency installation disabled), registers the sites'
 public keys when SuperNode authentication is on, writes the fednnunet Flower app and runs it with ``flwr run``
@@ -14,8 +14,8 @@ Each hospital (its own nnUNet_raw with only its own cases)::
 
     fednnunet_site --site A -d 501 --server HOST:PORT [--tls-dir DIR | --insecure] [--auth-key KEY] [-device cuda]
 
-checks the site's data, then becomes a Flower SuperNode (``flower-supernode``) with ``--node-config``
-``site-id``/``dataset``/``device``. See documentation/deployment.md.
+checks the site's data (and that an explicit -device exists on the machine), then becomes a Flower SuperNode
+(``flower-supernode``) with ``--node-config`` ``site-id``/``dataset``/``device``. See documentation/deployment.md.
 """
 import argparse
 import json
@@ -31,6 +31,9 @@ import threading
 import time
 from typing import List, Optional
 
+from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_start_arguments, address, check_device,
+                                device_name, fail, fold, int_at_least, method, methods_epilog, number_at_least, port,
+                                positive_number)
 from fednnunet.method_options import add_method_arguments, hyperparameters_from_args
 
 DEFAULT_PORT = 9092
@@ -43,8 +46,7 @@ class CliError(RuntimeError):
 
 
 def _fail(text: str, code: int = 2):
-    print(f'fednnunet: error: {text}', file=sys.stderr, flush=True)
-    sys.exit(code)
+    fail(text, code)
 
 
 def flower_executable(name: str) -> str:
@@ -127,54 +129,62 @@ def _check_security(args):
 # ============================================================================================ server
 
 def server_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FedArgumentParser(
         prog='fednnunet_server',
         description='The fednnunet server over Flower: starts a SuperLink, waits for the sites (fednnunet_site), '
                     'negotiates the plans, triggers preprocessing, trains in federated rounds, has every site '
-                    'validate and store its final model. Holds no images.')
+                    'validate and store its final model. Holds no images.',
+        epilog=methods_epilog(centralized=False))
     p.add_argument('-d', required=True, help='dataset id or name (every site must hold it)')
     p.add_argument('--phase', choices=['all', 'plan', 'train'], default=None,
                    help='plan: fingerprint, plans, preprocessing; train: rounds on existing plans; all (default; '
                         'with --continue: train)')
-    p.add_argument('-c', default='3d_fullres', help='configuration to preprocess and train (default 3d_fullres)')
-    p.add_argument('-f', '--fold', default='0', help='fold 0-4 or all (default 0)')
+    p.add_argument('-c', default='3d_fullres', help='configuration to train (default 3d_fullres)')
+    p.add_argument('--preprocess-configurations', nargs='+', default=None, metavar='CONFIGURATION',
+                   help='configurations to preprocess at every site when planning (default: the -c configuration), '
+                        'e.g. 2d 3d_fullres')
+    p.add_argument('-f', '--fold', type=fold, default='0', help='fold 0-4 or all (default 0)')
     p.add_argument('-pl', default='ExperimentPlanner', help='planner (nnU-Net\'s, or nnUNetPlannerCPU)')
     p.add_argument('-p', default=None, help='plans identifier for --phase train (default nnUNetPlans; with planning: '
                                             'the planner\'s)')
-    p.add_argument('-gpu_memory_target', type=float, default=None)
-    p.add_argument('-overwrite_plans_name', default=None)
-    p.add_argument('--method', default='fedavg')
-    p.add_argument('--rounds', type=int, default=1000)
-    p.add_argument('--local-iterations', type=int, default=250)
-    p.add_argument('--val-iterations', type=int, default=50)
-    p.add_argument('--seed', type=int, default=12345)
+    p.add_argument('-gpu_memory_target', type=positive_number, default=None,
+                   help='cap on device memory in GB (> 0); the plan uses min(this, every site\'s gpu_memory_gb)')
+    p.add_argument('-overwrite_plans_name', default=None, help="as nnU-Net's: the name of the plans written")
+    p.add_argument('--method', type=method(centralized=False), default='fedavg',
+                   help='the training method (default fedavg; the list is below)')
+    p.add_argument('--rounds', type=int_at_least(1), default=1000, help='federated rounds (default 1000)')
+    p.add_argument('--local-iterations', type=int_at_least(1), default=250,
+                   help='nnU-Net iterations per site and round (default 250)')
+    p.add_argument('--val-iterations', type=int_at_least(1), default=50,
+                   help='validation iterations per site and round (default 50)')
+    p.add_argument('--seed', type=int_at_least(0), default=12345, help='seed of the run (>= 0; default 12345)')
     add_method_arguments(p)
     p.add_argument('--no-val', action='store_true', help='skip the final validation at every site')
-    p.add_argument('--continue', dest='continue_training', action='store_true',
-                   help='resume after the last completed round (federated_round_latest.pth)')
+    add_run_start_arguments(p, "resume after the last completed round (federated_round_latest.pth); nnU-Net's --c "
+                               "works too")
     p.add_argument('--sites', nargs='+', default=None,
                    help='the federation\'s sites; the server waits for all of them (recommended). Default: the sites '
                         'that connect before the first round')
-    p.add_argument('--min-sites', type=int, default=None,
+    p.add_argument('--min-sites', type=int_at_least(1), default=None,
                    help='a round goes on when at least this many sites answer (default: all). Planning always needs '
                         'every site')
-    p.add_argument('--round-timeout', type=float, default=86400.0,
+    p.add_argument('--round-timeout', type=positive_number, default=86400.0,
                    help='seconds a site has for one round (or fingerprinting/preprocessing) before the round goes on '
                         'without it (default 86400; Flower\'s strategies drop a site after 3600)')
-    p.add_argument('--wait-for-sites', type=float, default=600.0,
+    p.add_argument('--wait-for-sites', type=positive_number, default=600.0,
                    help='seconds to wait for the sites to connect at the start (default 600)')
-    p.add_argument('--identify-timeout', type=float, default=300.0,
+    p.add_argument('--identify-timeout', type=positive_number, default=300.0,
                    help='seconds a newly connected site has to say who it is (default 300)')
-    p.add_argument('--settle-seconds', type=float, default=15.0,
+    p.add_argument('--settle-seconds', type=number_at_least(0), default=15.0,
                    help='without --sites: start once no new site has connected for this long (default 15)')
     _security_args(p)
     p.add_argument('--auth-keys', '--auth-key', dest='auth_keys', nargs='+', default=None, metavar='PUBLIC_KEY',
                    help="SuperNode authentication: the sites' public keys (OpenSSH ECDSA, e.g. keys/A.pub from "
                         "scripts/make_test_certs.sh); only SuperNodes holding a matching private key may connect")
     p.add_argument('--host', default='0.0.0.0', help='address the SuperLink listens on (default 0.0.0.0)')
-    p.add_argument('--port', type=int, default=DEFAULT_PORT,
+    p.add_argument('--port', type=port, default=DEFAULT_PORT,
                    help=f'the SuperLink\'s port (one HTTP(S) port for sites and control; default {DEFAULT_PORT})')
-    p.add_argument('--superlink', default=None, metavar='HOST:PORT',
+    p.add_argument('--superlink', type=address, default=None, metavar='HOST:PORT',
                    help='use a SuperLink that is already running (started with flower-superlink '
                         '--disable-runtime-dependency-installation) instead of starting one')
     p.add_argument('--work-dir', default=None,
@@ -196,7 +206,8 @@ def run_config_from_args(args) -> dict:
         'gpu-memory-target': float(args.gpu_memory_target or 0.0), 'method': args.method, 'rounds': args.rounds,
         'local-iterations': args.local_iterations, 'val-iterations': args.val_iterations, 'seed': args.seed,
         'hyperparameters': json.dumps(hyper), 'weighting': args.weighting, 'validate': not args.no_val,
-        'continue': bool(args.continue_training), 'sites': ' '.join(args.sites or []),
+        'continue': bool(args.continue_training), 'overwrite': bool(args.overwrite),
+        'configurations': ' '.join(args.preprocess_configurations or [args.c]), 'sites': ' '.join(args.sites or []),
         'min-sites': int(args.min_sites or 0), 'round-timeout': float(args.round_timeout),
         'identify-timeout': float(args.identify_timeout), 'wait-for-sites': float(args.wait_for_sites),
         'settle-seconds': float(args.settle_seconds),
@@ -318,8 +329,20 @@ def _interrupt(signum, _frame):
     raise KeyboardInterrupt(f'signal {signum}')
 
 
+def check_server_args(parser, args):
+    """What argparse cannot say by itself, said as it says it (before anything starts)."""
+    phase = args.phase or ('train' if args.continue_training else 'all')
+    if phase == 'all' and args.preprocess_configurations and args.c not in args.preprocess_configurations:
+        parser.error(f"-c {args.c} must be one of --preprocess-configurations "
+                     f"({' '.join(args.preprocess_configurations)}): it is trained right after preprocessing")
+    if args.preprocess_configurations and phase == 'train':
+        parser.error('--preprocess-configurations applies to planning (--phase plan or all), not to --phase train')
+
+
 def server_entry(argv=None):
-    args = server_parser().parse_args(argv)
+    parser = server_parser()
+    args = parser.parse_args(argv)
+    check_server_args(parser, args)
     signal.signal(signal.SIGTERM, _interrupt)  # stop the run and the SuperLink, as Ctrl-C does
     try:
         sys.exit(run_server_command(args))
@@ -399,31 +422,32 @@ def stop_process(process: subprocess.Popen, timeout: float = 15.0):
 # ============================================================================================ site
 
 def site_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FedArgumentParser(
         prog='fednnunet_site',
         description='One hospital in a fednnunet federation over Flower: checks the site\'s data, then runs a Flower '
                     'SuperNode that answers the server (fingerprint, preprocessing, training rounds, validation). '
                     'Images never leave this machine.')
     p.add_argument('--site', required=True, help="this site's name in its sites.json")
     p.add_argument('-d', required=True, help='dataset id or name (under $nnUNet_raw)')
-    p.add_argument('--server', required=True, metavar='HOST:PORT', help="the server's SuperLink address")
+    p.add_argument('--server', required=True, type=address, metavar='HOST:PORT', help="the server's SuperLink address")
     _security_args(p)
     p.add_argument('--auth-key', default=None, metavar='PRIVATE_KEY',
                    help="this site's private key (OpenSSH ECDSA; its .pub goes to the server's --auth-keys)")
-    p.add_argument('-device', default='cuda', choices=['cuda', 'cpu', 'mps'])
-    p.add_argument('-np', type=int, default=None,
+    add_device_argument(p)
+    p.add_argument('-np', type=int_at_least(1), default=None,
                    help="processes for fingerprinting/preprocessing (default nnU-Net's)")
-    p.add_argument('--local-port', type=int, default=None,
+    p.add_argument('--local-port', type=port, default=None,
                    help='port of the SuperNode\'s local API on 127.0.0.1 (default: a free one)')
-    p.add_argument('--max-wait-time', type=float, default=None,
+    p.add_argument('--max-wait-time', type=positive_number, default=None,
                    help='give up after this many seconds without the server (default: keep trying)')
-    p.add_argument('--verbose', action='store_true')
+    p.add_argument('--verbose', action='store_true', help="the site's nnU-Net logs in the SuperNode's output")
     return p
 
 
 def site_command(args) -> List[str]:
-    """Checks the site's data and returns the flower-supernode command line."""
+    """Checks the site's data and device and returns the flower-supernode command line."""
     _check_security(args)
+    check_device(args.device)
     from fednnunet.errors import FederationError
     from fednnunet.federation import Federation
     try:
@@ -435,7 +459,7 @@ def site_command(args) -> List[str]:
     if num_processes is None:
         from nnunetv2.configuration import default_num_processes
         num_processes = default_num_processes
-    node_config = {'site-id': args.site, 'dataset': federation.dataset_name, 'device': args.device,
+    node_config = {'site-id': args.site, 'dataset': federation.dataset_name, 'device': device_name(args.device),
                    'num-processes': int(num_processes), 'verbose': bool(args.verbose)}
     for key, value in node_config.items():
         if isinstance(value, str) and ('"' in value or "'" in value):
@@ -454,7 +478,8 @@ def site_command(args) -> List[str]:
     if args.max_wait_time:
         cmd += ['--max-wait-time', str(args.max_wait_time)]
     print(f"fednnunet_site: site '{args.site}' of {federation.dataset_name} ({len(site.cases)} cases), device "
-          f"{args.device}, server {args.server} ({'TLS' if args.tls_dir else 'INSECURE, no TLS'}"
+          f"{args.device or 'cuda if available, else cpu'}, server {args.server} "
+          f"({'TLS' if args.tls_dir else 'INSECURE, no TLS'}"
           f"{', authenticated' if args.auth_key else ''})", flush=True)
     return cmd
 

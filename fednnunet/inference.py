@@ -10,6 +10,7 @@ tensors, plain containers and numpy scalars. Sliding window, mirroring, resampli
 import contextlib
 import io
 import os
+import re
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join
 
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
 import fednnunet.trainers
 from fednnunet.errors import FederationError
@@ -103,3 +105,41 @@ def predict_cases(predictor: nnUNetPredictor, list_of_lists: List[List[str]], ou
     else:
         predictor.predict_from_files(list_of_lists, list(output_truncated), save_probabilities, True,
                                      num_processes, num_processes)
+
+
+def _listing(names: Sequence[str], shown: int = 5) -> str:
+    return ', '.join(names[:shown]) + (f', ... ({len(names)} in all)' if len(names) > shown else '')
+
+
+def input_files(folder: str, dataset_json: dict) -> List[List[str]]:
+    """The cases of an input folder for prediction, as nnU-Net reads them (one list of channel files per case),
+    after checking nnU-Net's naming: every file with the dataset's file ending is ``CASE_XXXX<ending>`` with XXXX
+    one of dataset.json's channels, and every case has every channel. Files with other endings are ignored, as
+    nnU-Net does. A FederationError names the offending files (``-i``)."""
+    if not os.path.isdir(folder):
+        raise FederationError(f'-i {folder}: not a folder')
+    ending = dataset_json['file_ending']
+    channels = dataset_json.get('channel_names', dataset_json.get('modality', {}))
+    codes = {f'{int(c):04d}': name for c, name in channels.items()}
+    pattern = re.compile(r'(.+)_(\d{4})' + re.escape(ending))
+    expected = (f"CASE_XXXX{ending} (XXXX: the channel, " +
+                ', '.join(f"{code} for {name!r}" for code, name in sorted(codes.items())) + ')')
+    files = sorted(f for f in os.listdir(folder) if f.endswith(ending) and os.path.isfile(os.path.join(folder, f)))
+    if not files:
+        raise FederationError(f'-i {folder}: no image named {expected}')
+    cases, bad = {}, []
+    for f in files:
+        m = pattern.fullmatch(f)
+        if m is None or m.group(2) not in codes:
+            bad.append(f)
+        else:
+            cases.setdefault(m.group(1), set()).add(m.group(2))
+    if bad:
+        raise FederationError(f'-i {folder}: {len(bad)} file(s) are not named {expected}: {_listing(bad)}')
+    missing = [f'{case}_{code}{ending}' for case, have in sorted(cases.items()) for code in sorted(codes)
+               if code not in have]
+    if missing:
+        incomplete = sorted({m[:-len(ending) - 5] for m in missing})
+        raise FederationError(f'-i {folder}: {len(incomplete)} case(s) lack a channel (every case needs every '
+                              f'channel, {expected}); missing: {_listing(missing)}')
+    return create_lists_from_splitted_dataset_folder(folder, ending, sorted(cases), num_processes=1)

@@ -3,17 +3,19 @@ the named hyper-parameter flags, ``--hp KEY=VALUE`` for any other, ``--weighting
 method takes them."""
 import argparse
 
+from fednnunet.cli_args import fraction, int_at_least, number_at_least
 from fednnunet.errors import FederationError
 
-#: flag -> hyper-parameter name, help
+#: flag -> hyper-parameter name, type (checked while parsing), help
 NAMED_FLAGS = {
-    '--mu': ('mu', float, 'fedprox: proximal weight (default 0.01)'),
-    '--head-fraction': ('head_fraction', float,
-                        "fedrep/lcfed: share of each round's iterations that train only the heads (default 0.2)"),
-    '--stage2-rounds': ('stage2_rounds', int,
-                        'lcfed/feddp: how many of the --rounds are the second (local calibration) stage'),
-    '--alpha': ('alpha', float, 'lcfed: weight of the contrastive site term (0.1)'),
-    '--igc-lambda': ('igc_lambda', float, 'feddp: weight of the calibration term (1.0)'),
+    '--mu': ('mu', number_at_least(0), 'fedprox: proximal weight, >= 0 (default 0.01)'),
+    '--head-fraction': ('head_fraction', fraction,
+                        "fedrep/lcfed: share of each round's iterations that train only the heads, in [0, 1) "
+                        "(default 0.2)"),
+    '--stage2-rounds': ('stage2_rounds', int_at_least(0),
+                        'lcfed/feddp: how many of the --rounds are the second (local calibration) stage (>= 0)'),
+    '--alpha': ('alpha', number_at_least(0), 'lcfed: weight of the contrastive site term, >= 0 (0.1)'),
+    '--igc-lambda': ('igc_lambda', number_at_least(0), 'feddp: weight of the calibration term, >= 0 (1.0)'),
 }
 
 

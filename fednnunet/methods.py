@@ -2,6 +2,7 @@
 from dataclasses import dataclass
 from typing import Callable, Dict, Type
 
+from fednnunet import method_names
 from fednnunet.strategies import FedAvg, NoAggregation, Strategy, TwoStageFedAvg
 from fednnunet.trainers.base import FederatedTrainer
 from fednnunet.trainers.fedavg import FedAvgTrainer
@@ -27,32 +28,45 @@ class Method:
         return not self.trainer.has_local_parts
 
 
-METHODS: Dict[str, Method] = {m.name: m for m in (
-    Method('fedavg', FedAvgTrainer, FedAvg, 'all weights averaged, weighted by training cases'),
-    Method('fedprox', FedProxTrainer, FedAvg, 'FedAvg + proximal term mu/2||w - w_global||^2 (--mu)'),
-    Method('fedbn', FedBNTrainer, FedAvg, 'normalization layers stay local'),
-    Method('fedper', FedPerTrainer, FedAvg, 'segmentation heads stay local, joint training'),
-    Method('fedrep', FedRepTrainer, FedAvg, 'heads local; head-only then body-only steps per round'),
-    Method('local', LocalTrainer, NoAggregation, 'each site alone (baseline)'),
-    Method('lcfed', LCFedTrainer, TwoStageFedAvg, 'LC-Fed: PCS + contrastive term, local heads; head calibration'),
-    Method('feddp', FedDPTrainer, TwoStageFedAvg, 'FedDP: local attention queries; inter-site guided calibration'),
-)}
-
-#: methods the project plans but has not built; asking for one is an error, never a silent FedAvg
-PLANNED = {
-    'hssf': 'HSSF, semi-supervised model-heterogeneous',
-    'fedmm': 'FedMM, multimodal drift correction',
+_BUILT = {
+    'fedavg': (FedAvgTrainer, FedAvg),
+    'fedprox': (FedProxTrainer, FedAvg),
+    'fedbn': (FedBNTrainer, FedAvg),
+    'fedper': (FedPerTrainer, FedAvg),
+    'fedrep': (FedRepTrainer, FedAvg),
+    'local': (LocalTrainer, NoAggregation),
+    'lcfed': (LCFedTrainer, TwoStageFedAvg),
+    'feddp': (FedDPTrainer, TwoStageFedAvg),
 }
 
-CENTRALIZED = 'centralized'
+#: every method, with its summary from fednnunet.method_names (the light list the command lines check)
+METHODS: Dict[str, Method] = {name: Method(name, trainer, strategy, method_names.METHODS[name][1])
+                              for name, (trainer, strategy) in _BUILT.items()}
+
+PLANNED = method_names.PLANNED
+CENTRALIZED = method_names.CENTRALIZED
+
+
+def check_method_names():
+    """This module and fednnunet.method_names name the same methods with the same trainer classes."""
+    if set(METHODS) != set(method_names.METHODS):
+        raise RuntimeError(f'fednnunet.methods has {sorted(METHODS)}, fednnunet.method_names has '
+                           f'{sorted(method_names.METHODS)}')
+    for name, m in METHODS.items():
+        if m.trainer.__name__ != method_names.METHODS[name][0]:
+            raise RuntimeError(f'{name}: fednnunet.methods trains with {m.trainer.__name__}, fednnunet.method_names '
+                               f'says {method_names.METHODS[name][0]}')
+
+
+check_method_names()
 
 
 def get_method(name: str) -> Method:
     if name in METHODS:
         return METHODS[name]
-    if name in PLANNED:
-        raise NotImplementedError(f'method {name!r} ({PLANNED[name]}) is not implemented yet')
-    raise ValueError(f'unknown method {name!r}; available: {sorted(METHODS) + [CENTRALIZED]}')
+    method_names.check_method_name(name)  # a planned or unknown name: NotImplementedError / ValueError
+    raise ValueError(f'method {name!r} is not federated (no trainer and strategy); it runs through '
+                     f'fednnunet.centralized')
 
 
 def method_of_trainer(trainer_name: str) -> Method:

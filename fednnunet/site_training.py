@@ -29,16 +29,24 @@ RUN_ID = re.compile(r'^[0-9a-f]{32}$')
 STATE_FILE = re.compile(r'^round_(\d{4})\.pth$')
 
 
-def resolve_device(name: str = 'cuda') -> torch.device:
-    """nnU-Net's -device; without CUDA, the CPU with a one-line notice instead of a crash."""
+def resolve_device(name: Optional[str] = 'auto') -> torch.device:
+    """nnU-Net's -device. 'auto' (or None: the flag not given): CUDA if this machine has it, else the CPU with a
+    one-line notice (once per process). An explicit 'cuda' or 'mps' that this machine lacks is an error, as in
+    nnU-Net (FederationError '-device cuda: CUDA is not available on this machine; use -device cpu')."""
     global _cpu_notice_shown
-    if name not in ('cuda', 'cpu', 'mps'):
+    from fednnunet.devices import AUTO, DEVICES, unavailable
+    name = name or AUTO
+    if name not in DEVICES + (AUTO,):
         raise ValueError(f"-device must be cpu, cuda or mps, not {name!r}")
-    if name == 'cuda' and not torch.cuda.is_available():
-        if not _cpu_notice_shown:
-            print('fednnunet: CUDA is not available; training and inference run on the CPU.')
+    if name == AUTO:
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+        if name == 'cpu' and not _cpu_notice_shown:
+            print('fednnunet: CUDA is not available on this machine; training and inference run on the CPU',
+                  flush=True)
             _cpu_notice_shown = True
-        name = 'cpu'
+    problem = unavailable(name)
+    if problem:
+        raise FederationError(problem)
     if name == 'cpu':
         torch.set_num_threads(multiprocessing.cpu_count())
     return torch.device(name)

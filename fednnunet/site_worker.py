@@ -38,7 +38,7 @@ def software_versions() -> dict:
 
 
 class SiteWorker:
-    def __init__(self, site: Site, dataset_name: str, num_processes: int = 1, device: str = 'cuda',
+    def __init__(self, site: Site, dataset_name: str, num_processes: int = 1, device: str = 'auto',
                  state_in_memory: bool = False, verbose: bool = False):
         self.site = site
         self.dataset_name = dataset_name

@@ -161,7 +161,15 @@ def test_cli_reports_wrong_ids_and_sites(raw_copy, capsys):
     with pytest.raises(SystemExit) as e:
         plan_and_preprocess_entry(['-d', '999', '-np', '1'])
     assert e.value.code == 2
-    assert "dataset '999'" in capsys.readouterr().err or "dataset 999" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    assert capsys.readouterr().err.startswith("fednnunet: error: field 'dataset id': dataset '999' was not found")
+    with pytest.raises(SystemExit) as e:
         plan_and_preprocess_entry(['-d', '501', '--sites', 'A', 'Z', '-np', '1'])
-    assert "unknown site(s) ['Z']" in capsys.readouterr().err
+    assert e.value.code == 2
+    assert "fednnunet: error: field '--sites': unknown site(s) ['Z']; sites.json has ['A', 'B', 'C']" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # checked while parsing: nothing is fingerprinted or written
+        plan_and_preprocess_entry(['-d', '501', '-np', '0'])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ('fednnunet: error: fednnunet_plan_and_preprocess: argument -np: must be '
+                                               'an integer >= 1, got 0 (see fednnunet_plan_and_preprocess --help)')
+    _assert_nothing_on_server()
