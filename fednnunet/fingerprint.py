@@ -59,7 +59,8 @@ def _checked_reader(base, site: str, case: str, n_channels: int, expected_labels
                 try:
                     check_complete(f)
                 except ValueError as e:
-                    raise FederationError(f'image file {f} {e}', site=site, case=case, field=f'channel {i}') from None
+                    raise FederationError(f'cannot read image file {f}: it {e}', site=site, case=case,
+                                          field=f'channel {i}') from None
             try:
                 images, props = super().read_images(image_fnames)
             except Exception as e:
@@ -91,7 +92,8 @@ def _checked_reader(base, site: str, case: str, n_channels: int, expected_labels
             try:
                 check_complete(seg_fname)
             except ValueError as e:
-                raise FederationError(f'label file {seg_fname} {e}', site=site, case=case, field='label') from None
+                raise FederationError(f'cannot read label file {seg_fname}: it {e}', site=site, case=case,
+                                      field='label') from None
             self._reading_seg = True
             try:
                 seg, props = super().read_seg(seg_fname)

@@ -173,3 +173,77 @@ def test_cli_reports_wrong_ids_and_sites(raw_copy, capsys):
     assert capsys.readouterr().err.strip() == ('fednnunet: error: fednnunet_plan_and_preprocess: argument -np: must be '
                                                'an integer >= 1, got 0 (see fednnunet_plan_and_preprocess --help)')
     _assert_nothing_on_server()
+
+
+def _assert_nothing_at_the_sites():
+    """A failed planning leaves no fingerprint and no private intensity sample at any site."""
+    sites = os.path.join(server_folder(DATASET_NAME), 'sites')
+    left = [os.path.join(root, f) for root, _, files in os.walk(sites) for f in files] if os.path.isdir(sites) else []
+    assert left == [], left
+    assert not any(os.path.isdir(os.path.join(sites, s, 'private')) for s in os.listdir(sites)) \
+        if os.path.isdir(sites) else True
+
+
+def test_truncated_image_is_refused_by_name(raw_copy):
+    """SimpleITK reads a half-copied .nii.gz without an error, filling the rest with zeros (the fingerprint's
+    minimum would become 0 and the plans change): the site refuses it, naming site, case and channel."""
+    f = raw_copy / 'imagesTr' / 'B_001_0000.nii.gz'
+    data = f.read_bytes()
+    f.write_bytes(data[:len(data) // 2])
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(f))).size > 0  # SimpleITK itself does not complain
+    with pytest.raises(FederationError, match=r"site 'B', case 'B_001', field 'channel 0'.*B_001_0000.nii.gz.*"
+                                              r"truncated") as e:
+        _run(raw_copy)
+    assert (e.value.site, e.value.case) == ('B', 'B_001')
+    _assert_nothing_on_server()
+    _assert_nothing_at_the_sites()
+
+
+def test_truncated_uncompressed_label_is_refused_by_name(raw_copy):
+    spec = _sites(raw_copy)
+    f = raw_copy / 'labelsTr' / 'A_001.nii.gz'
+    img = sitk.ReadImage(str(f))
+    os.remove(f)
+    # the case with a .nii label of half its size (dataset.json's explicit 'dataset' entry names the files)
+    sitk.WriteImage(img, str(raw_copy / 'labelsTr' / 'A_001.nii'))
+    half = (raw_copy / 'labelsTr' / 'A_001.nii').read_bytes()
+    (raw_copy / 'labelsTr' / 'A_001.nii').write_bytes(half[:len(half) - 1000])
+    with open(raw_copy / 'dataset.json') as fh:
+        dj = json.load(fh)
+    dj['dataset'] = {c: {'images': [f'imagesTr/{c}_0000.nii.gz'], 'label': f'labelsTr/{c}.nii.gz'}
+                     for s in spec['sites'].values() for c in s['cases']}
+    dj['dataset']['A_001']['label'] = 'labelsTr/A_001.nii'
+    with open(raw_copy / 'dataset.json', 'w') as fh:
+        json.dump(dj, fh)
+    with pytest.raises(FederationError, match=r"site 'A', case 'A_001', field 'label'.*A_001.nii: it is truncated: "
+                                              r"it holds \d+ bytes, its NIfTI header declares \d+"):
+        _run(raw_copy)
+    _assert_nothing_at_the_sites()
+
+
+def test_vector_image_is_named_as_such(raw_copy):
+    f = raw_copy / 'imagesTr' / 'C_000_0000.nii.gz'
+    img = sitk.ReadImage(str(f))
+    sitk.WriteImage(sitk.Compose(img, img), str(f))  # two components per voxel in one file
+    with pytest.raises(FederationError, match=r"site 'C', case 'C_000', field 'channel 0'.*holds 2 components per "
+                                              r"voxel") as e:
+        _run(raw_copy)
+    assert 'channels' not in str(e.value).split('holds')[0]  # not the old "has 49 channels" (the z size)
+    _assert_nothing_on_server()
+    _assert_nothing_at_the_sites()
+
+
+def test_a_site_failing_after_others_fingerprinted_leaves_nothing_anywhere(raw_copy):
+    """Site C's label holds an undeclared value: A and B have fingerprinted by then (their sample and fingerprint
+    were written); the failed planning removes them."""
+    f = raw_copy / 'labelsTr' / 'C_001.nii.gz'
+    img = sitk.ReadImage(str(f))
+    arr = sitk.GetArrayFromImage(img)
+    arr[0, 0, 0] = 7
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(img)
+    sitk.WriteImage(out, str(f))
+    with pytest.raises(FederationError, match=r"site 'C', case 'C_001', field 'labels'"):
+        _run(raw_copy)
+    _assert_nothing_on_server()
+    _assert_nothing_at_the_sites()
