@@ -61,3 +61,19 @@ def test_local_strategy_sends_and_merges_nothing():
 def test_pooled_dice_from_summed_counts():
     metrics = {'A': {'tp': [10, 0], 'fp': [2, 1], 'fn': [0, 1]}, 'B': {'tp': [5, 4], 'fp': [0, 0], 'fn': [3, 0]}}
     np.testing.assert_allclose(pooled_dice(metrics), [2 * 15 / (30 + 2 + 3), 2 * 4 / (8 + 1 + 1)])
+
+
+def test_the_sites_plot_keeps_its_labels_inside_the_figure():
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from fednnunet.progress import sites_figure
+    sns.set(font_scale=2.5)  # what nnU-Net's progress plot sets for the whole process
+    fig = sites_figure([0.5, 0.6, 0.7], {'A': [0.4, 0.5, 0.6], 'B': [0.6, 0.7, 0.8]})
+    fig.canvas.draw()
+    frame = fig.bbox
+    ax = fig.axes[0]
+    for text in (ax.yaxis.label, ax.xaxis.label, ax.title):
+        box = text.get_window_extent()
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, \
+            text.get_text()
+    plt.close(fig)

@@ -71,8 +71,10 @@ def test_every_method_trains_predicts_and_evaluates(planned, fresh_results, tmp_
         summary = json.load(open(os.path.join(base, 'fold_0', 'federated_summary.json')))
         for site in 'ABC':
             assert os.path.isfile(os.path.join(base, 'sites', site, 'fold_0', 'checkpoint_final.pth'))
+            # the reported Dice is nnU-Net's, recomputed here from the site's predictions and its own labels
             dice = summary['final_validation']['per_site'][site]['foreground_mean']['Dice']
-            assert 0 <= dice <= 1
+            assert dice == pytest.approx(_nnunet_foreground_dice(
+                os.path.join(base, 'sites', site, 'fold_0', 'validation'), site), abs=1e-12)
         assert os.path.isfile(os.path.join(base, 'fold_0', 'progress.png'))
         assert os.path.isfile(os.path.join(base, 'fold_0', 'progress_sites.png'))
         log = json.load(open(os.path.join(base, 'fold_0', 'federation_log.json')))
@@ -104,10 +106,48 @@ def test_every_method_trains_predicts_and_evaluates(planned, fresh_results, tmp_
         assert 'personalized model with --site' in capsys.readouterr().err
 
 
-def test_2d_configuration_trains(planned, fresh_results):
+def _nnunet_foreground_dice(prediction_folder, site):
+    """nnU-Net's mean foreground Dice of a site's validation predictions (its compute_metrics per case against the
+    site's own labels, then nnU-Net's means), recomputed without fednnunet."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    cases = sorted(f[:-len('.nii.gz')] for f in os.listdir(prediction_folder) if f.endswith('.nii.gz'))
+    splits = json.load(open(os.path.join(site_folder(DATASET_NAME, site), 'splits_final.json')))
+    assert cases == sorted(splits[0]['val']), 'the site predicted other cases than its fold-0 validation cases'
+    results = [compute_metrics(os.path.join(site_folder(DATASET_NAME, site), 'gt_segmentations', c + '.nii.gz'),
+                               os.path.join(prediction_folder, c + '.nii.gz'), SimpleITKIO(), [1, 2])
+               for c in cases]
+    return float(np.mean([np.nanmean([r['metrics'][lb]['Dice'] for r in results]) for lb in (1, 2)]))
+
+
+def test_2d_configuration_trains_and_validates_as_nnunet(planned, fresh_results):
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     fed = Federation.from_raw(DATASET_ID)
-    result = FederatedTraining(_engine(fed), _config('fedavg', '2d', validate=False)).run()
-    assert os.path.isfile(os.path.join(result['results_folder'], 'fold_0', 'checkpoint_final.pth'))
+    training = FederatedTraining(_engine(fed), _config('fedavg', '2d'))
+    result = training.run()
+    final = load_checkpoint(os.path.join(result['results_folder'], 'fold_0', 'checkpoint_final.pth'))
+    assert final['init_args']['configuration'] == '2d'
+    convs = [v for k, v in final['network_weights'].items() if k.endswith('conv.weight')]
+    assert convs and all(v.ndim == 4 for v in convs)  # a 2D U-Net (3D kernels would be 5-D)
+    seed_everything(initial_weights_seed(12345))
+    fresh = training.method.trainer.build_network_architecture(
+        training.checkpoint_trainer().plans_manager, training.checkpoint_trainer().configuration_manager, 1, 3, True)
+    changed = [k for k, v in fresh.state_dict().items() if not torch.equal(v, final['network_weights'][k])]
+    assert len(changed) > len(convs) // 2, 'the federated rounds did not train the network'
+    # each site's validation equals nnU-Net's own evaluation of its predictions (summary.json's numbers)
+    for site in 'ABC':
+        folder = os.path.join(result['results_folder'], 'sites', site, 'fold_0', 'validation')
+        ours = json.load(open(os.path.join(folder, 'summary.json')))
+        if site == 'A':  # nnU-Net's compute_metrics_on_folder (a process pool: once)
+            theirs = compute_metrics_on_folder(os.path.join(site_folder(DATASET_NAME, site), 'gt_segmentations'),
+                                               folder, None, SimpleITKIO(), '.nii.gz', [1, 2], num_processes=1)
+            for key in ('Dice', 'IoU', 'TP', 'FP', 'FN'):
+                assert ours['foreground_mean'][key] == pytest.approx(theirs['foreground_mean'][key], abs=1e-12)
+                for lb in (1, 2):
+                    assert ours['mean'][str(lb)][key] == pytest.approx(theirs['mean'][lb][key], abs=1e-12)
+        reported = result['final_validation']['per_site'][site]['foreground_mean']['Dice']
+        assert reported == pytest.approx(_nnunet_foreground_dice(folder, site), abs=1e-12)
 
 
 def test_fedavg_round_with_one_site_is_nnunet_training(planned, fresh_results, tmp_path):
