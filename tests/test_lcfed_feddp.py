@@ -353,3 +353,82 @@ def test_feddp_references_are_independent_and_calibration_changes_the_loss(plann
     grad_without = torch.autograd.grad(without, head)[0]
     assert (grad_with - grad_without).abs().max().item() > 1e-6
     trainer.close()
+
+
+def test_head_calibration_sigmoid_for_regions_and_only_the_heads_that_arrived():
+    """Region-based datasets: every site's head gives sigmoid probabilities per region (not a softmax over
+    regions); a site whose head never arrived stays out of U (the sum and the K'-1 divisor)."""
+    hc = HeadCalibration(features=1, num_classes=2, num_sites=3, conv_op=torch.nn.Conv2d, kernel_size=[3, 3],
+                         region_based=True)
+    weights = {0: torch.tensor([[[[1.0]]], [[[0.5]]]]), 2: torch.tensor([[[[-2.0]]], [[[1.0]]]])}  # site 1 absent
+    hc.set_site_heads({i: (w, torch.zeros(2)) for i, w in weights.items()})
+    assert hc.present.tolist() == [1.0, 0.0, 1.0]
+    f = torch.tensor([[[[0.0, 1.0], [2.0, -1.0]]]])
+    own_logits = torch.cat([f * 1.0, f * 0.5], 1)  # the site is site 0
+    u = hc.disagreement(f, torch.sigmoid(own_logits))
+    fx = f.numpy()[0, 0]
+
+    def s(x):
+        return 1 / (1 + np.exp(-x))
+    for region, (w0, w2) in enumerate(((1.0, -2.0), (0.5, 1.0))):
+        diff = (s(w0 * fx) - s(w0 * fx)) ** 2 + (s(w2 * fx) - s(w0 * fx)) ** 2  # sites 0 and 2; K' - 1 = 1
+        expected = np.sqrt(diff / 1)
+        np.testing.assert_allclose(u.numpy()[0, region], expected / expected.max(), rtol=1e-5)
+    out = hc(f, own_logits)
+    assert out.shape == own_logits.shape
+    torch.testing.assert_close(out, own_logits)  # the residual calibration starts at zero
+
+
+def test_lcfed_plans_say_whether_outputs_are_regions(planned):
+    plans = json.load(open(os.path.join(server_folder(DATASET_NAME), PLANS + '.json')))
+    dj = json.load(open(os.path.join(server_folder(DATASET_NAME), 'dataset.json')))
+    regions = dict(dj, labels={'background': 0, 'brain': [1, 2], 'grey_matter': 1}, regions_class_order=[2, 1])
+    for dataset_json, expected in ((dj, False), (regions, True)):
+        adapted = LCFedTrainer.adapt_plans(plans, '2d', 3, 0, {'hc_threshold': 0.2}, dataset_json)
+        arch = adapted['configurations']['2d']['architecture']
+        assert arch['arch_kwargs']['wrapper']['region_based'] is expected
+        pm = PlansManager(adapted)
+        net = LCFedTrainer.build_network_architecture(pm, pm.get_configuration('2d'), 1,
+                                                      pm.get_label_manager(dataset_json).num_segmentation_heads)
+        assert net.hc.region_based is expected
+
+
+@pytest.mark.parametrize('method', ['lcfed', 'feddp'])
+def test_region_based_dataset_trains_both_stages(raw_copy, method):
+    """nnU-Net's region training (sigmoid outputs, DC + BCE, targets as region maps): both second stages work on
+    the targets nnU-Net's data loaders give, and the calibration term is active."""
+    from fednnunet.engines.simulation import SimulationEngine
+    from fednnunet.plan_and_preprocess import plan_and_preprocess
+    with open(raw_copy / 'dataset.json') as f:
+        dj = json.load(f)
+    dj['labels'] = {'background': 0, 'brain': [1, 2], 'grey_matter': 1}
+    dj['regions_class_order'] = [2, 1]
+    with open(raw_copy / 'dataset.json', 'w') as f:
+        json.dump(dj, f)
+    fed = Federation.from_folder(str(raw_copy), only_sites=['A', 'B'])
+    plan_and_preprocess(SimulationEngine.for_federation(fed), DATASET_NAME, ['2d'], 'nnUNetPlannerCPU')
+    seen = []
+    if method == 'feddp':
+        original = FedDPTrainer.extra_loss
+
+        def recording(self, output, target):
+            term = original(self, output, target)
+            if term is not None:
+                seen.append(float(term))
+            return term
+        FedDPTrainer.extra_loss = recording
+    try:
+        # (FedDP's attention output projection starts at zero, so the queries only start to learn, and to differ
+        # between sites, from the second step on)
+        result = FederatedTraining(_engine(fed), _config(method, '2d', rounds=2, local_iterations=4,
+                                                         hyperparameters={'stage2_rounds': 1})).run()
+    finally:
+        if method == 'feddp':
+            FedDPTrainer.extra_loss = original
+    ckpt = load_checkpoint(os.path.join(result['results_folder'], 'sites', 'A', 'fold_0', 'checkpoint_final.pth'))
+    if method == 'lcfed':
+        assert ckpt['network_weights']['hc.active'].item() == 1
+        assert ckpt['network_weights']['hc.calibrate.weight'].abs().sum() > 0  # the calibration trained
+    else:
+        assert len(seen) == 2 * 4 and all(v > 0 for v in seen)  # both sites' stage-2 steps had an IGC term
+    assert len(result['final_validation']['pooled']) == 2  # the two regions, validated
