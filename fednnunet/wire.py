@@ -101,20 +101,35 @@ def decode(data: bytes) -> Message:
         raise WireError('truncated message header')
     try:
         header = json.loads(data[start + 8:body_start])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WireError(f'corrupt message header: {e}') from None
     body = memoryview(data)[body_start:]
-    arrays = {}
-    for e in header['arrays']:
-        dtype = np.dtype(e['dtype'])
-        if dtype.kind not in _ALLOWED_KINDS:
-            raise WireError(f"array {e['name']!r} has dtype {dtype}; refused")
-        shape = tuple(int(s) for s in e['shape'])
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if e['nbytes'] != expected or e['offset'] < 0 or e['offset'] + e['nbytes'] > len(body):
-            raise WireError(f"array {e['name']!r}: size or offset does not match its shape")
-        arrays[e['name']] = np.frombuffer(body[e['offset']:e['offset'] + e['nbytes']], dtype=dtype).reshape(shape)
-    return Message(kind=header['kind'], config=header['config'], arrays=arrays)
+    try:
+        kind, config, entries = header['kind'], header['config'], list(header['arrays'])
+        if not isinstance(kind, str) or not isinstance(config, dict):
+            raise TypeError('kind must be a string and config an object')
+        _check_config(config)
+        arrays = {}
+        for e in entries:
+            name = e['name']
+            if not isinstance(name, str):
+                raise TypeError(f'array name {name!r} is not a string')
+            dtype = np.dtype(str(e['dtype']))
+            if dtype.kind not in _ALLOWED_KINDS or dtype.hasobject:
+                raise WireError(f'array {name!r} has dtype {dtype}; refused')
+            shape = tuple(int(s) for s in e['shape'])
+            offset, nbytes = int(e['offset']), int(e['nbytes'])
+            if any(s < 0 for s in shape):
+                raise WireError(f'array {name!r}: negative shape {shape}')
+            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if nbytes != expected or offset < 0 or offset + nbytes > len(body):
+                raise WireError(f'array {name!r}: size or offset does not match its shape')
+            arrays[name] = np.frombuffer(body[offset:offset + nbytes], dtype=dtype).reshape(shape)
+    except WireError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # a header that is not what encode() writes
+        raise WireError(f'malformed message header ({type(e).__name__}: {e})') from None
+    return Message(kind=kind, config=config, arrays=arrays)
 
 
 def roundtrip(message: Message) -> Message:

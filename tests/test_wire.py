@@ -1,8 +1,11 @@
 """Messages are plain JSON + numeric arrays; decoding never unpickles."""
+import json
+import struct
+
 import numpy as np
 import pytest
 
-from fednnunet.wire import Message, WireError, decode, encode, encoded_size
+from fednnunet.wire import MAGIC, Message, WireError, decode, encode, encoded_size
 
 
 def test_roundtrip_keeps_config_and_arrays_exactly():
@@ -33,6 +36,28 @@ def test_refuses_corrupt_bytes():
         decode(b'garbage' + data)
     with pytest.raises(WireError):
         decode(data[:-4])  # truncated body
-    tampered = data.replace(b'"<f4"', b'"|O1"') if b'"<f4"' in data else data.replace(b'<f4', b'|O')
-    with pytest.raises((WireError, TypeError)):
-        decode(tampered)
+
+def _with_header(header: dict, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return MAGIC + struct.pack('<Q', len(raw)) + raw + body
+
+
+def test_a_tampered_header_is_refused_by_the_dtype_guard_not_by_accident():
+    """A well-formed header that names an object dtype (what would unpickle) reaches the dtype check and is refused
+    there; malformed headers are WireErrors too, never a TypeError from deep inside numpy."""
+    body = np.arange(2, dtype=np.int64).tobytes()
+    entry = {'name': 'a', 'dtype': '|O', 'shape': [2], 'offset': 0, 'nbytes': 16}
+    assert np.dtype(entry['dtype']).hasobject  # the header is valid JSON and the dtype exists: only the guard stops it
+    with pytest.raises(WireError, match="array 'a' has dtype object; refused"):
+        decode(_with_header({'kind': 'x', 'config': {}, 'arrays': [entry]}, body))
+    structured = dict(entry, dtype=[['f', '|O']])
+    with pytest.raises(WireError):
+        decode(_with_header({'kind': 'x', 'config': {}, 'arrays': [structured]}, body))
+    for bad in ({'kind': 'x', 'config': {}}, {'kind': 'x', 'config': [], 'arrays': []},
+                {'kind': 'x', 'config': {}, 'arrays': [dict(entry, dtype='not-a-dtype')]},
+                {'kind': 'x', 'config': {}, 'arrays': [dict(entry, dtype='<i8', shape=[-2])]},
+                {'kind': 'x', 'config': {}, 'arrays': [dict(entry, dtype='<i8', nbytes=8)]}):
+        with pytest.raises(WireError):
+            decode(_with_header(bad, body))
+    assert decode(_with_header({'kind': 'x', 'config': {}, 'arrays': [dict(entry, dtype='<i8')]}, body)).arrays[
+        'a'].tolist() == [0, 1]
