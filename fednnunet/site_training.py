@@ -110,10 +110,21 @@ class SiteStateStore:
 
     def other_runs(self, trainer: FederatedTrainer) -> list:
         """Run ids of other runs whose state this site holds in the same results folder (on disk)."""
-        root = self.root(trainer)
-        if self.in_memory or not os.path.isdir(root):
-            return []
-        return sorted(d for d in os.listdir(root) if d != trainer.run_id and os.path.isdir(join(root, d)))
+        return [] if self.in_memory else earlier_runs(trainer.output_folder, trainer.run_id)
+
+
+def earlier_runs(fold_folder: str, run_id: Optional[str]) -> list:
+    """The ids of the runs other than ``run_id`` whose state a site's results fold folder holds."""
+    root = join(fold_folder, 'site_state')
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if d != run_id and os.path.isdir(join(root, d)))
+
+
+def earlier_run_error(worker, fold_folder: str, runs: list) -> FederationError:
+    return FederationError(f'{join(fold_folder, "site_state")} holds an earlier training run (run id(s) '
+                           f'{", ".join(runs)}): the server resumes it with --continue, or replaces it with '
+                           f'--overwrite', site=worker.site.name, field='results folder')
 
 
 def results_folder(dataset_name: str, trainer_class, plans_identifier: str, configuration: str) -> str:
@@ -154,9 +165,7 @@ def started_trainer(worker, config: dict, round_index: int) -> Tuple[FederatedTr
             shutil.rmtree(trainer.output_folder)
             os.makedirs(trainer.output_folder)
         elif others:
-            raise FederationError(f'{SiteStateStore.root(trainer)} holds an earlier training run (run ids '
-                                  f'{", ".join(others)}); start the server with --continue to resume that run or '
-                                  f'with --overwrite to replace it', site=worker.site.name, field='results folder')
+            raise earlier_run_error(worker, trainer.output_folder, others)
     trainer.start(round_index)
     if state is not None:
         trainer.load_site_state(state)
@@ -190,13 +199,11 @@ def check_training(worker, message: Message) -> Message:
         raise FederationError(f"no fold {config['fold']} in {splits_file}: run `{hint}`", site=worker.site.name,
                               field='fold')
     if not config.get('continue') and not config.get('overwrite'):
-        method = get_method(config['method'])
-        state_root = join(results_folder(worker.dataset_name, method.trainer, plans_id, configuration), 'sites',
-                          worker.site.name, f"fold_{config['fold']}", 'site_state')
-        if os.path.isdir(state_root) and os.listdir(state_root):
-            raise FederationError(f'{state_root} holds an earlier training run (its site state): resume it with '
-                                  f'--continue, or replace it with --overwrite', site=worker.site.name,
-                                  field='results folder')
+        fold_folder = join(results_folder(worker.dataset_name, get_method(config['method']).trainer, plans_id,
+                                          configuration), 'sites', worker.site.name, f"fold_{config['fold']}")
+        runs = earlier_runs(fold_folder, config['run_id'])
+        if runs:
+            raise earlier_run_error(worker, fold_folder, runs)
     return Message('ready', {'num_training_cases': len(worker.site.cases)})
 
 
@@ -229,7 +236,7 @@ def finish(worker, message: Message) -> Message:
             trainer.load_shared_state(dict(message.arrays))
         trainer.current_epoch = rounds
         trainer.on_train_end()  # nnU-Net's: checkpoint_final.pth, checkpoint_latest.pth removed, loaders stopped
-        trainer.logger.local_logger.plot_progress_png(trainer.output_folder)
+        trainer.logger.plot_progress_png(trainer.output_folder, now=True)
         summary = None
         if config.get('validate', True):
             summary = evaluate_model(worker, config, trainer.output_folder_base, 'checkpoint_final.pth',

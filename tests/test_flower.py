@@ -9,6 +9,7 @@ round is survived, named, and its site rejoins.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -514,8 +515,15 @@ def test_every_phase_over_flower_with_tls_and_auth_equals_simulation(demo_raw, t
     assert 'finished:completed' in log and "site 'A' connected" in log and "site 'B' connected" in log
     assert 'continuing after round' in log
     assert [r['round'] for r in json.load(open(round_log))] == [0, 1]
-    assert 'refused' not in log and 'is now SuperNode' not in log, 'the intruder got through authentication'
-    assert 'Start `flwr-clientapp`' not in processes.log('intruder')
+    # the intruder (an unregistered key claiming site A) was refused by the SuperLink, again and again, and never
+    # ran a ClientApp; site A was identified once per server (no second node ever answered as A)
+    intruder = processes.log('intruder')
+    assert 'Failed to initialize the connection to the SuperLink' in intruder, intruder[-3000:]
+    assert re.search(r'the SuperNode exited \(status \d+\); starting it again', intruder), intruder[-3000:]
+    assert 'Start `flwr-clientapp`' not in intruder
+    assert processes.log('server').count("site 'A' connected") == 1
+    assert processes.log('server_resumed').count("site 'A' connected") == 1
+    assert 'is now SuperNode' not in log, 'a second node answered as a site'
 
     # the plans were negotiated over Flower and equal the simulation's; the server has no raw data
     with open(server / 'nnUNet_preprocessed' / DATASET_NAME / f'{PLANS}.json') as f:

@@ -391,9 +391,9 @@ class RoundLogger(MetaLogger):
         super().__init__(output_folder, resume, verbose)
         self.plot_every, self.num_rounds = int(plot_every), int(num_rounds)
 
-    def plot_progress_png(self, output_folder: str):
+    def plot_progress_png(self, output_folder: str, now: bool = False):
         done = len(self.get_value('epoch_end_timestamps', step=None))
-        if done % self.plot_every == 0 or done >= self.num_rounds:
+        if now or done % self.plot_every == 0 or done >= self.num_rounds:
             super().plot_progress_png(output_folder)
 
 
