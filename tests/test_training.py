@@ -127,7 +127,16 @@ def test_2d_configuration_trains_and_validates_as_nnunet(planned, fresh_results)
     training = FederatedTraining(_engine(fed), _config('fedavg', '2d'))
     result = training.run()
     final = load_checkpoint(os.path.join(result['results_folder'], 'fold_0', 'checkpoint_final.pth'))
+    best = load_checkpoint(os.path.join(result['results_folder'], 'fold_0', 'checkpoint_best.pth'))
     assert final['init_args']['configuration'] == '2d'
+    # written by nnU-Net's own save_checkpoint: its keys, its init args, and nnU-Net's inference mirroring axes in the
+    # best checkpoint too (before, they were patched in at the end of the run)
+    assert set(final) == set(best) == {'network_weights', 'optimizer_state', 'grad_scaler_state', 'logging',
+                                       '_best_ema', 'current_epoch', 'init_args', 'trainer_name',
+                                       'inference_allowed_mirroring_axes'}
+    assert final['trainer_name'] == 'FedAvgTrainer' and final['current_epoch'] == 2
+    assert tuple(final['inference_allowed_mirroring_axes']) == tuple(best['inference_allowed_mirroring_axes']) == (0, 1)
+    assert len(final['logging']['mean_fg_dice']) == 2  # the server's pooled log, one entry per round
     convs = [v for k, v in final['network_weights'].items() if k.endswith('conv.weight')]
     assert convs and all(v.ndim == 4 for v in convs)  # a 2D U-Net (3D kernels would be 5-D)
     seed_everything(initial_weights_seed(12345))

@@ -233,3 +233,33 @@ def test_a_sites_calibration_uses_the_parts_that_arrived(planned, fresh_results,
     with pytest.raises(ValueError, match='site index'):
         trainer.handed_over_parts({7: other})
     trainer.close()
+
+
+# ---------------------------------------------------------------- training before preprocessing
+def test_training_before_planning_names_the_command_and_writes_nothing(raw_copy, capsys):
+    from fednnunet.cli import train_entry
+    results = os.environ['nnUNet_results']
+    with pytest.raises(SystemExit) as e:
+        train_entry(['501', '3d_fullres', '0', '--method', 'fedavg', '-p', 'nnUNetCPUPlans', '--rounds', '1',
+                     '-device', 'cpu'])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no plans 'nnUNetCPUPlans'" in err
+    assert 'fednnunet_plan_and_preprocess -d Dataset501_FedBrainDemo -pl nnUNetPlannerCPU -c 3d_fullres' in err
+    assert _listing(results) == {} and os.listdir(results) == []
+
+
+def test_training_a_configuration_no_site_preprocessed_names_the_site_and_writes_nothing(raw_copy, capsys):
+    from fednnunet.cli import train_entry
+    from fednnunet.engines.simulation import SimulationEngine
+    from fednnunet.plan_and_preprocess import plan_and_preprocess
+    fed = Federation.from_folder(str(raw_copy), only_sites=['A', 'B'])
+    plan_and_preprocess(SimulationEngine.for_federation(fed), fed.dataset_name, ['3d_fullres'], 'nnUNetPlannerCPU')
+    results = os.environ['nnUNet_results']
+    with pytest.raises(SystemExit):
+        train_entry(['501', '2d', '0', '--method', 'fedavg', '-p', 'nnUNetCPUPlans', '--rounds', '1', '-device',
+                     'cpu', '--sites', 'A', 'B'])
+    err = capsys.readouterr().err
+    assert "site 'A', field '-c': configuration '2d' is not preprocessed at this site" in err
+    assert 'fednnunet_plan_and_preprocess -d Dataset501_FedBrainDemo -pl nnUNetPlannerCPU -c 2d' in err
+    assert os.listdir(results) == []
