@@ -6,8 +6,9 @@ import os
 import time
 
 from fednnunet import method_names
-from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_start_arguments, check_device,
-                                device_name, fail, fold, int_at_least, method, methods_epilog, positive_number)
+from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_start_arguments,
+                                add_schedule_arguments, check_device, device_name, fail, fold, int_at_least, method,
+                                methods_epilog, positive_number)
 from fednnunet.errors import FederationError
 from fednnunet.method_options import add_method_arguments, check_hyperparameters, hyperparameters_from_args
 
@@ -139,13 +140,7 @@ def train_parser() -> FedArgumentParser:
                         help='the training method (default fedavg; the list is below)')
     parser.add_argument('-p', default='nnUNetPlans', help='plans identifier (default nnUNetPlans; the demo uses '
                                                           'nnUNetCPUPlans)')
-    parser.add_argument('--rounds', type=int_at_least(1), default=1000,
-                        help="federated rounds (nnU-Net's epochs; default 1000)")
-    parser.add_argument('--local-iterations', type=int_at_least(1), default=250,
-                        help="nnU-Net iterations per site and round (nnU-Net's epoch; default 250)")
-    parser.add_argument('--val-iterations', type=int_at_least(1), default=50,
-                        help="nnU-Net validation iterations per site and round (default 50)")
-    parser.add_argument('--seed', type=int_at_least(0), default=12345, help='seed of the run (>= 0; default 12345)')
+    add_schedule_arguments(parser)
     add_run_start_arguments(parser, 'resume from the last round checkpoint (nnU-Net\'s --c works too)')
     add_method_arguments(parser)
     parser.add_argument('--state-in-memory', action='store_true',
@@ -363,11 +358,7 @@ def demo_parser() -> FedArgumentParser:
     parser.add_argument('-c', default='3d_fullres', help='configuration to train (default 3d_fullres)')
     parser.add_argument('--methods', nargs='+', type=method(), default=['fedavg'],
                         help='methods to train and compare (default fedavg; e.g. local fedavg centralized)')
-    parser.add_argument('--rounds', type=int_at_least(1), default=10, help='federated rounds (default 10)')
-    parser.add_argument('--local-iterations', type=int_at_least(1), default=50,
-                        help='iterations per site and round (default 50)')
-    parser.add_argument('--val-iterations', type=int_at_least(1), default=10,
-                        help='validation iterations per site and round (default 10)')
+    add_schedule_arguments(parser, rounds=10, local_iterations=50, val_iterations=10, seed=None)
     add_device_argument(parser)
     parser.add_argument('-np', type=int_at_least(1), default=1, help='processes per site for preprocessing')
     return parser

@@ -12,6 +12,7 @@ import argparse
 import shutil
 import sys
 import textwrap
+from typing import Optional
 
 from fednnunet import method_names
 
@@ -163,6 +164,25 @@ def methods_epilog(centralized: bool = True) -> str:
     lines += [f'  {m:<12} {s}' for m, s in method_names.summaries(centralized).items()]
     lines += [f"  planned, not implemented yet: {', '.join(sorted(method_names.PLANNED))}"]
     return '\n'.join(lines)
+
+
+#: nnU-Net's schedule: 1000 epochs x 250 iterations, 50 validation iterations; one round = one epoch
+NNUNET_SCHEDULE = {'rounds': 1000, 'local_iterations': 250, 'val_iterations': 50}
+
+
+def add_schedule_arguments(parser, rounds: int = NNUNET_SCHEDULE['rounds'],
+                           local_iterations: int = NNUNET_SCHEDULE['local_iterations'],
+                           val_iterations: int = NNUNET_SCHEDULE['val_iterations'], seed: Optional[int] = 12345):
+    """--rounds, --local-iterations, --val-iterations (and --seed of the run): train, server and demo."""
+    parser.add_argument('--rounds', type=int_at_least(1), default=rounds,
+                        help=f"federated rounds (nnU-Net's epochs; default {rounds})")
+    parser.add_argument('--local-iterations', type=int_at_least(1), default=local_iterations,
+                        help=f"nnU-Net iterations per site and round (nnU-Net's epoch; default {local_iterations})")
+    parser.add_argument('--val-iterations', type=int_at_least(1), default=val_iterations,
+                        help=f'nnU-Net validation iterations per site and round (default {val_iterations})')
+    if seed is not None:
+        parser.add_argument('--seed', type=int_at_least(0), default=seed,
+                            help=f'seed of the run (>= 0; default {seed})')
 
 
 def add_run_start_arguments(parser, continue_help: str):

@@ -31,9 +31,9 @@ import threading
 import time
 from typing import List, Optional
 
-from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_start_arguments, address, check_device,
-                                device_name, fail, fold, int_at_least, method, methods_epilog, number_at_least, port,
-                                positive_number)
+from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_start_arguments,
+                                add_schedule_arguments, address, check_device, device_name, fail, fold, int_at_least,
+                                method, methods_epilog, number_at_least, port, positive_number)
 from fednnunet.method_options import add_method_arguments, hyperparameters_from_args
 
 DEFAULT_PORT = 9092
@@ -152,12 +152,7 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument('-overwrite_plans_name', default=None, help="as nnU-Net's: the name of the plans written")
     p.add_argument('--method', type=method(centralized=False), default='fedavg',
                    help='the training method (default fedavg; the list is below)')
-    p.add_argument('--rounds', type=int_at_least(1), default=1000, help='federated rounds (default 1000)')
-    p.add_argument('--local-iterations', type=int_at_least(1), default=250,
-                   help='nnU-Net iterations per site and round (default 250)')
-    p.add_argument('--val-iterations', type=int_at_least(1), default=50,
-                   help='validation iterations per site and round (default 50)')
-    p.add_argument('--seed', type=int_at_least(0), default=12345, help='seed of the run (>= 0; default 12345)')
+    add_schedule_arguments(p)
     add_method_arguments(p)
     p.add_argument('--no-val', action='store_true', help='skip the final validation at every site')
     add_run_start_arguments(p, "resume after the last completed round (federated_round_latest.pth); nnU-Net's --c "

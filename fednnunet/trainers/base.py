@@ -17,7 +17,6 @@ import contextlib
 import io
 import os
 import random
-import time
 import warnings
 from typing import Dict, Iterable, List, Optional, Tuple
 
