@@ -87,9 +87,12 @@ def load_predictor(model_folder: str, folds: Union[int, str, Sequence] = 0,
             raise FederationError(f'{checkpoint_file} does not exist; was this model trained (and finished)?',
                                   field='checkpoint')
     device = device or torch.device('cpu')
-    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
-                                perform_everything_on_device=device.type == 'cuda', device=device, verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=allow_tqdm)
+    # nnU-Net's predictor prints "perform_everything_on_device=True is only supported for cuda devices" for every
+    # non-CUDA device, whatever is asked (once per site and model): the one-line CPU notice has said it already
+    with contextlib.redirect_stdout(io.StringIO()) if device.type != 'cuda' else contextlib.nullcontext():
+        predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                                    perform_everything_on_device=device.type == 'cuda', device=device, verbose=False,
+                                    verbose_preprocessing=False, allow_tqdm=allow_tqdm)
     quiet = contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext()
     with quiet, fednnunet_trainers_findable(), checkpoints_loaded_without_pickle():  # nnU-Net narrates its lookup
         predictor.initialize_from_trained_model_folder(model_folder, tuple(folds), checkpoint_name)

@@ -62,8 +62,10 @@ def _engine(federation, cls=SimulationEngine, **kw):
 @pytest.mark.parametrize('method', sorted(METHODS) + ['centralized'])
 def test_every_method_trains_predicts_and_evaluates(planned, fresh_results, tmp_path, capsys, method):
     train_entry(['501', '3d_fullres', '0', '--method', method] + FAST)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert 'pooled' in out and 'final validation' in out
+    assert 'perform_everything_on_device' not in out + captured.err  # nnU-Net's CPU message, once per site before
     base = _results(method)
     has_global = method == 'centralized' or get_method(method).has_global_model
     assert os.path.isfile(os.path.join(base, 'fold_0', 'checkpoint_final.pth')) == has_global
