@@ -544,8 +544,8 @@ def test_every_phase_over_flower_with_tls_and_auth_equals_simulation(demo_raw, t
     summary = json.load(open(os.path.join(_fedavg_fold(server / 'nnUNet_results'), 'federated_summary.json')))
     assert set(summary['final_validation']['per_site']) == {'A', 'B'}
     messages = json.load(open(os.path.join(_fedavg_fold(server / 'nnUNet_results'), 'flower_messages.json')))
-    # the resumed run's messages: round 1 and the final models (round 0 was the first server's)
-    assert [m['kind'] for m in messages['messages']] == ['fit', 'finish']
+    # the resumed run's messages: the sites' readiness, round 1 and the final models (round 0 was the first server's)
+    assert [m['kind'] for m in messages['messages']] == ['check_training', 'fit', 'finish']
     assert messages['identities']['A']['fednnunet_version'] == software_versions()['fednnunet_version']
 
 
