@@ -320,11 +320,11 @@ class FederatedTraining:
 
     def check_quorum(self, r: int, replies: Dict[str, Message], what: Optional[str] = None):
         """A round merges the sites that answered, if there are at least ``min_sites`` of them."""
-        what = what or f'round {r}'
         missing = dict(self.engine.missing)
         if missing:
-            self.log(f'{what}: no answer from ' + ', '.join(f"site '{s}' ({why})" for s, why in
-                                                            sorted(missing.items())), console=True)
+            self.log((f'{what}: no answer from ' if what else f'round {r}: no update from ') +
+                     ', '.join(f"site '{s}' ({why})" for s, why in sorted(missing.items())), console=True)
+        what = what or f'round {r}'
         needed = self.config.min_sites if self.config.min_sites is not None else len(self.site_indices)
         if len(replies) < needed:
             raise RuntimeError(f'{what}: only {len(replies)} site(s) answered ({sorted(replies)}), {needed} needed '
