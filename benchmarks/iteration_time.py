@@ -63,7 +63,7 @@ def main():
         config = TrainingConfig(fed.dataset_name, args.c, 0, 'fedavg', 'nnUNetCPUPlans', rounds=args.epochs,
                                 local_iterations=args.iterations, val_iterations=args.val_iterations, validate=False)
         t = time.perf_counter()
-        FederatedTraining(SimulationEngine.for_federation(one_site, device='cpu'), config).run()
+        FederatedTraining(SimulationEngine.for_federation(one_site, device='cpu'), config).run(overwrite=True)
         return time.perf_counter() - t
 
     times = {'nnunet': [], 'fednnunet': []}

@@ -236,7 +236,8 @@ def finish(worker, message: Message) -> Message:
             trainer.load_shared_state(dict(message.arrays))
         trainer.current_epoch = rounds
         trainer.on_train_end()  # nnU-Net's: checkpoint_final.pth, checkpoint_latest.pth removed, loaders stopped
-        trainer.logger.plot_progress_png(trainer.output_folder, now=True)
+        if rounds_done < rounds:  # the site missed the last round(s), so its last round did not plot
+            trainer.logger.plot_progress_png(trainer.output_folder, now=True)
         summary = None
         if config.get('validate', True):
             summary = evaluate_model(worker, config, trainer.output_folder_base, 'checkpoint_final.pth',
