@@ -64,3 +64,18 @@ def test_a_checkpoint_with_pickled_code_is_refused_not_run(tmp_path):
         load_predictor(str(tmp_path / 'model'), 0)
     assert not os.path.exists(marker)
     assert torch.load.__module__ == 'torch.serialization'  # restored after the call
+
+
+def test_checkpoint_loading_works_without_numpy_2s_private_module(monkeypatch, tmp_path):
+    """numpy 1.x has no np._core (pyproject allows numpy>=1.24): the allow-list falls back to np.core."""
+    import warnings
+    import numpy as np
+    from fednnunet.inference import _numpy_scalar_globals, load_checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)  # numpy 2 keeps np.core as a deprecated alias
+        core = np.core
+        monkeypatch.delattr(np, '_core')
+        assert _numpy_scalar_globals()[0] is core.multiarray.scalar
+    torch.save({'logging': {'x': [np.float32(1.5)]}}, tmp_path / 'c.pth')
+    monkeypatch.undo()
+    assert load_checkpoint(str(tmp_path / 'c.pth'))['logging']['x'][0] == 1.5
