@@ -10,6 +10,7 @@ median and the 0.5/99.5 percentiles come from an exact federated order-statistic
 only answer counts (:mod:`fednnunet.federated_quantiles`). The result is nnU-Net's
 ``dataset_fingerprint.json``.
 """
+import json
 import os
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -25,6 +26,7 @@ from fednnunet.errors import FederationError
 from fednnunet.file_checks import check_complete, scalar_components
 from fednnunet.federated_quantiles import exact_order_statistics, linear_percentiles, percentile_ranks
 from fednnunet.federation import Site
+from fednnunet.jsonio import write_json
 from fednnunet.parallel import run_per_case
 
 # DatasetFingerprintExtractor.num_foreground_voxels_for_intensitystats: nnU-Net samples this many foreground
@@ -177,6 +179,69 @@ def fingerprint_site(site: Site, reader_name: str, num_samples: int, private_fol
             'num_samples_per_case': int(num_samples)}
 
 
+#: the honest search (federated_quantiles.exact_order_statistics over float32 keys, 255 thresholds per rank and
+#: round) needs ceil(32 / log2(257)) = 4 rounds; a site answers at most this many count queries per planning
+MAX_COUNT_QUERIES = 6
+#: per channel and query: 3 percentiles x 2 neighbouring ranks x (255 thresholds + the midpoint)
+MAX_THRESHOLDS_PER_CHANNEL = 3 * 2 * 256
+#: plannings (fingerprints) a site answers from its data before its operator allows more (deletes the ledger)
+MAX_PLANNINGS = 5
+LEDGER_FILE = 'count_query_ledger.json'
+
+
+class CountQueryBudget:
+    """The count queries a site answers: the honest search's schedule and no more. A planning (a fingerprint
+    request) opens a budget of MAX_COUNT_QUERIES queries of at most MAX_THRESHOLDS_PER_CHANNEL thresholds per
+    channel; a site answers at most MAX_PLANNINGS plannings, counted in a ledger beside its private folder, which
+    only the site's operator resets (by deleting it). Kept on disk: on Flower every message is a new process."""
+
+    def __init__(self, private_folder: str, site: str):
+        self.site = site
+        self.queries_file = os.path.join(private_folder, 'count_queries.json')
+        self.ledger_file = os.path.join(os.path.dirname(os.path.abspath(private_folder)), LEDGER_FILE)
+
+    @staticmethod
+    def _read(path: str) -> dict:
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def reset(self):
+        """A new planning: counted in the ledger (refused beyond MAX_PLANNINGS); its query budget starts at 0."""
+        plannings = int(self._read(self.ledger_file).get('plannings', 0))
+        if plannings >= MAX_PLANNINGS:
+            raise FederationError(f'this site has answered {plannings} plannings from its data, the most it answers; '
+                                  f'its operator deletes {self.ledger_file} to allow more', site=self.site,
+                                  field='fingerprint')
+        write_json(self.ledger_file, {'plannings': plannings + 1})
+        os.makedirs(os.path.dirname(self.queries_file), exist_ok=True)
+        write_json(self.queries_file, {'queries': 0})
+
+    def spend(self, thresholds: Dict[str, np.ndarray], num_channels: int):
+        """Checks one count query against the schedule before it is answered; raises FederationError if not."""
+        state = self._read(self.queries_file)
+        if 'queries' not in state:
+            raise FederationError('no private sample to count: count queries come after this planning\'s '
+                                  'fingerprint and before its release', site=self.site, field='count_leq')
+        if state['queries'] >= MAX_COUNT_QUERIES:
+            raise FederationError(f'the planning asked more than {MAX_COUNT_QUERIES} count queries (the federated '
+                                  f'percentile search needs 4); refused', site=self.site, field='count_leq')
+        for channel, t in thresholds.items():
+            if not channel.isdigit() or int(channel) >= num_channels:
+                raise FederationError(f'{channel!r} is not one of the site\'s {num_channels} channel(s)',
+                                      site=self.site, field='count_leq')
+            if np.asarray(t).ndim != 1 or len(t) > MAX_THRESHOLDS_PER_CHANNEL:
+                raise FederationError(f'{np.asarray(t).size} thresholds for channel {channel}; the search asks at '
+                                      f'most {MAX_THRESHOLDS_PER_CHANNEL} per query', site=self.site,
+                                      field='count_leq')
+            if not np.all(np.isfinite(np.asarray(t, dtype=np.float64))):
+                raise FederationError(f'thresholds for channel {channel} are not finite', site=self.site,
+                                      field='count_leq')
+        write_json(self.queries_file, {'queries': int(state['queries']) + 1})
+
+
 def count_values_leq(private_folder: str, thresholds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """A site's whole answer to an order-statistic query: how many own sampled values are <= each t."""
     out = {}
@@ -192,7 +257,7 @@ def release_private_sample(private_folder: str):
     """After the merge the sample has served its purpose; the site deletes it (and the folder, once empty)."""
     if os.path.isdir(private_folder):
         for f in os.listdir(private_folder):
-            if f.startswith('foreground_'):
+            if f.startswith('foreground_') or f == 'count_queries.json':
                 os.remove(os.path.join(private_folder, f))
         if not os.listdir(private_folder):
             os.rmdir(private_folder)

@@ -13,6 +13,7 @@ from typing import Dict, List, Sequence
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from fednnunet import server_input
 from fednnunet.errors import FederationError
 from fednnunet.federation import Site
 from fednnunet.jsonio import write_json
@@ -75,7 +76,9 @@ def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations:
             raise FederationError(f'configuration {c!r} is not in the plans (available: '
                                   f'{plans_manager.available_configurations})', site=site.name, field='-c')
         cm = plans_manager.get_configuration(c)
-        final = os.path.join(out_folder, cm.data_identifier)
+        final = server_input.inside(os.path.join(out_folder, server_input.identifier(
+            cm.data_identifier, f'configurations.{c}.data_identifier', site.name)), out_folder, 'data_identifier',
+            site.name)  # it is removed and replaced below
         partial = final + '.partial'
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
@@ -96,7 +99,8 @@ def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations:
     os.replace(gt_partial, gt)
 
     write_json(os.path.join(out_folder, 'dataset.json'), dataset_json)
-    write_json(os.path.join(out_folder, plans['plans_name'] + '.json'), plans)
+    write_json(server_input.inside(os.path.join(out_folder, server_input.identifier(
+        plans['plans_name'], 'plans_name', site.name) + '.json'), out_folder, 'plans_name', site.name), plans)
     splits_file = os.path.join(out_folder, 'splits_final.json')
     if not _splits_cover(splits_file, site.cases):
         write_json(splits_file, site_splits(site.cases))

@@ -19,6 +19,7 @@ from nnunetv2.paths import nnUNet_results
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 
+from fednnunet import server_input
 from fednnunet.errors import FederationError
 from fednnunet.methods import get_method
 from fednnunet.trainers.base import FederatedTrainer, cpu_copy, to_plain
@@ -133,10 +134,13 @@ def results_folder(dataset_name: str, trainer_class, plans_identifier: str, conf
 
 
 def build_site_trainer(worker, config: dict) -> FederatedTrainer:
-    """The site's trainer for one message: plans and dataset.json come from the site's own folder."""
+    """The site's trainer for one message: plans and dataset.json come from the site's own folder (checked again
+    here: the classes they name are imported)."""
+    server_input.training_config(config, worker.site.name)
     method = get_method(config['method'])
-    dataset_json = load_json(join(worker.folder, 'dataset.json'))
-    plans = method.trainer.adapt_plans(load_json(join(worker.folder, config['plans_identifier'] + '.json')),
+    dataset_json = server_input.dataset_json(load_json(join(worker.folder, 'dataset.json')), worker.site.name)
+    plans = method.trainer.adapt_plans(server_input.plans(load_json(join(worker.folder, config['plans_identifier']
+                                                                         + '.json')), worker.site.name),
                                        config['configuration'], config['num_sites'], config['site_index'],
                                        config.get('hyperparameters') or {}, dataset_json)
     plans['continue_training'] = False
@@ -177,14 +181,14 @@ def check_training(worker, message: Message) -> Message:
     splits, and (for a new run) no other run's state in its results folder unless the server overwrites. Reads
     only; an error names the site and the command that fixes it."""
     from fednnunet.training_server import check_trainable, plan_and_preprocess_hint
-    config = message.config
+    config = server_input.training_config(message.config, worker.site.name)
     dataset, plans_id, configuration = worker.dataset_name, config['plans_identifier'], config['configuration']
     hint = plan_and_preprocess_hint(dataset, plans_id, configuration)
     plans_file = join(worker.folder, plans_id + '.json')
     if not os.path.isfile(plans_file):
         raise FederationError(f"the site has no plans '{plans_id}' (in {worker.folder}): run `{hint}` first",
                               site=worker.site.name, field='-p')
-    plans = load_json(plans_file)
+    plans = server_input.plans(load_json(plans_file), worker.site.name)
     check_trainable(plans, plans_id, configuration)
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     data = join(worker.folder, data_identifier)
@@ -277,7 +281,7 @@ def evaluate_model(worker, config: dict, model_folder: str, checkpoint: str, out
 def evaluate(worker, message: Message) -> Message:
     """``fednnunet_evaluate`` at a site: the global model or the site's own (``config['model']``), on the site's
     validation cases. Only per-case metrics leave the site."""
-    config = message.config
+    config = server_input.evaluate_config(message.config, worker.site.name)
     base = join(str(nnUNet_results), worker.dataset_name, config['results_folder_name'])
     site_base = join(base, 'sites', worker.site.name)
     model_folder = site_base if config['model'] == 'site' else base

@@ -13,6 +13,8 @@ import platform
 from typing import Callable, Dict, Optional
 
 import fednnunet
+from fednnunet import server_input
+from fednnunet.errors import FederationError
 from fednnunet.federation import Site, site_folder
 from fednnunet.wire import Message
 
@@ -107,16 +109,27 @@ class SiteWorker:
     def fingerprint(self, message: Message) -> Message:
         from fednnunet.fingerprint import count_values_leq, fingerprint_site, merge_site_fingerprints
         from fednnunet.jsonio import write_json
-        fp = fingerprint_site(self.site, message.config['reader_writer'], int(message.config['num_samples_per_case']),
-                              self.private_folder, self.num_processes)
+        reader = server_input.identifier(message.config.get('reader_writer'), 'reader_writer', self.site.name)
+        samples = server_input.integer(message.config.get('num_samples_per_case'), 'num_samples_per_case', 1,
+                                       10 ** 9, self.site.name)
+        self.count_queries.reset()
+        fp = fingerprint_site(self.site, reader, samples, self.private_folder, self.num_processes)
         # the site's own fingerprint in nnU-Net's format, merged from its part alone; it stays at the site (nnU-Net
         # copies a fingerprint next to every trained model)
         own = merge_site_fingerprints([fp], lambda thresholds: count_values_leq(self.private_folder, thresholds))
         write_json(os.path.join(self.folder, 'dataset_fingerprint.json'), own)
         return Message('site_fingerprint', fp)
 
+    @property
+    def count_queries(self):
+        from fednnunet.fingerprint import CountQueryBudget
+        return CountQueryBudget(self.private_folder, self.site.name)
+
     def count_leq(self, message: Message) -> Message:
+        """Counts of the private sample <= the server's thresholds, within the honest search's schedule only
+        (fednnunet.fingerprint.CountQueryBudget): a curious server cannot rebuild the site's histogram."""
         from fednnunet.fingerprint import count_values_leq
+        self.count_queries.spend(message.arrays, len(self.site.channel_names))
         return Message('counts', arrays=count_values_leq(self.private_folder, message.arrays))
 
     def release_fingerprint(self, message: Message) -> Message:
@@ -132,6 +145,13 @@ class SiteWorker:
 
     def preprocess(self, message: Message) -> Message:
         from fednnunet.preprocessing import preprocess_site
-        report = preprocess_site(self.site, message.config['plans'], message.config['dataset_json'],
-                                 message.config['configurations'], self.folder, self.num_processes)
+        plans = server_input.plans(message.config.get('plans'), self.site.name)
+        dataset_json = server_input.dataset_json(message.config.get('dataset_json'), self.site.name)
+        configurations = message.config.get('configurations')
+        if not isinstance(configurations, list):
+            raise FederationError('must be a list of configuration names', site=self.site.name,
+                                  field='configurations')
+        for c in configurations:
+            server_input.identifier(c, 'configurations', self.site.name)
+        report = preprocess_site(self.site, plans, dataset_json, configurations, self.folder, self.num_processes)
         return Message('preprocessed', report)

@@ -59,6 +59,10 @@ class Strategy:
         """The arrays sent to ``site`` for this round (default: the global state)."""
         return global_state
 
+    def expected_update_keys(self, round_index: int, shared_keys: List[str], readonly_keys: List[str]) -> set:
+        """The array keys every site's update must hold in this round; the server drops an update with others."""
+        return set(shared_keys)
+
     def aggregate(self, round_index: int, updates: List[SiteUpdate],
                   global_state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         raise NotImplementedError
@@ -144,6 +148,13 @@ class TwoStageFedAvg(FedAvg):
             return out
         return {}
 
+    def expected_update_keys(self, round_index, shared_keys, readonly_keys):
+        if round_index >= self.stage1_rounds:
+            return set()
+        if round_index == self.stage1_rounds - 1 and self.stage1_rounds < self.rounds:
+            return set(shared_keys) | {self.READONLY + k for k in readonly_keys}
+        return set(shared_keys)
+
     def aggregate(self, round_index, updates, global_state):
         plain = []
         for u in updates:
@@ -183,6 +194,9 @@ class NoAggregation(Strategy):
 
     def initial_state(self, network_state, shared_keys):
         return {}
+
+    def expected_update_keys(self, round_index, shared_keys, readonly_keys):
+        return set()
 
     def configure_fit(self, round_index, site, global_state):
         return {}

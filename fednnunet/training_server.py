@@ -39,6 +39,7 @@ from fednnunet.methods import get_method
 from fednnunet.progress import plot_federated_progress
 from fednnunet.site_training import results_folder
 from fednnunet.strategies import SiteUpdate, pooled_dice
+from fednnunet.trainers.two_stage import READONLY
 from fednnunet.trainers.base import (canonical_keys, canonical_state, expand_aliases, initial_weights_seed,
                                      seed_everything, state_dict_aliases, to_plain)
 from fednnunet.wire import Message
@@ -138,6 +139,10 @@ class FederatedTraining:
         self.run_id = uuid.uuid4().hex  # a resumed run keeps its own; sites ignore states of other runs
         self.continue_training = self.overwrite = False
         self._checkpoint_trainer = None
+        self.declared_cases: Dict[str, int] = {}
+        lm = PlansManager(self.plans).get_label_manager(self.dataset_json)
+        #: how many classes (or regions) the sites' online validation counts TP/FP/FN for
+        self.num_foreground = len(lm.foreground_regions if lm.has_regions else lm.foreground_labels)
 
     # ------------------------------------------------------------------ helpers
     def log(self, text: str, console: bool = False):
@@ -176,9 +181,15 @@ class FederatedTraining:
         return self._checkpoint_trainer
 
     def initial_network_state(self) -> Dict[str, np.ndarray]:
-        """The network every site starts from: the method's architecture from the plans, seeded."""
+        """The network every site starts from: the method's architecture from the plans, seeded. Also fixes what a
+        site's update may hold (keys, shapes, dtypes)."""
         network = self.checkpoint_trainer().unwrapped_network
         self.shared_keys = self.method.trainer.shared_keys(network)
+        self.readonly_keys = (self.method.trainer.readonly_keys(network)
+                              if hasattr(self.method.trainer, 'readonly_keys') else [])
+        state = canonical_state(network)
+        self.array_spec = {k: (tuple(v.shape), v.detach().cpu().numpy().dtype) for k, v in state.items()}
+        self.array_spec.update({READONLY + k: self.array_spec[k] for k in self.readonly_keys})
         self.aliases = state_dict_aliases(network)
         if self.method.has_global_model != (set(self.shared_keys) == set(canonical_keys(network))):
             raise RuntimeError(f'{self.method.trainer.__name__}.has_local_parts disagrees with its shared keys')
@@ -265,6 +276,13 @@ class FederatedTraining:
         replies = self.engine.ask({s: Message('check_training', self.site_config(s, round=0))
                                    for s in sorted(self.engine.site_names)})
         self.check_quorum(-1, replies, what='training check')
+        # the most training cases a site may weigh in with: what it declared at planning (else now)
+        planned = join(server_folder(self.config.dataset_name), 'federation',
+                       f'negotiation_{self.config.plans_identifier}.json')
+        declared = load_json(planned).get('sites', {}) if os.path.isfile(planned) else {}
+        for site, reply in replies.items():
+            now = reply.config.get('num_training_cases')
+            self.declared_cases[site] = int(declared.get(site, {}).get('num_cases') or now or 0)
 
     # ------------------------------------------------------------------ the run
     def run(self, continue_training: bool = False, overwrite: bool = False) -> dict:
@@ -300,9 +318,8 @@ class FederatedTraining:
             requests = {s: Message('fit', self.site_config(s, round=r), arrays=self.strategy.configure_fit(
                 r, s, global_state)) for s in sorted(self.engine.site_names)}
             replies = self.engine.ask(requests)
-            self.check_quorum(r, replies)
-            updates = [SiteUpdate(s, dict(rep.arrays), int(rep.config['num_examples']), rep.config['metrics'])
-                       for s, rep in replies.items()]
+            updates, dropped = self.screen_updates(r, replies)
+            self.check_quorum(r, {u.site: u for u in updates}, dropped=dropped)
             received = global_state  # the model the sites just validated
             t_merge = time.time()
             global_state = self.strategy.aggregate(r, updates, global_state)
@@ -310,7 +327,7 @@ class FederatedTraining:
             t_merge = time.time() - t_merge
             for note in self.strategy.take_notes():
                 self.log(f'round {r}: {note}', console=True)
-            self.record_round(r, t0, updates, received, t_merge, sent_before)
+            self.record_round(r, t0, updates, received, t_merge, sent_before, dropped)
             self.save_server_state(r + 1, global_state)
             if time.time() - last_plot >= c.plot_interval_seconds or r + 1 == c.rounds:
                 plot_federated_progress(self.logger, self.site_dice, self.output_folder)
@@ -318,9 +335,29 @@ class FederatedTraining:
             bar.set_postfix(pooled_pseudo_dice=f"{self.logger.get_value('mean_fg_dice', -1):.4f}")
         return self.finish(global_state)
 
-    def check_quorum(self, r: int, replies: Dict[str, Message], what: Optional[str] = None):
-        """A round merges the sites that answered, if there are at least ``min_sites`` of them."""
-        missing = dict(self.engine.missing)
+    def screen_updates(self, r: int, replies: Dict[str, Message]):
+        """The updates that may be merged, and {site: why} for the dropped ones. A site's update must hold exactly
+        the keys the method expects this round, each with the network's shape and dtype and finite values, a
+        number of training cases between 1 and what the site declared, and well-formed metrics: one bad (or
+        malicious) site is then missing from this round instead of stopping or poisoning the federation."""
+        expected = self.strategy.expected_update_keys(r, self.shared_keys, self.readonly_keys)
+        updates, dropped = [], {}
+        for site, reply in replies.items():
+            why = update_problem(reply, expected, self.array_spec, self.declared_cases.get(site, 0),
+                                 self.num_foreground)
+            if why:
+                dropped[site] = f'update refused: {why}'
+            else:
+                updates.append(SiteUpdate(site, dict(reply.arrays), int(reply.config['num_examples']),
+                                          reply.config['metrics']))
+        return updates, dropped
+
+
+    def check_quorum(self, r: int, replies: Dict[str, Message], what: Optional[str] = None,
+                     dropped: Optional[Dict[str, str]] = None):
+        """A round merges the sites that answered (with an update that passed the checks), if there are at least
+        ``min_sites`` of them."""
+        missing = {**self.engine.missing, **(dropped or {})}
         if missing:
             self.log((f'{what}: no answer from ' if what else f'round {r}: no update from ') +
                      ', '.join(f"site '{s}' ({why})" for s, why in sorted(missing.items())), console=True)
@@ -331,7 +368,7 @@ class FederatedTraining:
                                f'(--min-sites); the last completed round is saved, --continue resumes')
 
     def record_round(self, r: int, t0: float, updates: List[SiteUpdate], received: Dict[str, np.ndarray],
-                     t_merge: float, sent_before: Dict[str, int]):
+                     t_merge: float, sent_before: Dict[str, int], dropped: Optional[Dict[str, str]] = None):
         metrics = {u.site: u.metrics for u in updates}
         weights = np.array([u.num_examples for u in updates], dtype=np.float64)
         pooled = pooled_dice(metrics)
@@ -353,7 +390,8 @@ class FederatedTraining:
             self.save_global_checkpoint('checkpoint_best.pth', received)
         self.rounds_log.append(to_plain({
             'round': r, 'pooled_pseudo_dice': pooled, 'mean_pooled_pseudo_dice': mean_pooled, 'ema': ema,
-            'seconds': time.time() - t0, 'merge_seconds': t_merge, 'missing_sites': dict(self.engine.missing),
+            'seconds': time.time() - t0, 'merge_seconds': t_merge,
+            'missing_sites': {**self.engine.missing, **(dropped or {})},
             'bytes_to_sites': {s: self.engine.bytes_sent[s] - sent_before.get(s, 0) for s in metrics},
             'sites': {s: {k: m[k] for k in ('pseudo_dice', 'train_loss', 'val_loss', 'seconds', 'lr',
                                              'num_training_cases', 'state_from_round')} for s, m in metrics.items()},
@@ -381,6 +419,45 @@ class FederatedTraining:
         write_json(join(self.output_folder, 'federated_summary.json'), to_plain(result))
         self.log('training done', console=False)
         return result
+
+
+#: metrics a site reports every round, and whether they may be NaN (a validation without any foreground)
+_ROUND_METRICS = {'pseudo_dice': True, 'ema_pseudo_dice': True, 'train_loss': False, 'val_loss': False, 'lr': False,
+                  'seconds': False}
+
+
+def update_problem(reply: Message, expected_keys: set, spec: Dict[str, tuple], declared_cases: int,
+                   num_foreground: int) -> Optional[str]:
+    """Why a site's round update cannot be merged (None: it can)."""
+    arrays = reply.arrays
+    extra, missing = sorted(set(arrays) - expected_keys), sorted(expected_keys - set(arrays))
+    if extra or missing:
+        return f'other keys than the method shares this round (unexpected {extra[:3]}, missing {missing[:3]})'
+    for k, a in arrays.items():
+        shape, dtype = spec[k]
+        if tuple(a.shape) != shape or a.dtype != dtype:
+            return f'{k} has shape {tuple(a.shape)} and dtype {a.dtype}, the network {shape} and {dtype}'
+        if a.dtype.kind == 'f' and not np.isfinite(a).all():
+            return f'{k} holds NaN or infinite values'
+    n = reply.config.get('num_examples')
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max(declared_cases, 1):
+        return f'num_examples {n!r} is not between 1 and the {declared_cases} training cases the site declared'
+    metrics = reply.config.get('metrics')
+    if not isinstance(metrics, dict):
+        return 'no metrics'
+    for key, nan_ok in _ROUND_METRICS.items():
+        v = metrics.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (not nan_ok and not np.isfinite(v)):
+            return f'metric {key} is {v!r}'
+    if not all(isinstance(metrics.get(k), int) or (k == 'state_from_round' and metrics.get(k) is None)
+               for k in ('num_training_cases', 'state_from_round')):
+        return 'metrics num_training_cases / state_from_round are not integers'
+    for key in ('tp', 'fp', 'fn'):
+        v = metrics.get(key)
+        if not isinstance(v, list) or len(v) != num_foreground or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) and x >= 0 for x in v):
+            return f'metric {key} is not {num_foreground} counts'
+    return None
 
 
 def arrays_to_tensors(obj):

@@ -25,6 +25,7 @@ every Array + the ConfigRecord strings: ``flower_bytes_sent`` / ``flower_bytes_r
 (HTTP, protobuf, 5 MiB chunks) is not counted; Flower also sends an array whose bytes equal another's only once.
 """
 import json
+import re
 import time
 import traceback
 from typing import Callable, Dict, List, Optional, Sequence
@@ -112,12 +113,23 @@ def from_record_dict(content: RecordDict) -> Message:
     return Message(kind=record['kind'], config=config, arrays=arrays)
 
 
+#: an absolute path (POSIX or Windows): its folders are the site's business, its file name may stay
+_ABSOLUTE_PATH = re.compile(r'(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[^\s/\\\'"(),:;]+[/\\])+')
+
+
+def without_paths(text: str) -> str:
+    """``text`` with the folders of every absolute path removed (``/data/site/imagesTr/A_001_0000.nii.gz`` ->
+    ``.../A_001_0000.nii.gz``): the site, case, field and file name tell the server what is wrong, the site's own
+    log keeps the whole path."""
+    return _ABSOLUTE_PATH.sub('.../', text)
+
+
 def error_record(error: BaseException, site: Optional[str] = None, **extra_config) -> RecordDict:
-    """What a site sends when a request failed: the error's type and text (no traceback: it stays in the site's
-    log, as file paths in it are the site's business)."""
+    """What a site sends when a request failed: the error's type and text without the folders of its paths (the
+    traceback and the full text stay in the site's log: file paths are the site's business)."""
     return RecordDict({CONFIG_RECORD: ConfigRecord({
-        'format': FORMAT, 'kind': ERROR_KIND, 'error_type': type(error).__name__, 'error': str(error),
-        'site': site or '', **extra_config})})
+        'format': FORMAT, 'kind': ERROR_KIND, 'error_type': type(error).__name__,
+        'error': without_paths(str(error)), 'site': site or '', **extra_config})})
 
 
 def is_error(content: RecordDict) -> bool:

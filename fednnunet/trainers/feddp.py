@@ -82,9 +82,10 @@ class FedDPTrainer(TwoStageTrainer):
         self._last_input = inputs[0]
 
     # stage 2: inter-site guided calibration
-    def readonly_state(self):
-        sd = self.unwrapped_network.state_dict()
-        return {k: sd[k].detach().cpu().numpy() for k in query_keys(self.unwrapped_network)}
+    @classmethod
+    def readonly_keys(cls, network):
+        """Every query projection: with the final global weights they make the site's final model."""
+        return query_keys(network)
 
     def enter_stage2(self, readonly):
         self.query_sets = {i: {k: torch.from_numpy(np.array(v)) for k, v in q.items()} for i, q in readonly.items()}

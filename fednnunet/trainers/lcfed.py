@@ -37,8 +37,10 @@ class LCFedTrainer(HeadBodyAlternation, TwoStageTrainer):
     def local_keys(cls, network):
         return segmentation_head_keys(network) + [k for k in network.state_dict() if k.startswith('hc.')]
 
-    def _final_head_keys(self):
-        last = len(self.unwrapped_network.decoder.seg_layers) - 1
+    @classmethod
+    def readonly_keys(cls, network):
+        """The final (full-resolution) segmentation head: what every other site's head calibration needs."""
+        last = len(network.decoder.seg_layers) - 1
         return [f'decoder.seg_layers.{last}.weight', f'decoder.seg_layers.{last}.bias']
 
     # stage 1: FedRep-style alternation and the contrastive site term
@@ -53,12 +55,8 @@ class LCFedTrainer(HeadBodyAlternation, TwoStageTrainer):
         return self.alpha * term
 
     # stage 2: head calibration
-    def readonly_state(self):
-        sd = self.unwrapped_network.state_dict()
-        return {k: sd[k].detach().cpu().numpy() for k in self._final_head_keys()}
-
     def enter_stage2(self, readonly):
-        weight_key, bias_key = self._final_head_keys()
+        weight_key, bias_key = self.readonly_keys(self.unwrapped_network)
         hc = self.unwrapped_network.hc
         hc.set_site_heads({i: (as_tensor(parts[weight_key], hc.head_weight), as_tensor(parts[bias_key], hc.head_bias))
                            for i, parts in readonly.items()})

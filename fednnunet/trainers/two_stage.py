@@ -112,9 +112,16 @@ class TwoStageTrainer(FederatedTrainer):
         optimizer, _ = super().configure_optimizers()
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.stage1_rounds)
 
-    def readonly_state(self) -> Dict[str, np.ndarray]:
-        """What the other sites need from this site in the second stage (sent once, read-only)."""
+    @classmethod
+    def readonly_keys(cls, network) -> List[str]:
+        """The state keys the other sites need from this site in the second stage (sent once, read-only); the
+        server checks updates against them."""
         raise NotImplementedError
+
+    def readonly_state(self) -> Dict[str, np.ndarray]:
+        """This site's read-only parts (:meth:`readonly_keys`), as sent."""
+        sd = self.unwrapped_network.state_dict()
+        return {k: sd[k].detach().cpu().numpy() for k in self.readonly_keys(self.unwrapped_network)}
 
     def enter_stage2(self, readonly: Dict[int, Dict[str, np.ndarray]]):
         """Set up the second stage with every site's read-only parts ({site index: {key: array}}, completed by
