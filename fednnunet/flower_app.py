@@ -72,6 +72,7 @@ RUN_CONFIG_DEFAULTS = {
     'sites': '',                       # the federation's sites (space separated); '' = whoever connects
     'min-sites': 0,                    # 0: every site must answer every round
     'round-timeout': 86400.0,          # seconds per request (round, preprocessing, ...)
+    'straggler-grace': 600.0,          # with min-sites: seconds a round still waits once min-sites have answered
     'identify-timeout': 300.0,
     'wait-for-sites': 600.0,
     'settle-seconds': 15.0,
@@ -201,7 +202,7 @@ def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) ->
                               identify_timeout=float(cfg['identify-timeout']),
                               wait_for_sites=float(cfg['wait-for-sites']),
                               settle_seconds=float(cfg['settle-seconds']), dataset=str(cfg['dataset']) or None,
-                              log=_log)
+                              log=_log, straggler_grace=float(cfg['straggler-grace']))
     try:
         return _run_phases(engine, cfg, phase, min_sites)
     except FederationError as e:

@@ -166,6 +166,10 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument('--round-timeout', type=positive_number, default=86400.0,
                    help='seconds a site has for one round (or fingerprinting/preprocessing) before the round goes on '
                         'without it (default 86400; Flower\'s strategies drop a site after 3600)')
+    p.add_argument('--straggler-grace', type=number_at_least(0), default=600.0,
+                   help='with --min-sites: once that many sites have answered a round, wait this many seconds more '
+                        'for the others, then go on without them (their late update is not used; they rejoin the '
+                        'next round). Default 600')
     p.add_argument('--wait-for-sites', type=positive_number, default=600.0,
                    help='seconds to wait for the sites to connect at the start (default 600)')
     p.add_argument('--identify-timeout', type=positive_number, default=300.0,
@@ -204,6 +208,7 @@ def run_config_from_args(args) -> dict:
         'continue': bool(args.continue_training), 'overwrite': bool(args.overwrite),
         'configurations': ' '.join(args.preprocess_configurations or [args.c]), 'sites': ' '.join(args.sites or []),
         'min-sites': int(args.min_sites or 0), 'round-timeout': float(args.round_timeout),
+        'straggler-grace': float(args.straggler_grace),
         'identify-timeout': float(args.identify_timeout), 'wait-for-sites': float(args.wait_for_sites),
         'settle-seconds': float(args.settle_seconds),
     }

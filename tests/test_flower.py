@@ -324,6 +324,53 @@ def test_site_errors_timeouts_and_lost_nodes_are_missing_with_the_reason(demo_ra
     assert any("site 'C' connected (SuperNode 9" in line for line in logged)
 
 
+def test_a_straggler_is_dropped_after_the_grace_period_once_the_quorum_answered(demo_raw, task_identity):
+    """--min-sites 2 and a grace of 1 s: a live site that does not answer a training round holds it for the grace
+    period only (not the round timeout of 60 s), is missing with the reason, and is asked again next round."""
+    federation = Federation.from_raw(DATASET_ID)
+    workers = _workers(federation)
+    behaviour = {'C': None}
+    seen = []
+
+    def node(site):
+        def handle(content):
+            request = from_record_dict(content)
+            seen.append((site, request.kind))
+            if site == 'C' and behaviour['C'] and request.kind in ('fit', 'describe'):
+                return behaviour['C']
+            if request.kind == 'fit':  # an answer of the right kind is all the engine needs here
+                return to_record_dict(Message('update', {'round': request.config['round']}))
+            return site_node(workers[site], site)(content)
+        return handle
+
+    grid = InProcessGrid({1: node('A'), 2: node('B'), 3: node('C')})
+    engine = FlowerEngine(grid, sites=['A', 'B', 'C'], min_sites=2, round_timeout=60.0, straggler_grace=1.0,
+                          log=lambda text: None)
+    engine.connect()
+    behaviour['C'] = 'silent'
+    t0 = time.time()
+    replies = engine.ask({s: Message('fit', {'round': 0}) for s in 'ABC'})
+    assert time.time() - t0 < 10, 'the round waited for the straggler beyond the grace period'
+    assert list(replies) == ['A', 'B'] and engine.missing['C'].startswith('straggler: no reply 1 s after')
+    behaviour['C'] = None  # C answers the next round again
+    replies = engine.ask({s: Message('fit', {'round': 1}) for s in 'ABC'})
+    assert list(replies) == ['A', 'B', 'C'] and not engine.missing
+    # planning (and every other request) still waits for every site, up to the round timeout
+    behaviour['C'] = 'silent'
+    quick = FlowerEngine(grid, sites=['A', 'B', 'C'], min_sites=2, round_timeout=1.5, straggler_grace=0.1,
+                         log=lambda text: None)
+    quick.connect()
+    t0 = time.time()
+    quick.ask({s: Message('describe') for s in 'ABC'})
+    assert time.time() - t0 >= 1.4 and quick.missing['C'].startswith('no reply within')
+    # without --min-sites no round ends early
+    full = FlowerEngine(grid, sites=['A', 'B', 'C'], round_timeout=1.5, straggler_grace=0.1, log=lambda text: None)
+    full.connect()
+    t0 = time.time()
+    full.ask({s: Message('fit', {'round': 2}) for s in 'ABC'})
+    assert time.time() - t0 >= 1.4 and full.missing['C'].startswith('no reply within')
+
+
 def test_without_a_site_list_the_federation_is_who_connected(demo_raw, task_identity):
     federation = Federation.from_raw(DATASET_ID)
     workers = _workers(federation)

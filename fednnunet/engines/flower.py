@@ -165,14 +165,19 @@ class FlowerEngine:
     round_timeout: seconds the engine waits for the replies to one request (a training round, preprocessing...);
         a site slower than that is missing from the round (Flower's own strategies drop sites after an hour).
     identify_timeout: seconds a new SuperNode has to say who it is.
+    straggler_grace: with ``min_sites``, a training round waits this many seconds more once ``min_sites`` sites
+        have answered, then goes on without the others (stragglers: missing from the round, their late update is
+        never read; they rejoin the next round). Without ``min_sites`` every round waits for every site.
     dataset: the dataset the server was started for (id or name); every site must hold that one.
     """
 
     def __init__(self, grid, sites: Optional[Sequence[str]] = None, min_sites: Optional[int] = None,
                  round_timeout: float = 86400.0, identify_timeout: float = 300.0, wait_for_sites: float = 600.0,
                  settle_seconds: float = 15.0, dataset=None, log: Callable[[str], None] = None,
-                 poll_interval: float = 0.2, max_poll_interval: float = 3.0, liveness_interval: float = 20.0):
+                 poll_interval: float = 0.2, max_poll_interval: float = 3.0, liveness_interval: float = 20.0,
+                 straggler_grace: float = 600.0):
         self.grid = grid
+        self.straggler_grace = float(straggler_grace)
         self.expected = sorted(sites) if sites else None
         self.min_sites = min_sites
         self.round_timeout = float(round_timeout)
@@ -231,7 +236,8 @@ class FlowerEngine:
             outgoing.append((site, FlowerMessage(content, node, message_type(message.kind),
                                                  ttl=timeout + 600.0, group_id=f'{kind}-{self._group}')))
         self._group += 1
-        raw = self._send_and_receive(outgoing, timeout, what=kind)
+        quorum = self.min_sites if self.min_sites and kind == 'fit' else None
+        raw = self._send_and_receive(outgoing, timeout, what=kind, quorum=quorum)
         replies = {}
         for site in requests:
             if site not in raw:
@@ -393,9 +399,10 @@ class FlowerEngine:
             self.log(f"WARNING: SuperNodes {other} and {node} both say they are site '{site}'; using {node}")
 
     # -------------------------------------------------------------- transport
-    def _send_and_receive(self, outgoing: list, timeout: float, what: str) -> dict:
-        """Pushes (key, FlowerMessage) pairs, pulls replies until all came or ``timeout``; returns
-        {key: (content, time pulled)}; keys without a reply get a reason in self.missing (sites) or are absent."""
+    def _send_and_receive(self, outgoing: list, timeout: float, what: str, quorum: Optional[int] = None) -> dict:
+        """Pushes (key, FlowerMessage) pairs, pulls replies until all came or ``timeout`` (or, with ``quorum``, the
+        straggler grace after ``quorum`` replies); returns {key: (content, time pulled)}; keys without a reply get
+        a reason in self.missing (sites) or are absent."""
         if not outgoing:
             return {}
         keys = [k for k, _ in outgoing]
@@ -409,7 +416,8 @@ class FlowerEngine:
             else:
                 self._missing(key, 'the SuperLink did not accept the message')
         got: Dict[object, tuple] = {}
-        deadline = time.time() + timeout
+        deadline = round_deadline = time.time() + timeout
+        stragglers_cut = False  # the straggler grace, not the round timeout, ends the wait
         interval, last_liveness = self.poll_interval, time.time()
         while pending:
             for reply in self.grid.pull_messages(list(pending)):
@@ -430,10 +438,15 @@ class FlowerEngine:
             if not pending:
                 break
             now = time.time()
+            if quorum is not None and not stragglers_cut and len(got) >= quorum and \
+                    now + self.straggler_grace < round_deadline:
+                stragglers_cut, deadline = True, now + self.straggler_grace
             if now >= deadline:
                 for key in pending.values():
-                    self._missing(key, f'no reply within {timeout:.0f} s (--round-timeout)' if isinstance(key, str)
-                                  else f'no reply within {timeout:.0f} s')
+                    self._missing(key, f'straggler: no reply {self.straggler_grace:.0f} s after --min-sites {quorum} '
+                                       f'sites had answered (--straggler-grace); its late update is not used'
+                                  if stragglers_cut else f'no reply within {timeout:.0f} s' +
+                                  (' (--round-timeout)' if isinstance(key, str) else ''))
                 break
             if now - last_liveness >= self.liveness_interval:
                 last_liveness = now
