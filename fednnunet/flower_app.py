@@ -73,6 +73,7 @@ RUN_CONFIG_DEFAULTS = {
     'min-sites': 0,                    # 0: every site must answer every round
     'round-timeout': 86400.0,          # seconds per request (round, preprocessing, ...)
     'straggler-grace': 600.0,          # with min-sites: seconds a round still waits once min-sites have answered
+    'site-keys': '{}',                 # JSON {site: sha256 of its SuperNode key}: a node is a site only with its key
     'identify-timeout': 300.0,
     'wait-for-sites': 600.0,
     'settle-seconds': 15.0,
@@ -202,7 +203,8 @@ def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) ->
                               identify_timeout=float(cfg['identify-timeout']),
                               wait_for_sites=float(cfg['wait-for-sites']),
                               settle_seconds=float(cfg['settle-seconds']), dataset=str(cfg['dataset']) or None,
-                              log=_log, straggler_grace=float(cfg['straggler-grace']))
+                              log=_log, straggler_grace=float(cfg['straggler-grace']),
+                              site_keys=json.loads(str(cfg['site-keys']) or '{}') or None)
     try:
         return _run_phases(engine, cfg, phase, min_sites)
     except FederationError as e:

@@ -177,9 +177,12 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument('--settle-seconds', type=number_at_least(0), default=15.0,
                    help='without --sites: start once no new site has connected for this long (default 15)')
     _security_args(p)
-    p.add_argument('--auth-keys', '--auth-key', dest='auth_keys', nargs='+', default=None, metavar='PUBLIC_KEY',
-                   help="SuperNode authentication: the sites' public keys (OpenSSH ECDSA, e.g. keys/A.pub from "
-                        "scripts/make_test_certs.sh); only SuperNodes holding a matching private key may connect")
+    p.add_argument('--auth-keys', '--auth-key', dest='auth_keys', nargs='+', default=None,
+                   metavar='[SITE=]PUBLIC_KEY',
+                   help="SuperNode authentication: each site's public key (OpenSSH ECDSA, e.g. keys/A.pub from "
+                        "scripts/make_test_certs.sh), as SITE=PATH or PATH (the site is then the file's name without "
+                        ".pub). Only SuperNodes holding a matching private key connect, and a site's name is bound "
+                        "to its key: a node claiming another site is refused")
     p.add_argument('--host', default='0.0.0.0', help='address the SuperLink listens on (default 0.0.0.0)')
     p.add_argument('--port', type=port, default=DEFAULT_PORT,
                    help=f'the SuperLink\'s port (one HTTP(S) port for sites and control; default {DEFAULT_PORT})')
@@ -211,7 +214,12 @@ def run_config_from_args(args) -> dict:
         'straggler-grace': float(args.straggler_grace),
         'identify-timeout': float(args.identify_timeout), 'wait-for-sites': float(args.wait_for_sites),
         'settle-seconds': float(args.settle_seconds),
+        'site-keys': json.dumps(site_keys(args.auth_keys)['digests'] if args.auth_keys else {}),
     }
+    if args.auth_keys and args.sites:
+        unkeyed = sorted(set(args.sites) - set(site_keys(args.auth_keys)['paths']))
+        if unkeyed:
+            raise CliError(f'--auth-keys has no key for site(s) {unkeyed} of --sites')
     if phase == 'train' and not args.p:
         config['plans'] = 'nnUNetPlans'
     return config
@@ -252,15 +260,40 @@ def _flwr(args: List[str], env: dict, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([flower_executable('flwr')] + args, env=env, text=True, capture_output=True, **kw)
 
 
-def register_keys(keys: List[str], env: dict, timeout: float = 60.0):
-    for key in keys:
-        if not os.path.isfile(key):
-            raise CliError(f'--auth-keys: {key} does not exist')
+def site_keys(entries: List[str]) -> dict:
+    """--auth-keys SITE=PATH or PATH -> {site: path}; each site once, each file readable as a public key."""
+    from fednnunet.engines.flower import public_key_digest
+    keys, digests = {}, {}
+    for entry in entries:
+        site, sep, path = entry.partition('=')
+        if not sep:
+            path, site = entry, os.path.basename(entry)[:-len('.pub')] if entry.endswith('.pub') else ''
+        if not site or not re.match(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$', site):
+            raise CliError(f'--auth-keys {entry}: name the site (SITE=PATH, or a file named SITE.pub)')
+        if site in keys:
+            raise CliError(f'--auth-keys: two keys for site {site!r}')
+        if not os.path.isfile(path):
+            raise CliError(f'--auth-keys: {path} does not exist')
+        try:
+            digest = public_key_digest(open(path, 'rb').read())
+        except (ValueError, TypeError) as e:
+            raise CliError(f'--auth-keys: {path} is not a public key ({e})') from None
+        same = [s for s, d in digests.items() if d == digest]
+        if same:
+            raise CliError(f'--auth-keys: {path} is the same key as site {same[0]!r}')
+        keys[site], digests[site] = path, digest
+    return {'paths': keys, 'digests': digests}
+
+
+def register_keys(keys: dict, env: dict, timeout: float = 60.0):
+    """Registers every site's key at the SuperLink, named by its site (Flower's node name; informative only: the
+    server binds sites to key digests)."""
+    for site, key in keys.items():
         deadline = time.time() + timeout
         while True:
-            done = _flwr(['supernode', 'register', os.path.abspath(key), CONNECTION], env)
+            done = _flwr(['supernode', 'register', os.path.abspath(key), CONNECTION, '--name', site], env)
             if done.returncode == 0:
-                print(f'fednnunet_server: registered SuperNode key {key}', flush=True)
+                print(f'fednnunet_server: registered the SuperNode key of site {site} ({key})', flush=True)
                 break
             if time.time() > deadline:
                 raise CliError(f'could not register {key}: {done.stdout.strip()} {done.stderr.strip()}')
@@ -393,7 +426,7 @@ def run_server_command(args) -> int:
                   f"({'TLS' if tls else 'INSECURE, no TLS'}{', SuperNode authentication' if args.auth_keys else ''}); "
                   f'log: {log_path}', flush=True)
         if args.auth_keys:
-            register_keys(args.auth_keys, env)
+            register_keys(site_keys(args.auth_keys)['paths'], env)
         return run_app(app_dir, run_config_file, env)
     finally:
         if superlink is not None:

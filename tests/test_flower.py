@@ -324,6 +324,48 @@ def test_site_errors_timeouts_and_lost_nodes_are_missing_with_the_reason(demo_ra
     assert any("site 'C' connected (SuperNode 9" in line for line in logged)
 
 
+def test_a_node_claiming_a_site_whose_key_it_does_not_hold_is_refused(demo_raw, task_identity):
+    """A site's name is bound to its --auth-keys key: registered site B (its own key) claiming to be A is refused,
+    as is an unknown key claiming A; the real A keeps its place, with no "newer wins" replacement."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    from flwr.proto.node_pb2 import NodeInfo
+    from fednnunet.engines.flower import public_key_digest
+    federation = Federation.from_raw(DATASET_ID)
+    workers = _workers(federation)
+    keys = {name: ec.generate_private_key(ec.SECP384R1()).public_key() for name in ('A', 'B', 'mallory')}
+    pem = {n: k.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo) for n, k in keys.items()}
+    ssh = {n: k.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH) for n, k in keys.items()}
+    assert public_key_digest(pem['A']) == public_key_digest(ssh['A']) != public_key_digest(pem['B'])
+
+    def claiming(site):  # a node that answers every request as `site`
+        return site_node(workers[site], site)
+
+    class KeyedGrid(InProcessGrid):
+        def __init__(self, nodes, node_keys):
+            super().__init__(nodes)
+            self.node_keys = node_keys
+
+        def get_nodes(self):
+            return [NodeInfo(node_id=n, public_key=self.node_keys[n]) for n in self.nodes]
+
+    grid = KeyedGrid({1: claiming('A'), 2: claiming('B'), 3: claiming('A'), 4: claiming('A')},
+                     {1: pem['A'], 2: pem['B'], 3: pem['B'], 4: pem['mallory']})
+    logged = []
+    engine = FlowerEngine(grid, sites=['A', 'B'], log=logged.append,
+                          site_keys={s: public_key_digest(ssh[s]) for s in 'AB'})
+    engine.connect()
+    assert engine.site_node == {'A': 1, 'B': 2}
+    assert "holds the key of site 'B'" in engine.refused[3] and 'belongs to no site' in engine.refused[4]
+    assert not any('is now SuperNode' in line or 'both say they are' in line for line in logged)
+    assert set(engine.ask({s: Message('identify') for s in 'AB'})) == {'A', 'B'}
+    # without SuperNode authentication (no keys) a node's word is all there is: documented, and said in the log
+    open_engine = FlowerEngine(KeyedGrid({1: claiming('A'), 2: claiming('B')}, {1: b'', 2: b''}), sites=['A', 'B'],
+                               log=lambda text: None)
+    open_engine.connect()
+    assert open_engine.site_node == {'A': 1, 'B': 2}
+
+
 def test_a_straggler_is_dropped_after_the_grace_period_once_the_quorum_answered(demo_raw, task_identity):
     """--min-sites 2 and a grace of 1 s: a live site that does not answer a training round holds it for the grace
     period only (not the round timeout of 60 s), is missing with the reason, and is asked again next round."""

@@ -117,6 +117,19 @@ def from_record_dict(content: RecordDict) -> Message:
 _ABSOLUTE_PATH = re.compile(r'(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[^\s/\\\'"(),:;]+[/\\])+')
 
 
+def public_key_digest(public_key: bytes) -> str:
+    """sha256 of a public key's DER SubjectPublicKeyInfo: the same key in PEM (Flower's NodeInfo.public_key), DER or
+    OpenSSH form (a site's ``.pub`` file) gives the same digest."""
+    import hashlib
+    from cryptography.hazmat.primitives.serialization import (Encoding, PublicFormat, load_der_public_key,
+                                                              load_pem_public_key, load_ssh_public_key)
+    data = bytes(public_key).strip()
+    loader = (load_pem_public_key if data.startswith(b'-----BEGIN') else
+              load_ssh_public_key if data.split(b' ', 1)[0].startswith((b'ecdsa-', b'ssh-')) else load_der_public_key)
+    key = loader(data)
+    return hashlib.sha256(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
 def without_paths(text: str) -> str:
     """``text`` with the folders of every absolute path removed (``/data/site/imagesTr/A_001_0000.nii.gz`` ->
     ``.../A_001_0000.nii.gz``): the site, case, field and file name tell the server what is wrong, the site's own
@@ -165,6 +178,9 @@ class FlowerEngine:
     round_timeout: seconds the engine waits for the replies to one request (a training round, preprocessing...);
         a site slower than that is missing from the round (Flower's own strategies drop sites after an hour).
     identify_timeout: seconds a new SuperNode has to say who it is.
+    site_keys: {site: public_key_digest of the site's SuperNode key} (from the server's ``--auth-keys``): a node
+        is that site only if it authenticated with that key; a node that claims a site whose key it does not hold
+        is refused, whatever its key. None (no SuperNode authentication): a node's word is taken.
     straggler_grace: with ``min_sites``, a training round waits this many seconds more once ``min_sites`` sites
         have answered, then goes on without the others (stragglers: missing from the round, their late update is
         never read; they rejoin the next round). Without ``min_sites`` every round waits for every site.
@@ -175,9 +191,10 @@ class FlowerEngine:
                  round_timeout: float = 86400.0, identify_timeout: float = 300.0, wait_for_sites: float = 600.0,
                  settle_seconds: float = 15.0, dataset=None, log: Callable[[str], None] = None,
                  poll_interval: float = 0.2, max_poll_interval: float = 3.0, liveness_interval: float = 20.0,
-                 straggler_grace: float = 600.0):
+                 straggler_grace: float = 600.0, site_keys: Optional[Dict[str, str]] = None):
         self.grid = grid
         self.straggler_grace = float(straggler_grace)
+        self.site_keys = dict(site_keys) if site_keys else None
         self.expected = sorted(sites) if sites else None
         self.min_sites = min_sites
         self.round_timeout = float(round_timeout)
@@ -335,6 +352,7 @@ class FlowerEngine:
         new = sorted(n for n in online if n not in self.node_site and n not in self.refused)
         if not new:
             return
+        node_keys = self._node_key_digests() if self.site_keys is not None else {}
         outgoing = [(n, FlowerMessage(to_record_dict(Message('identify')), n, message_type('identify'),
                                       ttl=self.identify_timeout + 600.0, group_id='identify')) for n in new]
         raw = self._send_and_receive(outgoing, self.identify_timeout, what='identify')
@@ -356,8 +374,21 @@ class FlowerEngine:
                                           f"{self.members}")
                     self.log(f'SuperNode {node} ignored: {self.refused[node]}')
                     continue
-                self._check_identity(node, identity)
             except (FederationError, WireError) as e:
+                self.refused[node] = str(e)
+                if strict:
+                    raise FederationError(str(e)) from None
+                self.log(f'SuperNode {node} refused: {e}')
+                continue
+            try:  # an impostor is refused and logged; it never stops the federation (even at the start)
+                self._check_key(node, identity.get('site'), node_keys.get(node))
+            except FederationError as e:
+                self.refused[node] = str(e)
+                self.log(f'SECURITY: SuperNode {node} refused: {e}')
+                continue
+            try:
+                self._check_identity(node, identity)
+            except FederationError as e:
                 self.refused[node] = str(e)
                 if strict:
                     raise FederationError(str(e)) from None
@@ -373,6 +404,24 @@ class FlowerEngine:
             elif old is None:
                 self.log(f"site '{site}' connected (SuperNode {node}, device {identity.get('device')})")
             self.site_node[site] = node
+
+    def _node_key_digests(self) -> Dict[int, str]:
+        """{node id: digest of the public key it authenticated with}, from the SuperLink (Flower's NodeInfo)."""
+        out = {}
+        for info in self.grid.get_nodes():
+            if getattr(info, 'public_key', b''):
+                out[int(info.node_id)] = public_key_digest(info.public_key)
+        return out
+
+    def _check_key(self, node: int, site: str, digest: Optional[str]):
+        """With SuperNode authentication a site's name is bound to its key: the node must hold the claimed site's."""
+        if self.site_keys is None:
+            return
+        if site not in self.site_keys or digest != self.site_keys[site]:
+            holder = next((s for s, d in self.site_keys.items() if d == digest), None)
+            held = f"the key of site '{holder}'" if holder else 'a key that belongs to no site'
+            raise FederationError(f"SuperNode {node} says it is site '{site}' but holds {held}; refused (a site's "
+                                  f"name is bound to its --auth-keys key)", site=site, field='site-id')
 
     def _check_identity(self, node: int, identity: dict):
         site = identity.get('site')
