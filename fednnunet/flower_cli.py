@@ -116,14 +116,36 @@ def _security_args(parser):
     parser.add_argument('--insecure', action='store_true',
                         help='plain-text connections (no TLS). Only for tests on one machine or a trusted network; '
                              'must be asked for explicitly')
+    parser.add_argument('--no-supernode-auth', action='store_true',
+                        help='allow SuperNodes without authentication keys on an address that is not the loopback '
+                             '(then any machine that reaches the server may claim to be a site); must be asked for '
+                             'explicitly and is logged loudly')
 
 
-def _check_security(args):
+def is_loopback(host: str) -> bool:
+    return host in ('localhost', '::1') or host.startswith('127.')
+
+
+def _check_security(args, host: str, authenticated: bool):
+    """TLS or an explicit --insecure; and off the loopback, SuperNode authentication or an explicit
+    --no-supernode-auth. Either opt-out is said loudly."""
     if args.insecure and args.tls_dir:
         raise CliError('--insecure and --tls-dir exclude each other')
     if not args.insecure and not args.tls_dir:
         raise CliError('give --tls-dir DIR (TLS; see scripts/make_test_certs.sh and documentation/deployment.md) or, '
                        'for a test on a trusted network only, --insecure')
+    if authenticated and args.no_supernode_auth:
+        raise CliError('--no-supernode-auth and SuperNode keys exclude each other')
+    if not is_loopback(host) and not authenticated and not args.no_supernode_auth:
+        raise CliError(f'{host} is not the loopback: SuperNode authentication is required there (the server\'s '
+                       f'--auth-keys SITE=KEY.pub ..., each site\'s --auth-key KEY; scripts/make_test_certs.sh makes '
+                       f'them), or give --no-supernode-auth explicitly')
+    if args.insecure and not is_loopback(host):
+        print(f'fednnunet: WARNING: INSECURE: plain-text connections to/from {host} (--insecure): anyone on the '
+              f'network can read and change every message', file=sys.stderr, flush=True)
+    if args.no_supernode_auth:
+        print(f'fednnunet: WARNING: NO SUPERNODE AUTHENTICATION on {host} (--no-supernode-auth): any machine that '
+              f'reaches the server can claim to be a site', file=sys.stderr, flush=True)
 
 
 # ============================================================================================ server
@@ -393,13 +415,13 @@ def run_server_command(args) -> int:
         print(f'wrote {args.write_app}/pyproject.toml and run_config.toml; run it with\n'
               f'  flwr run {args.write_app} <connection> --run-config {args.write_app}/run_config.toml --stream')
         return 0
-    _check_security(args)
     if config['phase'] != 'plan':
         from fednnunet.flower_app import check_method
         try:
             check_method(config['method'], json.loads(config['hyperparameters']))
         except Exception as e:  # noqa: BLE001 - an unknown method or hyper-parameter, said before anything starts
             raise CliError(str(e)) from None
+    _check_security(args, args.superlink.rsplit(':', 1)[0] if args.superlink else args.host, bool(args.auth_keys))
     tls = tls_files(args.tls_dir, need_server=args.superlink is None) if args.tls_dir else None
     work = os.path.abspath(args.work_dir) if args.work_dir else tempfile.mkdtemp(prefix='fednnunet_server_')
     os.makedirs(work, exist_ok=True)
@@ -479,7 +501,7 @@ def site_parser() -> argparse.ArgumentParser:
 
 def site_command(args) -> List[str]:
     """Checks the site's data and device and returns the flower-supernode command line."""
-    _check_security(args)
+    _check_security(args, args.server.rsplit(':', 1)[0], bool(args.auth_key))
     check_device(args.device)
     from fednnunet.errors import FederationError
     from fednnunet.federation import Federation

@@ -672,3 +672,21 @@ def test_a_supernode_killed_in_a_round_is_survived_named_and_rejoins(planned, tm
     assert os.path.isfile(os.path.join(fold, 'checkpoint_final.pth'))
     for s in 'ABC':
         assert os.path.isfile(os.path.join(os.path.dirname(fold), 'sites', s, 'fold_0', 'checkpoint_final.pth'))
+
+
+def test_off_the_loopback_supernode_authentication_is_required_unless_turned_off_loudly(capsys):
+    from fednnunet.flower_cli import CliError, _check_security, server_parser, site_parser
+    server = server_parser().parse_args(['-d', '501', '--tls-dir', 'certs'])
+    with pytest.raises(CliError, match='0.0.0.0 is not the loopback: SuperNode authentication is required'):
+        _check_security(server, server.host, authenticated=False)
+    _check_security(server, server.host, authenticated=True)
+    _check_security(server, '127.0.0.1', authenticated=False)  # tests on one machine
+    loud = server_parser().parse_args(['-d', '501', '--insecure', '--no-supernode-auth'])
+    _check_security(loud, loud.host, authenticated=False)
+    err = capsys.readouterr().err
+    assert 'WARNING: INSECURE' in err and 'WARNING: NO SUPERNODE AUTHENTICATION' in err
+    site = site_parser().parse_args(['--site', 'A', '-d', '501', '--server', '10.1.2.3:9092', '--tls-dir', 'c'])
+    with pytest.raises(CliError, match='10.1.2.3 is not the loopback'):
+        _check_security(site, '10.1.2.3', authenticated=False)
+    with pytest.raises(CliError, match='exclude each other'):
+        _check_security(loud, loud.host, authenticated=True)
