@@ -263,8 +263,8 @@ def _local_address(host: str, port: int) -> str:
     return f"{'127.0.0.1' if host in ('0.0.0.0', '', '::') else host}:{port}"
 
 
-def start_superlink(args, env: dict, log_path: str, tls: Optional[dict]) -> subprocess.Popen:
-    cmd = [flower_executable('flower-superlink'), '--host', args.host, '--port', str(args.port),
+def start_superlink(args, env: dict, log_path: str, tls: Optional[dict], host: str, port: int) -> subprocess.Popen:
+    cmd = [flower_executable('flower-superlink'), '--host', host, '--port', str(port),
            '--disable-runtime-dependency-installation']
     if tls:
         cmd += ['--ssl-ca-certfile', tls['ca'], '--ssl-certfile', tls['cert'], '--ssl-keyfile', tls['key']]
@@ -272,10 +272,23 @@ def start_superlink(args, env: dict, log_path: str, tls: Optional[dict]) -> subp
         cmd += ['--insecure']
     if args.auth_keys:
         cmd += ['--enable-supernode-auth']
+    return _start_logged(cmd, env, log_path)
+
+
+def _start_logged(cmd: List[str], env: dict, log_path: str) -> subprocess.Popen:
     log = open(log_path, 'ab')
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     log.close()
     return process
+
+
+def start_fleet_proxy(args, env: dict, log_path: str, tls: Optional[dict], superlink_port: int) -> subprocess.Popen:
+    """The public port: Flower's Fleet API only (fednnunet.fleet_proxy), forwarding to the loopback SuperLink."""
+    cmd = [sys.executable, '-m', 'fednnunet.fleet_proxy', '--listen', f'{args.host}:{args.port}',
+           '--target', f"{'https' if tls else 'http'}://127.0.0.1:{superlink_port}"]
+    if tls:
+        cmd += ['--ca-file', tls['ca'], '--certfile', tls['cert'], '--keyfile', tls['key']]
+    return _start_logged(cmd, env, log_path)
 
 
 def _flwr(args: List[str], env: dict, **kw) -> subprocess.CompletedProcess:
@@ -427,32 +440,42 @@ def run_server_command(args) -> int:
     os.makedirs(work, exist_ok=True)
     flwr_home = os.path.join(work, 'flwr_home')
     env = flower_env(flwr_home)
-    address = args.superlink or _local_address(args.host, args.port)
+    # fednnunet's own SuperLink listens on the loopback only; the public port is the Fleet-only proxy in front of it
+    superlink_port = free_port() if args.superlink is None else None
+    address = args.superlink or f'127.0.0.1:{superlink_port}'
     write_flower_config(flwr_home, address, tls['ca'] if tls else None)
     app_dir = write_app(os.path.join(work, 'app'))
     run_config_file = os.path.join(work, 'run_config.toml')
     with open(run_config_file, 'w') as f:
         f.write(run_config_toml(config))
 
-    superlink = None
+    superlink = proxy = None
     try:
         if args.superlink is None:
             log_path = os.path.join(work, 'superlink.log')
-            superlink = start_superlink(args, env, log_path, tls)
-            host, port = address.rsplit(':', 1)
+            superlink = start_superlink(args, env, log_path, tls, '127.0.0.1', superlink_port)
             try:
-                wait_for_port(host, int(port), 60.0, superlink)
+                wait_for_port('127.0.0.1', superlink_port, 60.0, superlink)
             except CliError as e:
                 raise CliError(f'the SuperLink did not start ({e}); its log: {log_path}\n' + _tail(log_path)) from None
-            print(f'fednnunet_server: SuperLink on {args.host}:{args.port} '
-                  f"({'TLS' if tls else 'INSECURE, no TLS'}{', SuperNode authentication' if args.auth_keys else ''}); "
-                  f'log: {log_path}', flush=True)
+            proxy_log = os.path.join(work, 'fleet_proxy.log')
+            proxy = start_fleet_proxy(args, env, proxy_log, tls, superlink_port)
+            try:
+                wait_for_port(_local_address(args.host, args.port).rsplit(':', 1)[0], args.port, 60.0, proxy)
+            except CliError as e:
+                raise CliError(f'the public port did not open ({e}); its log: {proxy_log}\n' +
+                               _tail(proxy_log)) from None
+            print(f'fednnunet_server: sites connect to {args.host}:{args.port} '
+                  f"({'TLS' if tls else 'INSECURE, no TLS'}{', SuperNode authentication' if args.auth_keys else ''}; "
+                  f"Flower's Fleet API only), the SuperLink listens on 127.0.0.1:{superlink_port}; logs: {log_path}, "
+                  f'{proxy_log}', flush=True)
         if args.auth_keys:
             register_keys(site_keys(args.auth_keys)['paths'], env)
         return run_app(app_dir, run_config_file, env)
     finally:
-        if superlink is not None:
-            stop_process(superlink)
+        for process in (proxy, superlink):
+            if process is not None:
+                stop_process(process)
 
 
 def _tail(path: str, n: int = 30) -> str:

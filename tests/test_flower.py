@@ -591,6 +591,25 @@ def test_every_phase_over_flower_with_tls_and_auth_equals_simulation(demo_raw, t
     # the server is stopped after round 0 (Ctrl-C / SIGTERM: the run and its SuperLink stop) and resumed with
     # --continue on a new SuperLink; the sites' SuperNodes find it by themselves
     round_log = os.path.join(_fedavg_fold(server / 'nnUNet_results'), 'federation_log.json')
+    from fednnunet.flower_cli import wait_for_port
+    wait_for_port('127.0.0.1', port, 120, processes.procs['server'])
+    # a site (it holds the CA certificate) uses Flower's Control API on the server's port: its own app bundle, a key
+    # of its own, stopping the run. The port serves the Fleet API only; the server's run goes on
+    from fednnunet.flower_app import write_app
+    from fednnunet.flower_cli import flower_env, write_flower_config
+    attacker = flower_env(str(tmp_path / 'attacker_home'))
+    write_flower_config(attacker['FLWR_HOME'], f'127.0.0.1:{port}', str(certs / 'ca.crt'))
+    flwr = os.path.join(os.path.dirname(sys.executable), 'flwr')
+    own_app = write_app(str(tmp_path / 'attacker_app'))
+    for command in ([flwr, 'run', own_app, 'fednnunet'],
+                    [flwr, 'supernode', 'register', str(certs / 'keys' / 'intruder.pub'), 'fednnunet'],
+                    [flwr, 'ls', 'fednnunet']):
+        done = subprocess.run(command, env=attacker, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0, (command, done.stdout[-2000:], done.stderr[-2000:])
+        assert '403' in done.stdout + done.stderr or 'Forbidden' in done.stdout + done.stderr or \
+            'only the Fleet API' in done.stdout + done.stderr, (command, done.stdout[-2000:], done.stderr[-2000:])
+    assert processes.procs['server'].poll() is None
+    assert 'refused POST /v1/control/' in open(server / 'w1' / 'fleet_proxy.log').read()
     deadline = time.time() + 600
     while not os.path.isfile(round_log) and processes.procs['server'].poll() is None and time.time() < deadline:
         time.sleep(0.5)
@@ -690,3 +709,40 @@ def test_off_the_loopback_supernode_authentication_is_required_unless_turned_off
         _check_security(site, '10.1.2.3', authenticated=False)
     with pytest.raises(CliError, match='exclude each other'):
         _check_security(loud, loud.host, authenticated=True)
+
+
+def test_the_public_port_serves_the_fleet_api_only():
+    """fednnunet_server's public port (fednnunet.fleet_proxy) forwards SuperNode requests (with their signed
+    node-authentication headers) to the loopback SuperLink and refuses Flower's Control and Runtime APIs: a site that
+    holds the CA certificate cannot start its own app bundle, register keys or stop the run from there."""
+    import asyncio
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+    from fednnunet.fleet_proxy import create_app
+    seen = []
+
+    async def superlink(request):
+        seen.append((request.method, request.url.path, request.headers.get('x-flwr-signature'), await request.body()))
+        return Response(b'reply:' + await request.body(), headers={'x-upstream': 'yes'})
+
+    upstream = Starlette(routes=[Route('/{path:path}', superlink, methods=['GET', 'POST'])])
+    proxy = create_app('http://superlink', client=httpx.AsyncClient(transport=httpx.ASGITransport(upstream),
+                                                                     base_url='http://superlink'),
+                       log=lambda text: None)
+
+    async def call(method, path, body=b''):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(proxy), base_url='http://server') as c:
+            return await c.request(method, path, content=body, headers={'x-flwr-signature': 'sig'})
+
+    async def scenario():
+        ok = await call('POST', '/v1/fleet/pull-messages', b'\x00\x01')
+        assert ok.status_code == 200 and ok.content == b'reply:\x00\x01' and ok.headers['x-upstream'] == 'yes'
+        assert seen == [('POST', '/v1/fleet/pull-messages', 'sig', b'\x00\x01')]
+        for path in ('/v1/control/start-run', '/v1/control/register-node', '/v1/control/stop-run',
+                     '/v1/runtime/acquire-task', '/docs', '/', '/v1/fleet/../control/start-run'):
+            refused = await call('POST', path)
+            assert refused.status_code == 403 and 'only the Fleet API' in refused.json()['detail'], path
+        assert len(seen) == 1  # nothing but the Fleet request reached the SuperLink
+    asyncio.run(scenario())
