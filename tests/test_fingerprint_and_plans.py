@@ -95,8 +95,10 @@ def test_server_keeps_no_site_data(pooled_vs_federated):
     assert {'dataset_fingerprint.json', 'dataset.json', 'nnUNetPlans.json', 'federation'} <= set(files)
     assert files == ['dataset.json', 'dataset_fingerprint.json', 'federation', 'nnUNetPlans.json',
                      'nnUNetResEncUNetMPlans.json', 'sites']
-    # private samples are deleted once merged; each site keeps its own fingerprint
-    assert pooled_vs_federated['site_files'] == [f'sites/{s}/dataset_fingerprint.json' for s in 'ABC']
+    # private samples are deleted once merged; each site keeps its own fingerprint and its count-query ledger
+    # (how many plannings it has answered: fingerprint.CountQueryBudget)
+    assert pooled_vs_federated['site_files'] == sorted(f'sites/{s}/{f}' for s in 'ABC'
+                                                       for f in ('count_query_ledger.json', 'dataset_fingerprint.json'))
 
 
 def test_two_channels_and_a_case_without_foreground(raw_copy, tmp_path, monkeypatch):
