@@ -80,6 +80,7 @@ RUN_CONFIG_DEFAULTS = {
 }
 
 APP_NAME = 'fednnunet-flower'
+APP_PUBLISHER = 'fednnunet'
 
 
 def app_pyproject() -> str:
@@ -90,7 +91,7 @@ def app_pyproject() -> str:
              'license = "Apache-2.0"',
              '# empty on purpose: the app runs where fednnunet is installed; never let Flower install torch',
              'dependencies = []', '',
-             '[tool.flwr.app]', 'publisher = "fednnunet"', '',
+             '[tool.flwr.app]', f'publisher = "{APP_PUBLISHER}"', '',
              '[tool.flwr.app.components]', 'serverapp = "fednnunet.flower_app:server_app"',
              'clientapp = "fednnunet.flower_app:client_app"', '',
              '[tool.flwr.app.config]']

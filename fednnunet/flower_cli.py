@@ -5,17 +5,19 @@ Server machine (holds no images)::
     fednnunet_server -d 501 --method fedavg --rounds R [--sites A B C] [--tls-dir DIR | --insecure]
                      [--auth-keys A.pub B.pub ...] [--min-sites N] [--round-timeout S] [--continue | --overwrite]
 
-starts a Flower SuperLink (``flower-superlink``, runtime dependency installation disabled), registers the sites'
-public keys when SuperNode authentication is on, writes the fednnunet Flower app and runs it with ``flwr run``
-(logs streamed); the exit status follows the run. ``--superlink HOST:PORT`` uses a SuperLink that is already
-running instead.
+starts a Flower SuperLink (``flower-superlink``, runtime dependency installation disabled) on the loopback and
+fednnunet's Fleet-only proxy on the public port (fednnunet.fleet_proxy), registers the sites' public keys when
+SuperNode authentication is on, writes the fednnunet Flower app and runs it with ``flwr run`` (logs streamed);
+the exit status follows the run. ``--superlink HOST:PORT`` uses a SuperLink that is already running instead.
 
 Each hospital (its own nnUNet_raw with only its own cases)::
 
     fednnunet_site --site A -d 501 --server HOST:PORT [--tls-dir DIR | --insecure] [--auth-key KEY] [-device cuda]
 
 checks the site's data (and that an explicit -device exists on the machine), then becomes a Flower SuperNode
-(``flower-supernode``) with ``--node-config`` ``site-id``/``dataset``/``device``. See documentation/deployment.md.
+(``flower-supernode``, process isolation) with ``--node-config`` ``site-id``/``dataset``/``device``, whose
+ClientApps fednnunet's launcher starts after checking the run's app bundle (fednnunet.app_pinning). See
+documentation/deployment.md.
 """
 import argparse
 import json
@@ -448,6 +450,9 @@ def run_server_command(args) -> int:
     run_config_file = os.path.join(work, 'run_config.toml')
     with open(run_config_file, 'w') as f:
         f.write(run_config_toml(config))
+    from fednnunet.app_pinning import own_app_bundle_hash
+    print(f'fednnunet_server: app bundle {own_app_bundle_hash()} (a site runs only the bundle of its own '
+          f'fednnunet: fednnunet_site --print-app-hash shows it)', flush=True)
 
     superlink = proxy = None
     try:
@@ -519,11 +524,25 @@ def site_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-wait-time', type=positive_number, default=None,
                    help='give up after this many seconds without the server (default: keep trying)')
     p.add_argument('--verbose', action='store_true', help="the site's nnU-Net logs in the SuperNode's output")
+    p.add_argument('--print-app-hash', action=_PrintAppHash, nargs=0,
+                   help='print the sha256 of the app bundle this site runs (its own fednnunet\'s; any other bundle '
+                        'is refused) and exit')
     return p
 
 
-def site_command(args) -> List[str]:
-    """Checks the site's data and device and returns the flower-supernode command line."""
+class _PrintAppHash(argparse.Action):
+    """--print-app-hash: prints and exits, like --version (no other argument needed)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from fednnunet.app_pinning import own_app_bundle_hash
+        print(own_app_bundle_hash())
+        parser.exit()
+
+
+def site_command(args, superexec_secret_file: str) -> List[str]:
+    """Checks the site's data and device and returns the flower-supernode command line: process isolation, so
+    that the SuperNode starts no ClientApp itself; this site's launcher (app_pinning.PinnedClientAppLauncher,
+    holding ``superexec_secret_file``) starts each, after checking the run's app bundle."""
     _check_security(args, args.server.rsplit(':', 1)[0], bool(args.auth_key))
     check_device(args.device)
     from fednnunet.errors import FederationError
@@ -544,7 +563,8 @@ def site_command(args) -> List[str]:
             raise CliError(f'{key} {value!r}: quotes are not allowed in names')
     node_config_text = ' '.join(f'{k}={json.dumps(v)}' for k, v in node_config.items())
     cmd = [flower_executable('flower-supernode'), '--superlink', args.server, '--node-config', node_config_text,
-           '--port', str(args.local_port or free_port()), '--isolation', 'subprocess']
+           '--host', '127.0.0.1', '--port', str(args.local_port or free_port()), '--isolation', 'process',
+           '--superexec-auth-secret-file', superexec_secret_file]
     if args.tls_dir:
         cmd += ['--root-certificates', tls_files(args.tls_dir, need_server=False)['ca']]
     else:
@@ -564,11 +584,22 @@ def site_command(args) -> List[str]:
 
 def site_entry(argv=None):
     args = site_parser().parse_args(argv)
-    try:
-        cmd = site_command(args)
-    except CliError as e:
-        _fail(str(e))
-    sys.exit(supervise_supernode(cmd, flower_env(os.environ.get('FLWR_HOME')), args.max_wait_time))
+    from fednnunet.app_pinning import PinnedClientAppLauncher, own_app_bundle_hash, superexec_secret
+    with superexec_secret() as secret_file:
+        try:
+            cmd = site_command(args, secret_file)
+        except CliError as e:
+            _fail(str(e))
+        runtime_api = f"127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+        launcher = PinnedClientAppLauncher(runtime_api, secret_file, own_app_bundle_hash())
+        print(f'fednnunet_site: this site runs only the app bundle of its own fednnunet, '
+              f'{launcher.expected_hash}', flush=True)
+        launcher.start()
+        try:
+            code = supervise_supernode(cmd, flower_env(os.environ.get('FLWR_HOME')), args.max_wait_time)
+        finally:
+            launcher.stop()
+    sys.exit(code)
 
 
 def supervise_supernode(cmd: List[str], env: dict, max_wait_time: Optional[float] = None,

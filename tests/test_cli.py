@@ -249,7 +249,8 @@ def test_site_passes_auto_unless_a_device_is_given(demo_raw, no_cuda):
 
     def node_config(argv):
         cmd = site_command(site_parser().parse_args(['--site', 'A', '-d', str(DATASET_ID), '--server',
-                                                     '127.0.0.1:9092', '--insecure', '-np', '1'] + argv))
+                                                     '127.0.0.1:9092', '--insecure', '-np', '1'] + argv),
+                           'secret-file')
         return cmd[cmd.index('--node-config') + 1]
     assert 'device="auto"' in node_config([])
     assert 'device="cpu"' in node_config(['-device', 'cpu'])

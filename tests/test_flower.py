@@ -169,12 +169,18 @@ def task_identity():
 
 class InProcessGrid:
     """A Flower grid whose nodes answer in this process. Every message and reply crosses Flower's object
-    encoding. nodes: {node id: handler(RecordDict) -> RecordDict | 'silent' | 'gone'}."""
+    encoding. nodes: {node id: handler(RecordDict) -> RecordDict | 'silent' | 'gone' | ('late', RecordDict)}; a
+    late reply arrives when deliver_late() is called."""
 
     def __init__(self, nodes):
         self.nodes = dict(nodes)
         self.replies = {}
+        self.late = {}
         self.sent = []
+
+    def deliver_late(self):
+        self.replies.update(self.late)
+        self.late = {}
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -192,6 +198,9 @@ class InProcessGrid:
             if answer == 'gone':
                 reply = FlowerMessage(Error(code=5, reason='node is offline'), reply_to=arrived)
             elif answer == 'silent':
+                reply = None
+            elif isinstance(answer, tuple) and answer[0] == 'late':
+                self.late[message.object_id] = FlowerMessage(_transported(answer[1]), reply_to=arrived)
                 reply = None
             else:
                 reply = FlowerMessage(_transported(answer), reply_to=arrived)
@@ -368,7 +377,9 @@ def test_a_node_claiming_a_site_whose_key_it_does_not_hold_is_refused(demo_raw, 
 
 def test_a_straggler_is_dropped_after_the_grace_period_once_the_quorum_answered(demo_raw, task_identity):
     """--min-sites 2 and a grace of 1 s: a live site that does not answer a training round holds it for the grace
-    period only (not the round timeout of 60 s), is missing with the reason, and is asked again next round."""
+    period only (not the round timeout of 60 s) and is missing with the reason. While it still works on that
+    request (Flower runs one ClientApp per site at a time) it is sent nothing new; once its late reply has come
+    (thrown away unread) it rejoins."""
     federation = Federation.from_raw(DATASET_ID)
     workers = _workers(federation)
     behaviour = {'C': None}
@@ -378,10 +389,14 @@ def test_a_straggler_is_dropped_after_the_grace_period_once_the_quorum_answered(
         def handle(content):
             request = from_record_dict(content)
             seen.append((site, request.kind))
+            if request.kind == 'fit':  # an answer of the right kind is all the engine needs here
+                update = to_record_dict(Message('update', {'round': request.config['round']}))
+                if site == 'C' and behaviour['C'] == 'late':
+                    return 'late', update
             if site == 'C' and behaviour['C'] and request.kind in ('fit', 'describe'):
                 return behaviour['C']
-            if request.kind == 'fit':  # an answer of the right kind is all the engine needs here
-                return to_record_dict(Message('update', {'round': request.config['round']}))
+            if request.kind == 'fit':
+                return update
             return site_node(workers[site], site)(content)
         return handle
 
@@ -389,14 +404,22 @@ def test_a_straggler_is_dropped_after_the_grace_period_once_the_quorum_answered(
     engine = FlowerEngine(grid, sites=['A', 'B', 'C'], min_sites=2, round_timeout=60.0, straggler_grace=1.0,
                           log=lambda text: None)
     engine.connect()
-    behaviour['C'] = 'silent'
+    behaviour['C'] = 'late'
     t0 = time.time()
     replies = engine.ask({s: Message('fit', {'round': 0}) for s in 'ABC'})
     assert time.time() - t0 < 10, 'the round waited for the straggler beyond the grace period'
     assert list(replies) == ['A', 'B'] and engine.missing['C'].startswith('straggler: no reply 1 s after')
-    behaviour['C'] = None  # C answers the next round again
+    # round 1: C is still at its round 0; nothing is queued behind it
+    fits_to_c = sum(1 for m in grid.sent if m.metadata.dst_node_id == 3)
+    behaviour['C'] = None
     replies = engine.ask({s: Message('fit', {'round': 1}) for s in 'ABC'})
+    assert list(replies) == ['A', 'B'] and engine.missing['C'].startswith('still busy with a request it did not')
+    assert sum(1 for m in grid.sent if m.metadata.dst_node_id == 3) == fits_to_c
+    # its late round-0 update comes; it is thrown away, and C answers round 2
+    grid.deliver_late()
+    replies = engine.ask({s: Message('fit', {'round': 2}) for s in 'ABC'})
     assert list(replies) == ['A', 'B', 'C'] and not engine.missing
+    assert from_record_dict(grid.sent[-1].content).config['round'] == 2 and not grid.replies
     # planning (and every other request) still waits for every site, up to the round timeout
     behaviour['C'] = 'silent'
     quick = FlowerEngine(grid, sites=['A', 'B', 'C'], min_sites=2, round_timeout=1.5, straggler_grace=0.1,
@@ -628,7 +651,11 @@ def test_every_phase_over_flower_with_tls_and_auth_equals_simulation(demo_raw, t
     intruder = processes.log('intruder')
     assert 'Failed to initialize the connection to the SuperLink' in intruder, intruder[-3000:]
     assert re.search(r'the SuperNode exited \(status \d+\); starting it again', intruder), intruder[-3000:]
-    assert 'Start `flwr-clientapp`' not in intruder
+    assert 'Start `flwr-clientapp`' not in intruder and 'starting a checked ClientApp' not in intruder
+    # the sites ran every ClientApp through their pinned launcher (app_pinning), which accepted fednnunet's bundle
+    for site in 'AB':
+        assert 'starting a checked ClientApp' in processes.log(f'site_{site}')
+        assert 'refused app bundle' not in processes.log(f'site_{site}')
     assert processes.log('server').count("site 'A' connected") == 1
     assert processes.log('server_resumed').count("site 'A' connected") == 1
     assert 'is now SuperNode' not in log, 'a second node answered as a site'
@@ -746,3 +773,108 @@ def test_the_public_port_serves_the_fleet_api_only():
             assert refused.status_code == 403 and 'only the Fleet API' in refused.json()['detail'], path
         assert len(seen) == 1  # nothing but the Fleet request reached the SuperLink
     asyncio.run(scenario())
+
+
+#: loaded by a malicious site's Python (its own PYTHONPATH): once fednnunet.site_training is imported, its round
+#: handler is wrapped. A site owns its machine and may run any code; these are the attacks such a site mounts.
+ATTACKING_SITE = '''
+import importlib.abc, importlib.machinery, os, sys, time
+
+ATTACK = os.environ.get('FEDNNUNET_TEST_ATTACK', '')
+
+
+def attacked(module):
+    real_fit = module.fit
+
+    def fit(worker, message):
+        reply = real_fit(worker, message)
+        r = int(message.config['round'])
+        arrays = dict(reply.arrays)
+        first = sorted(k for k, a in arrays.items() if a.dtype.kind == 'f')[0]
+        if ATTACK == 'poison':
+            if r == 0:
+                arrays[first] = arrays[first].copy()
+                arrays[first].flat[0] = float('nan')
+            elif r == 1:
+                arrays['backdoor.weight'] = arrays[first].copy()
+            else:
+                arrays[first] = arrays[first][None]  # one more axis
+        elif ATTACK == 'straggle' and r == 0:
+            time.sleep(20)
+        return type(reply)(reply.kind, reply.config, arrays=arrays)
+    module.fit = fit
+
+
+class Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != 'fednnunet.site_training':
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        real_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            real_exec(module)
+            attacked(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if ATTACK:
+    sys.meta_path.insert(0, Hook())
+'''
+
+
+@pytest.mark.slow
+def test_a_poisoning_site_a_straggler_and_an_impostor_with_a_registered_key_do_not_stop_the_run(planned, tmp_path,
+                                                                                              processes):
+    """Real SuperLink and SuperNodes (TLS, SuperNode authentication), --min-sites 1, three rounds. Site B sends a
+    NaN in round 0, an extra key in round 1, a wrongly shaped array in round 2: dropped every round with the
+    reason. Site C sleeps 20 s before its round-0 update: dropped once the quorum answered and the grace period
+    (10 s) passed; still busy with it when round 1 starts, it is sent nothing (Flower would queue it); its late
+    update is thrown away and it trains round 2 again. A fourth SuperNode holds a registered key (site D's) and
+    says it is A: refused, it never trains. The run completes with a finite global model."""
+    certs = tmp_path / 'certs'
+    subprocess.run(['bash', os.path.join(REPO, 'scripts', 'make_test_certs.sh'), str(certs), '--sites', 'A', 'B',
+                    'C', 'D'], check=True, capture_output=True)
+    attack_path = tmp_path / 'attacker_python'
+    attack_path.mkdir()
+    (attack_path / 'sitecustomize.py').write_text(ATTACKING_SITE)
+    port = _free_port()
+    results = tmp_path / 'nnUNet_results'
+    results.mkdir()
+    env = _env(nnUNet_results=results)
+
+    def site(name, claims, key, **extra):
+        processes.start(name, ['site', '--site', claims, '-d', str(DATASET_ID), '--server', f'127.0.0.1:{port}',
+                               '--tls-dir', str(certs), '--auth-key', str(certs / 'keys' / key), '-device', 'cpu',
+                               '-np', '1'], dict(env, FLWR_HOME=str(tmp_path / f'home_{name}'), **extra))
+    site('site_A', 'A', 'A')
+    site('site_B', 'B', 'B', PYTHONPATH=str(attack_path), FEDNNUNET_TEST_ATTACK='poison')
+    site('site_C', 'C', 'C', PYTHONPATH=str(attack_path), FEDNNUNET_TEST_ATTACK='straggle')
+    site('impostor', 'A', 'D')
+    processes.start('server', ['server', '-d', str(DATASET_ID), '--phase', 'train', '-p', PLANS, '-c', '3d_fullres',
+                               '--method', 'fedavg', '--rounds', '3', '--local-iterations', '2', '--val-iterations',
+                               '1', '--no-val', '--sites', 'A', 'B', 'C', '--min-sites', '1', '--straggler-grace',
+                               '10', '--host', '127.0.0.1', '--port', str(port), '--tls-dir', str(certs),
+                               '--auth-keys', *[f'{s}={certs / "keys" / s}.pub' for s in 'ABCD'],
+                               '--wait-for-sites', '240', '--work-dir', str(tmp_path / 'server_work')], env)
+    assert processes.procs['server'].wait(timeout=1200) == 0, processes.log('server')[-5000:]
+
+    fold = _fedavg_fold(results)
+    rounds = json.load(open(os.path.join(fold, 'federation_log.json')))
+    assert [r['round'] for r in rounds] == [0, 1, 2]
+    for r, why in zip(rounds, ('holds NaN or infinite values', "unexpected ['backdoor.weight']",
+                               'has shape')):
+        assert 'B' not in r['sites'] and why in r['missing_sites']['B'], (r['round'], r['missing_sites'])
+    assert set(rounds[0]['sites']) == {'A'} and rounds[0]['missing_sites']['C'].startswith('straggler: no reply 10 s')
+    assert set(rounds[1]['sites']) == {'A'} and rounds[1]['missing_sites']['C'].startswith('still busy with a request')
+    assert set(rounds[2]['sites']) == {'A', 'C'}, rounds[2]['missing_sites']
+    server_log = processes.log('server')
+    assert "says it is site 'A' but holds the key of site 'D'; refused" in server_log, server_log[-4000:]
+    assert 'train.fit' not in processes.log('impostor')
+    assert processes.log('server').count("site 'A' connected") == 1
+    final = _weights(os.path.join(fold, 'checkpoint_final.pth'))
+    assert all(np.isfinite(t.numpy()).all() for t in final.values())
+    assert set(final) == set(_weights(os.path.join(os.path.dirname(fold), 'sites', 'A', 'fold_0',
+                                                   'checkpoint_final.pth')))

@@ -183,7 +183,11 @@ class FlowerEngine:
         is refused, whatever its key. None (no SuperNode authentication): a node's word is taken.
     straggler_grace: with ``min_sites``, a training round waits this many seconds more once ``min_sites`` sites
         have answered, then goes on without the others (stragglers: missing from the round, their late update is
-        never read; they rejoin the next round). Without ``min_sites`` every round waits for every site.
+        never read). Without ``min_sites`` every round waits for every site. Flower runs one ClientApp per run
+        at a time on a node, so a site still working on a request it did not answer in time would only queue the
+        next one: it is not sent a new request until its late reply has come (and been thrown away), then it
+        rejoins; after ``round_timeout`` without that reply, or on a new SuperNode, it is asked again anyway
+        (as is a site whose request ran into the round timeout itself).
     dataset: the dataset the server was started for (id or name); every site must hold that one.
     """
 
@@ -213,6 +217,8 @@ class FlowerEngine:
         self.refused: Dict[int, str] = {}          # node id -> why it is not used
         self.identities: Dict[str, dict] = {}
         self.missing: Dict[str, str] = {}
+        #: site -> (message id, node id, since): a request the site did not answer in time (see straggler_grace)
+        self.unanswered: Dict[str, tuple] = {}
         self.bytes_sent: Dict[str, int] = {s: 0 for s in self.members or []}
         self.bytes_received: Dict[str, int] = {s: 0 for s in self.members or []}
         self.flower_bytes_sent: Dict[str, int] = dict(self.bytes_sent)
@@ -240,10 +246,14 @@ class FlowerEngine:
         kind = next(iter(requests.values())).kind if requests else ''
         entry = {'kind': kind, 'started': t0, 'sites': {}}
         outgoing, cache = [], {}
+        busy = self._still_busy(list(requests))
         for site, message in requests.items():
             node = self.site_node.get(site)
             if node is None:
                 self.missing[site] = 'not connected'
+                continue
+            if site in busy:
+                self.missing[site] = busy[site]
                 continue
             content = to_record_dict(message, cache)
             size, flower_size = encoded_size(message), flower_payload_size(content)
@@ -491,7 +501,9 @@ class FlowerEngine:
                     now + self.straggler_grace < round_deadline:
                 stragglers_cut, deadline = True, now + self.straggler_grace
             if now >= deadline:
-                for key in pending.values():
+                for mid, key in pending.items():
+                    if stragglers_cut and isinstance(key, str):  # (after a whole round timeout: asked again)
+                        self.unanswered[key] = (mid, nodes[key], now)
                     self._missing(key, f'straggler: no reply {self.straggler_grace:.0f} s after --min-sites {quorum} '
                                        f'sites had answered (--straggler-grace); its late update is not used'
                                   if stragglers_cut else f'no reply within {timeout:.0f} s' +
@@ -509,6 +521,25 @@ class FlowerEngine:
             time.sleep(min(interval, max(0.0, deadline - time.time())))
             interval = min(interval * 1.5, self.max_poll_interval)
         return got
+
+    def _still_busy(self, sites: List[str]) -> Dict[str, str]:
+        """{site: why} for the sites still working on a request they did not answer in time. A late reply that
+        has come since is pulled and thrown away (never read): that site is free again."""
+        waiting = {entry[0]: site for site, entry in self.unanswered.items() if site in sites}
+        if waiting:
+            for reply in self.grid.pull_messages(list(waiting)):
+                self.unanswered.pop(waiting.get(reply.metadata.reply_to_message_id), None)
+        busy, now = {}, time.time()
+        for site in sites:
+            if site not in self.unanswered:
+                continue
+            _, node, since = self.unanswered[site]
+            if self.site_node.get(site) != node or now - since > self.round_timeout:
+                del self.unanswered[site]  # a new SuperNode, or the old request is given up: ask again
+                continue
+            busy[site] = (f'still busy with a request it did not answer in time ({now - since:.0f} s ago); not '
+                          f'sent this one (Flower runs one ClientApp at a time per site)')
+        return busy
 
     def _missing(self, key, why: str):
         if isinstance(key, str):
