@@ -149,7 +149,8 @@ class PinnedClientAppLauncher(threading.Thread):
     which refuses it before installing anything and so answers the server with the reason."""
 
     def __init__(self, runtime_api_address: str, secret_file: str, expected_hash: Optional[str] = None,
-                 poll_seconds: Optional[float] = None):
+                 poll_seconds: Optional[float] = None, env: Optional[dict] = None):
+        """env: set for every ClientApp (where the site's daemon listens: fednnunet.site_daemon)."""
         super().__init__(daemon=True, name='fednnunet-clientapp-launcher')
         self.runtime_api_address = runtime_api_address
         with open(secret_file, 'rb') as f:
@@ -159,6 +160,7 @@ class PinnedClientAppLauncher(threading.Thread):
         self.poll_seconds = poll_seconds or min(max(float(os.environ.get('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', 1.0)),
                                                     0.01), 60.0)
         self._stopping = threading.Event()
+        self.env = dict(env or {})
         self.processes: List[subprocess.Popen] = []
         self.launched = 0
 
@@ -200,7 +202,8 @@ class PinnedClientAppLauncher(threading.Thread):
         print('fednnunet_site: starting a checked ClientApp', flush=True)
         p = subprocess.Popen([sys.executable, '-m', 'fednnunet.app_pinning', '--runtime-api-address',
                               self.runtime_api_address, '--expected-hash', self.expected_hash,
-                              '--parent-pid', str(os.getpid())], stdin=subprocess.PIPE)
+                              '--parent-pid', str(os.getpid())], stdin=subprocess.PIPE,
+                             env=dict(os.environ, **self.env))
         p.stdin.write(token.encode() + b'\n')
         p.stdin.close()
         self.processes.append(p)

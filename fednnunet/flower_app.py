@@ -10,9 +10,11 @@
   ``num-processes`` (default 1), ``verbose`` (default false), and optionally ``nnunet-raw``,
   ``nnunet-preprocessed``, ``nnunet-results`` (else the SuperNode's environment variables).
 
-Flower starts the ClientApp afresh for every message and a restarted SuperNode gets a new node id: a site's state
-between messages (momentum, local layers, round counter) lives on its disk under its site id
-(:class:`fednnunet.site_training.SiteStateStore`).
+Flower starts the ClientApp afresh for every message and a restarted SuperNode gets a new node id. Under
+``fednnunet_site`` the ClientApp hands each message to the site's daemon (:mod:`fednnunet.site_daemon`, environment
+``FEDNNUNET_SITE_DAEMON``), whose worker keeps the training run's trainer between rounds; without one it builds a
+worker for the message. Either way a site's state between rounds (momentum, local layers, round counter) is on its
+disk under its site id (:class:`fednnunet.site_training.SiteStateStore`).
 
 The app's ``pyproject.toml`` (:data:`APP_PYPROJECT`, written by ``fednnunet_server`` or
 ``fednnunet_server --write-app DIR``) has no dependencies: the app runs in the environment where fednnunet
@@ -28,7 +30,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 import fednnunet
-from fednnunet.engines.flower import MESSAGE_KINDS, FlowerEngine, handle_site_message, message_type
+from fednnunet.engines.flower import MESSAGE_KINDS, FlowerEngine, handle_site_message, handle_via_daemon, message_type
+from fednnunet.site_daemon import SITE_VARIABLE, SOCKET_VARIABLE
 
 
 
@@ -150,13 +153,18 @@ def _site_worker(context: Context):
     federation = Federation.from_raw(str(_node_setting(context, 'dataset')), only_sites=[site])
     return SiteWorker(federation.sites[site], federation.dataset_name, int(_node_setting(context, 'num-processes', 1)),
                       device=str(_node_setting(context, 'device', 'auto')), state_in_memory=False,
+                      keep_trainers=False,  # this process ends after the message
                       verbose=bool(_node_setting(context, 'verbose', False)))
 
 
 def _site_handler(message: Message, context: Context) -> Message:
     started = time.time()
-    content = handle_site_message(lambda: _site_worker(context), message.content,
-                                  site=str(context.node_config.get('site-id', '')))
+    site = str(context.node_config.get('site-id', ''))
+    daemon = os.environ.get(SOCKET_VARIABLE)
+    if daemon:  # fednnunet_site's long-lived site process holds the worker (and its trainer between rounds)
+        content = handle_via_daemon(daemon, os.environ.get(SITE_VARIABLE, ''), message.content, site)
+    else:
+        content = handle_site_message(lambda: _site_worker(context), message.content, site=site)
     # seconds from the ClientApp process's start (Flower's and our imports included) to the reply
     content['fednnunet']['process_seconds'] = time.time() - _PROCESS_STARTED
     content['fednnunet']['handler_started_after'] = started - _PROCESS_STARTED

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_start_arguments,
                                 add_schedule_arguments, address, check_device, device_name, fail, fold, int_at_least,
@@ -539,10 +539,67 @@ class _PrintAppHash(argparse.Action):
         parser.exit()
 
 
+def site_node_config(args, dataset_name: str, num_processes: int) -> dict:
+    """What the SuperNode's --node-config and the site daemon are told about the site."""
+    return {'site-id': args.site, 'dataset': dataset_name, 'device': device_name(args.device),
+            'num-processes': int(num_processes), 'verbose': bool(args.verbose)}
+
+
+def daemon_command(node_config: dict, socket_path: str) -> List[str]:
+    """The site's long-lived process (fednnunet.site_daemon) for this node config."""
+    cmd = [sys.executable, '-m', 'fednnunet.site_daemon', '--socket', socket_path, '--site', node_config['site-id'],
+           '-d', node_config['dataset'], '--device', node_config['device'], '-np', str(node_config['num-processes']),
+           '--parent-pid', str(os.getpid())]
+    return cmd + (['--verbose'] if node_config['verbose'] else [])
+
+
+class SiteDaemonProcess:
+    """fednnunet.site_daemon as a child of fednnunet_site, started again if it ends (its trainer is then rebuilt
+    from the site's round state on disk)."""
+
+    def __init__(self, cmd: List[str], env: dict):
+        self.cmd, self.env = cmd, env
+        self.process: Optional[subprocess.Popen] = None
+        self.starts = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._keep_running, daemon=True, name='fednnunet-site-daemon')
+
+    def start(self):
+        self._launch()
+        self._thread.start()
+
+    def _launch(self):
+        self.process = subprocess.Popen(self.cmd, env=self.env)
+        self.starts += 1
+
+    def _keep_running(self):
+        while not self._stopping.wait(1.0):
+            if self.process.poll() is not None and not self._stopping.is_set():
+                print(f'fednnunet_site: the site daemon exited (status {self.process.returncode}); starting it '
+                      f'again (its trainer is rebuilt from the round state on disk)', file=sys.stderr, flush=True)
+                self._launch()
+
+    def stop(self, timeout: float = 60.0):
+        self._stopping.set()
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # it writes its last round state first
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
 def site_command(args, superexec_secret_file: str) -> List[str]:
-    """Checks the site's data and device and returns the flower-supernode command line: process isolation, so
-    that the SuperNode starts no ClientApp itself; this site's launcher (app_pinning.PinnedClientAppLauncher,
-    holding ``superexec_secret_file``) starts each, after checking the run's app bundle."""
+    """The flower-supernode command line (see site_setup)."""
+    return site_setup(args, superexec_secret_file)[0]
+
+
+def site_setup(args, superexec_secret_file: str) -> Tuple[List[str], dict]:
+    """Checks the site's data and device; returns the flower-supernode command line and the node config. Process
+    isolation, so that the SuperNode starts no ClientApp itself; this site's launcher
+    (app_pinning.PinnedClientAppLauncher, holding ``superexec_secret_file``) starts each, after checking the run's
+    app bundle, and each hands its message to the site's daemon (fednnunet.site_daemon)."""
     _check_security(args, args.server.rsplit(':', 1)[0], bool(args.auth_key))
     check_device(args.device)
     from fednnunet.errors import FederationError
@@ -556,8 +613,7 @@ def site_command(args, superexec_secret_file: str) -> List[str]:
     if num_processes is None:
         from nnunetv2.configuration import default_num_processes
         num_processes = default_num_processes
-    node_config = {'site-id': args.site, 'dataset': federation.dataset_name, 'device': device_name(args.device),
-                   'num-processes': int(num_processes), 'verbose': bool(args.verbose)}
+    node_config = site_node_config(args, federation.dataset_name, num_processes)
     for key, value in node_config.items():
         if isinstance(value, str) and ('"' in value or "'" in value):
             raise CliError(f'{key} {value!r}: quotes are not allowed in names')
@@ -579,26 +635,33 @@ def site_command(args, superexec_secret_file: str) -> List[str]:
           f"{args.device or 'cuda if available, else cpu'}, server {args.server} "
           f"({'TLS' if args.tls_dir else 'INSECURE, no TLS'}"
           f"{', authenticated' if args.auth_key else ''})", flush=True)
-    return cmd
+    return cmd, node_config
 
 
 def site_entry(argv=None):
     args = site_parser().parse_args(argv)
     from fednnunet.app_pinning import PinnedClientAppLauncher, own_app_bundle_hash, superexec_secret
-    with superexec_secret() as secret_file:
+    from fednnunet.site_daemon import SITE_VARIABLE, SOCKET_VARIABLE, daemon_folder
+    with superexec_secret() as secret_file, daemon_folder() as folder:
         try:
-            cmd = site_command(args, secret_file)
+            cmd, node_config = site_setup(args, secret_file)
         except CliError as e:
             _fail(str(e))
+        env = flower_env(os.environ.get('FLWR_HOME'))
+        socket_path = os.path.join(folder, 'site.sock')
+        daemon = SiteDaemonProcess(daemon_command(node_config, socket_path), env)
+        daemon.start()
         runtime_api = f"127.0.0.1:{cmd[cmd.index('--port') + 1]}"
-        launcher = PinnedClientAppLauncher(runtime_api, secret_file, own_app_bundle_hash())
+        launcher = PinnedClientAppLauncher(runtime_api, secret_file, own_app_bundle_hash(),
+                                           env={SOCKET_VARIABLE: socket_path, SITE_VARIABLE: args.site})
         print(f'fednnunet_site: this site runs only the app bundle of its own fednnunet, '
               f'{launcher.expected_hash}', flush=True)
         launcher.start()
         try:
-            code = supervise_supernode(cmd, flower_env(os.environ.get('FLWR_HOME')), args.max_wait_time)
+            code = supervise_supernode(cmd, env, args.max_wait_time)
         finally:
             launcher.stop()
+            daemon.stop()
     sys.exit(code)
 
 

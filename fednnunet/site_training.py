@@ -1,15 +1,21 @@
-"""What a site does for training: build its FederatedTrainer for a round, keep its state between rounds,
-deliver its final (personalized) model in nnU-Net's layout.
+"""What a site does for training: its FederatedTrainer for a round, its state between rounds, its final
+(personalized) model in nnU-Net's layout.
 
-A site's state between rounds (network incl. its local layers, SGD momentum, logs) is kept by a
-:class:`SiteStateStore`: on the site's disk (default; what the Flower engine needs, since every message
-starts a fresh process) or in memory (simulation). Both give identical rounds: every round re-seeds from
-(seed, site, round).
+Within one training run a site keeps its trainer alive from round to round, as nnU-Net keeps one trainer for all
+epochs (:class:`LiveTrainer`): network, optimizer, nnU-Net's data loaders with their background augmentation
+workers, and the compiled network where nnU-Net compiles are built once. After every round the site's state
+(network incl. its local layers, SGD momentum, logs) still goes to a :class:`SiteStateStore`, on the site's disk
+(written in the background, atomically: :class:`StateWriter`) or in memory, so that a site whose process ends
+(a crash, a restart, a Flower ClientApp without a long-lived site process) rebuilds its trainer from it and loses
+at most the round it was in. Both paths give the same rounds: every round re-seeds from (seed, site, round).
 """
+import json
 import multiprocessing
 import os
+import queue
 import re
 import shutil
+import threading
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -27,6 +33,9 @@ from fednnunet.wire import Message
 
 _cpu_notice_shown = False
 RUN_ID = re.compile(r'^[0-9a-f]{32}$')
+#: the site's training_log.txt says this each time the site builds its trainer
+TRAINER_BUILT = 'site trainer built'
+
 STATE_FILE = re.compile(r'^round_(\d{4})\.pth$')
 
 
@@ -74,7 +83,10 @@ class SiteStateStore:
         return join(cls.root(trainer), trainer.run_id)
 
     def save(self, trainer: FederatedTrainer, rounds_done: int, state: dict):
-        folder = self._folder(trainer)
+        self.write(self._folder(trainer), rounds_done, state)
+
+    def write(self, folder: str, rounds_done: int, state: dict):
+        """``state`` must not change while this runs (site_state() gives CPU copies)."""
         if self.in_memory:
             kept = self._memory.setdefault(folder, {})
             kept[rounds_done] = cpu_copy(state)
@@ -112,6 +124,75 @@ class SiteStateStore:
     def other_runs(self, trainer: FederatedTrainer) -> list:
         """Run ids of other runs whose state this site holds in the same results folder (on disk)."""
         return [] if self.in_memory else earlier_runs(trainer.output_folder, trainer.run_id)
+
+
+class StateWriter:
+    """Writes a site's round states in the background (one thread, in order), so that the next round need not
+    wait for the disk. A state is written atomically (``.partial``, then renamed); a failed write is raised at the
+    next save or flush. Anything that reads the site's state first calls :meth:`flush`."""
+
+    def __init__(self, store: SiteStateStore, background: bool = True):
+        """background=False: written before save() returns (a process that ends after the message)."""
+        self.store = store
+        self.background = background
+        self._queue: 'queue.Queue' = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def save(self, trainer: FederatedTrainer, rounds_done: int, state: dict):
+        self._raise_failure()
+        folder = self.store._folder(trainer)
+        if self.store.in_memory or not self.background:
+            self.store.write(folder, rounds_done, state)
+            return
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, daemon=True, name='fednnunet-state-writer')
+            self._thread.start()
+        self._queue.put((folder, rounds_done, state))
+
+    def _run(self):
+        while True:
+            folder, rounds_done, state = self._queue.get()
+            try:
+                if self._error is None:
+                    self.store.write(folder, rounds_done, state)
+            except BaseException as e:  # noqa: B036 - handed to the training thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def flush(self):
+        """Waits until every state handed over is on disk."""
+        self._queue.join()
+        self._raise_failure()
+
+    def _raise_failure(self):
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f'writing the site\'s round state failed: {error}') from error
+
+
+class LiveTrainer:
+    """A site's trainer kept from one round to the next within one training run: reused while every setting of
+    the run (all of the request but the round) is the same and it has not run ahead of the round asked for (a
+    server that resumes from an earlier round gets a trainer rebuilt from the site's state of that round)."""
+
+    #: request fields that change from message to message within one run
+    PER_MESSAGE = ('round', 'overwrite', 'continue', 'validate')
+
+    def __init__(self, key: str, trainer: FederatedTrainer):
+        self.key, self.trainer = key, trainer
+
+    @classmethod
+    def run_key(cls, config: dict) -> str:
+        return json.dumps({k: v for k, v in config.items() if k not in cls.PER_MESSAGE}, sort_keys=True,
+                          default=str)
+
+    def serves(self, config: dict, round_index: int) -> bool:
+        return self.key == self.run_key(config) and self.trainer.current_epoch <= round_index
+
+    def close(self):
+        self.trainer.close()
 
 
 def earlier_runs(fold_folder: str, run_id: Optional[str]) -> list:
@@ -155,13 +236,30 @@ def build_site_trainer(worker, config: dict) -> FederatedTrainer:
     return trainer
 
 
-def started_trainer(worker, config: dict, round_index: int) -> Tuple[FederatedTrainer, Optional[int]]:
+def round_trainer(worker, config: dict, round_index: int) -> Tuple[FederatedTrainer, Optional[int]]:
+    """The site's trainer for ``round_index``: the one it kept from its previous round of this run, else one
+    rebuilt from its newest saved state (:func:`started_trainer`), kept for the next round if the site keeps its
+    trainers. Returns (trainer, the number of rounds its state had completed)."""
+    live = worker.live_trainer
+    if live is not None and live.serves(config, round_index):
+        return live.trainer, live.trainer.current_epoch
+    worker.close_trainer()
+    trainer, rounds_done = started_trainer(worker, config, round_index, kept=worker.keep_trainers)
+    if worker.keep_trainers:
+        worker.live_trainer = LiveTrainer(LiveTrainer.run_key(config), trainer)
+    return trainer, rounds_done
+
+
+def started_trainer(worker, config: dict, round_index: int, kept: bool = False) -> Tuple[FederatedTrainer,
+                                                                                          Optional[int]]:
     """The site's trainer, set up for ``round_index`` with its own newest state of this run loaded (if any).
     Returns (trainer, the number of rounds that state had completed).
 
     A results folder that holds another run's state is refused at a run's start, unless the server asked to
     overwrite (then that state is deleted): a new run never mixes with an old one."""
     trainer = build_site_trainer(worker, config)
+    trainer.kept_across_rounds = kept  # nnU-Net's torch.compile rules apply (fednnunet.trainers.base)
+    worker.state_writer.flush()
     rounds_done, state = worker.state_store.latest(trainer, round_index)
     if state is None:
         others = worker.state_store.other_runs(trainer)
@@ -173,6 +271,9 @@ def started_trainer(worker, config: dict, round_index: int) -> Tuple[FederatedTr
     trainer.start(round_index)
     if state is not None:
         trainer.load_site_state(state)
+    trainer.print_to_log_file(f'{TRAINER_BUILT} for round {round_index}' + (
+        f' from its state after {rounds_done} round(s)' if state is not None else '') +
+        (', kept for the next rounds' if kept else ''))
     return trainer, rounds_done
 
 
@@ -215,12 +316,15 @@ def fit(worker, message: Message) -> Message:
     """One round: load the site's state, train, keep the new state, return the shared part and metrics."""
     config = message.config
     round_index = int(config['round'])
-    trainer, resumed_from = started_trainer(worker, config, round_index)
+    trainer, resumed_from = round_trainer(worker, config, round_index)
     try:
         shared, metrics = trainer.train_round(round_index, dict(message.arrays))
-        worker.state_store.save(trainer, round_index + 1, trainer.site_state())
-    finally:
-        trainer.close()
+        worker.state_writer.save(trainer, round_index + 1, trainer.site_state())
+    except BaseException:
+        worker.close_trainer(trainer)  # a failed round keeps nothing alive: the next one starts from the saved state
+        raise
+    if worker.live_trainer is None or worker.live_trainer.trainer is not trainer:
+        trainer.close()  # this site does not keep its trainer between rounds
     metrics['state_from_round'] = resumed_from
     return Message('update', {'num_examples': metrics['num_training_cases'], 'metrics': to_plain(metrics)},
                    arrays=shared)
@@ -232,8 +336,10 @@ def finish(worker, message: Message) -> Message:
     predictor) and measures them into ``fold_X/validation/summary.json``, as nnU-Net's final validation does."""
     config = message.config
     rounds = int(config['rounds'])
-    trainer, rounds_done = started_trainer(worker, config, rounds)
+    trainer, rounds_done = round_trainer(worker, config, rounds)
+    worker.live_trainer = None  # the run ends here: the trainer is closed below whatever happens
     try:
+        worker.state_writer.flush()
         if rounds_done is None:
             raise RuntimeError(f"site '{worker.site.name}' has no training state to finish from")
         if message.arrays:

@@ -41,14 +41,19 @@ def software_versions() -> dict:
 
 class SiteWorker:
     def __init__(self, site: Site, dataset_name: str, num_processes: int = 1, device: str = 'auto',
-                 state_in_memory: bool = False, verbose: bool = False):
+                 state_in_memory: bool = False, verbose: bool = False, keep_trainers: bool = True):
+        """keep_trainers: keep the training run's trainer alive between rounds (site_training.LiveTrainer); off
+        where the process ends after every message anyway."""
         self.site = site
         self.dataset_name = dataset_name
         self.num_processes = num_processes
         self.device_name = device
         self.verbose = verbose
         self.state_in_memory = state_in_memory
+        self.keep_trainers = keep_trainers
+        self.live_trainer = None  # site_training.LiveTrainer of the current training run
         self._state_store = None
+        self._state_writer = None
         self.handlers: Dict[str, Callable[[Message], Message]] = {
             'identify': self.identify,
             'describe': self.describe,
@@ -74,6 +79,27 @@ class SiteWorker:
         if self._state_store is None:
             self._state_store = self._site_training().SiteStateStore(in_memory=self.state_in_memory)
         return self._state_store
+
+    @property
+    def state_writer(self):
+        """Writes the round states to the state store in the background (site_training.StateWriter)."""
+        if self._state_writer is None:
+            self._state_writer = self._site_training().StateWriter(self.state_store, background=self.keep_trainers)
+        return self._state_writer
+
+    def close_trainer(self, trainer=None):
+        """Ends the kept trainer (its augmentation workers stop), and ``trainer`` if it is another one."""
+        live, self.live_trainer = self.live_trainer, None
+        if live is not None:
+            live.close()
+        if trainer is not None and (live is None or trainer is not live.trainer):
+            trainer.close()
+
+    def close(self):
+        """The end of this site's work in this process: the kept trainer ends, every state is on disk."""
+        self.close_trainer()
+        if self._state_writer is not None:
+            self._state_writer.flush()
 
     @property
     def folder(self) -> str:

@@ -288,7 +288,16 @@ class FederatedTraining:
     def run(self, continue_training: bool = False, overwrite: bool = False) -> dict:
         """The whole run. Nothing is written before the settings, the results folder and every site are checked.
         ``continue_training``: resume after the last completed round (same settings); ``overwrite``: replace an
-        earlier run in this results folder (without it, such a folder is refused)."""
+        earlier run in this results folder (without it, such a folder is refused). However it ends, an engine
+        whose sites live in this process (simulation) ends their kept trainers, with every round state on disk."""
+        try:
+            return self._run(continue_training, overwrite)
+        finally:
+            close = getattr(self.engine, 'close', None)
+            if close is not None:
+                close()
+
+    def _run(self, continue_training: bool, overwrite: bool) -> dict:
         if continue_training and overwrite:
             raise FederationError('--continue and --overwrite exclude each other', field='--overwrite')
         c = self.config

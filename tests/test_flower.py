@@ -676,6 +676,11 @@ def test_every_phase_over_flower_with_tls_and_auth_equals_simulation(demo_raw, t
                                  f'FedAvgTrainer__{PLANS}__3d_fullres', 'sites', site, 'fold_0')
         assert os.path.isfile(os.path.join(site_fold, 'checkpoint_final.pth'))
         assert os.path.isfile(os.path.join(site_fold, 'validation', 'summary.json'))
+        # the site's daemon kept its trainer from round 0 to the final model, across the server's restart: one
+        # build per site (a ClientApp process per message would have built one per round and one to finish)
+        assert 'daemon ready' in processes.log(f'site_{site}')
+        from fednnunet.site_training import TRAINER_BUILT
+        assert open(os.path.join(site_fold, 'training_log.txt')).read().count(TRAINER_BUILT) == 1
     summary = json.load(open(os.path.join(_fedavg_fold(server / 'nnUNet_results'), 'federated_summary.json')))
     assert set(summary['final_validation']['per_site']) == {'A', 'B'}
     messages = json.load(open(os.path.join(_fedavg_fold(server / 'nnUNet_results'), 'flower_messages.json')))
@@ -800,7 +805,19 @@ def attacked(module):
             else:
                 arrays[first] = arrays[first][None]  # one more axis
         elif ATTACK == 'straggle' and r == 0:
-            time.sleep(20)
+            # late for round 0 and still at it when round 1 starts: it answers 3 s after the server has logged
+            # round 0 (the server shares this test machine's disk)
+            import json
+            deadline = time.time() + 600
+            while time.time() < deadline:
+                try:
+                    with open(os.environ['FEDNNUNET_TEST_ROUND_LOG']) as f:
+                        if len(json.load(f)) >= 1:
+                            break
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.2)
+            time.sleep(3)
         return type(reply)(reply.kind, reply.config, arrays=arrays)
     module.fit = fit
 
@@ -830,9 +847,9 @@ def test_a_poisoning_site_a_straggler_and_an_impostor_with_a_registered_key_do_n
                                                                                               processes):
     """Real SuperLink and SuperNodes (TLS, SuperNode authentication), --min-sites 1, three rounds. Site B sends a
     NaN in round 0, an extra key in round 1, a wrongly shaped array in round 2: dropped every round with the
-    reason. Site C sleeps 20 s before its round-0 update: dropped once the quorum answered and the grace period
-    (10 s) passed; still busy with it when round 1 starts, it is sent nothing (Flower would queue it); its late
-    update is thrown away and it trains round 2 again. A fourth SuperNode holds a registered key (site D's) and
+    reason. Site C holds its round-0 update until 3 s after the server has logged round 0: dropped once the
+    quorum answered and the grace period (10 s) passed; still busy with it when round 1 starts, it is sent nothing
+    (Flower would queue it); its late update is thrown away and it trains round 2 again. A fourth SuperNode holds a registered key (site D's) and
     says it is A: refused, it never trains. The run completes with a finite global model."""
     certs = tmp_path / 'certs'
     subprocess.run(['bash', os.path.join(REPO, 'scripts', 'make_test_certs.sh'), str(certs), '--sites', 'A', 'B',
@@ -851,7 +868,8 @@ def test_a_poisoning_site_a_straggler_and_an_impostor_with_a_registered_key_do_n
                                '-np', '1'], dict(env, FLWR_HOME=str(tmp_path / f'home_{name}'), **extra))
     site('site_A', 'A', 'A')
     site('site_B', 'B', 'B', PYTHONPATH=str(attack_path), FEDNNUNET_TEST_ATTACK='poison')
-    site('site_C', 'C', 'C', PYTHONPATH=str(attack_path), FEDNNUNET_TEST_ATTACK='straggle')
+    site('site_C', 'C', 'C', PYTHONPATH=str(attack_path), FEDNNUNET_TEST_ATTACK='straggle',
+         FEDNNUNET_TEST_ROUND_LOG=os.path.join(_fedavg_fold(results), 'federation_log.json'))
     site('impostor', 'A', 'D')
     processes.start('server', ['server', '-d', str(DATASET_ID), '--phase', 'train', '-p', PLANS, '-c', '3d_fullres',
                                '--method', 'fedavg', '--rounds', '3', '--local-iterations', '2', '--val-iterations',

@@ -584,5 +584,22 @@ def handle_site_message(worker_factory: Callable[[], object], content: RecordDic
         return error_record(e, site, handler_seconds=time.time() - t0)
 
 
+def handle_via_daemon(socket_path: str, daemon_site: str, content: RecordDict, site: str) -> RecordDict:
+    """The ClientApp's job when the site runs fednnunet's site daemon (fednnunet.site_daemon): the message goes to
+    the daemon's worker, which keeps the training run's trainer between rounds; the reply (or the site's error)
+    comes back the same way as from handle_site_message."""
+    from fednnunet.site_daemon import ask_daemon
+    t0 = time.time()
+    try:
+        if daemon_site != site:
+            raise FederationError(f"this SuperNode is site {site!r} but its site daemon serves {daemon_site!r}",
+                                  site=site, field='site-id')
+        reply = ask_daemon(socket_path, from_record_dict(content))
+        return to_record_dict(reply, handler_seconds=time.time() - t0)
+    except Exception as e:  # noqa: BLE001 - every error goes back to the server, named
+        traceback.print_exc()
+        return error_record(e, site, handler_seconds=time.time() - t0)
+
+
 __all__ = ['FlowerEngine', 'to_record_dict', 'from_record_dict', 'error_record', 'message_type',
-           'flower_payload_size', 'handle_site_message', 'MESSAGE_KINDS']
+           'flower_payload_size', 'handle_site_message', 'handle_via_daemon', 'MESSAGE_KINDS']

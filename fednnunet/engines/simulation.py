@@ -43,6 +43,11 @@ class SimulationEngine:
     def ask_all(self, message: Message) -> Dict[str, Message]:
         return self.ask({s: message for s in self.workers})
 
+    def close(self):
+        """Ends the sites' kept trainers (and their augmentation workers); their states are on disk after this."""
+        for worker in self.workers.values():
+            worker.close()
+
     @classmethod
     def for_federation(cls, federation, num_processes: int = 1, **worker_options) -> 'SimulationEngine':
         """One worker per site; worker_options: device, state_in_memory, verbose (see SiteWorker)."""

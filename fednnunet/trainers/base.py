@@ -147,12 +147,20 @@ class FederatedTrainer(nnUNetTrainer):
         super().print_to_log_file(*args, also_print_to_console=also_print_to_console and self.verbose,
                                   add_timestamp=add_timestamp)
 
+    #: set by the site before the trainer starts: it is kept for the run's next rounds (site_training.LiveTrainer)
+    kept_across_rounds = False
+
     def _do_i_compile(self):
-        """torch.compile only when asked for (nnUNet_compile=1): a site rebuilds its trainer for every round, so
-        nnU-Net's default compile would recompile every round, costing more than it saves. Methods whose networks
-        work through forward hooks (LC-Fed, FedDP) never compile."""
-        asked = os.environ.get('nnUNet_compile', '').lower() in ('true', '1', 't')
-        return asked and not self.uses_hooks and super()._do_i_compile()
+        """nnU-Net's torch.compile rules (on by default on CUDA, off on CPU/MPS/Windows, ``nnUNet_compile=0`` turns
+        it off) when the site keeps this trainer across rounds, as nnU-Net keeps one for all epochs. A trainer
+        rebuilt for a single round (a Flower ClientApp without a long-lived site process) compiles only when asked
+        for (``nnUNet_compile=1``): it would recompile every round. Methods whose networks work through forward
+        hooks (``uses_hooks``: LC-Fed, FedDP) never compile."""
+        if self.uses_hooks:
+            return False
+        if not self.kept_across_rounds and os.environ.get('nnUNet_compile', '').lower() not in ('true', '1', 't'):
+            return False
+        return super()._do_i_compile()
 
     def plot_network_architecture(self):
         if self.current_epoch == 0:
