@@ -242,6 +242,7 @@ def round_trainer(worker, config: dict, round_index: int) -> Tuple[FederatedTrai
     trainers. Returns (trainer, the number of rounds its state had completed)."""
     live = worker.live_trainer
     if live is not None and live.serves(config, round_index):
+        live.trainer.restart_dataloaders()  # if its augmentation workers stopped after its last turn
         return live.trainer, live.trainer.current_epoch
     worker.close_trainer()
     trainer, rounds_done = started_trainer(worker, config, round_index, kept=worker.keep_trainers)
@@ -325,6 +326,10 @@ def fit(worker, message: Message) -> Message:
         raise
     if worker.live_trainer is None or worker.live_trainer.trainer is not trainer:
         trainer.close()  # this site does not keep its trainer between rounds
+    elif not worker.keep_augmentation_workers and trainer.has_augmentation_workers:
+        # sites taking turns on one machine: idle augmentation workers poll their full queues every 2 ms and take
+        # the CPU from the site whose turn it is (measured: 4 simulated sites ran at 0.74x nnU-Net's speed)
+        trainer.close()
     metrics['state_from_round'] = resumed_from
     return Message('update', {'num_examples': metrics['num_training_cases'], 'metrics': to_plain(metrics)},
                    arrays=shared)

@@ -41,9 +41,12 @@ def software_versions() -> dict:
 
 class SiteWorker:
     def __init__(self, site: Site, dataset_name: str, num_processes: int = 1, device: str = 'auto',
-                 state_in_memory: bool = False, verbose: bool = False, keep_trainers: bool = True):
+                 state_in_memory: bool = False, verbose: bool = False, keep_trainers: bool = True,
+                 keep_augmentation_workers: bool = True):
         """keep_trainers: keep the training run's trainer alive between rounds (site_training.LiveTrainer); off
-        where the process ends after every message anyway."""
+        where the process ends after every message anyway. keep_augmentation_workers: with a kept trainer, keep
+        nnU-Net's augmentation workers between rounds too; off where sites take turns on one machine
+        (simulation), since idle workers poll and slow down the site whose turn it is."""
         self.site = site
         self.dataset_name = dataset_name
         self.num_processes = num_processes
@@ -51,6 +54,7 @@ class SiteWorker:
         self.verbose = verbose
         self.state_in_memory = state_in_memory
         self.keep_trainers = keep_trainers
+        self.keep_augmentation_workers = keep_augmentation_workers
         self.live_trainer = None  # site_training.LiveTrainer of the current training run
         self._state_store = None
         self._state_writer = None

@@ -168,3 +168,28 @@ def test_round_states_are_written_in_the_background_and_flushed_before_they_are_
     writer.save(trainer, 2, {'run_id': 'c' * 32})
     with pytest.raises(RuntimeError, match='disk full'):
         writer.flush()
+
+
+def test_sites_taking_turns_stop_their_augmentation_workers_between_turns(planned, fresh_results, monkeypatch):
+    """In simulation the sites take turns on one machine: a site's augmentation workers (nnUNet_n_proc_DA=1 here)
+    stop at the end of its turn and start again at its next one; its network, optimizer and logs stay built."""
+    monkeypatch.setenv('nnUNet_n_proc_DA', '1')
+    fed = Federation.from_raw(DATASET_ID)
+    engine = SimulationEngine.for_federation(fed, device='cpu')
+    assert not any(w.keep_augmentation_workers for w in engine.workers.values())
+    counting = CountingBuilds(monkeypatch)
+    seen = []
+    real_fit = site_training.fit
+
+    def fit(worker, message):
+        reply = real_fit(worker, message)
+        trainer = worker.live_trainer.trainer
+        seen.append((worker.site.name, id(trainer), trainer.dataloader_train))
+        return reply
+    monkeypatch.setattr(site_training, 'fit', fit)
+    FederatedTraining(engine, _config('fedavg', rounds=2, validate=False)).run()
+    assert {s: len(t) for s, t in counting.built.items()} == {s: 1 for s in 'ABC'}
+    assert all(loader is None for _, _, loader in seen)  # stopped after every turn
+    assert len({(s, t) for s, t, _ in seen}) == 3  # one trainer per site throughout
+    one_site = SimulationEngine.for_federation(Federation.from_raw(DATASET_ID, only_sites=['A']), device='cpu')
+    assert one_site.workers['A'].keep_augmentation_workers

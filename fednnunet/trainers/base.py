@@ -195,6 +195,17 @@ class FederatedTrainer(nnUNetTrainer):
                                                        self.enable_deep_supervision).to(self.device)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
 
+    @property
+    def has_augmentation_workers(self) -> bool:
+        """nnU-Net's data loaders run background processes (nnUNet_n_proc_DA > 0)."""
+        return any(dl is not None and hasattr(dl, '_finish') for dl in (self.dataloader_train, self.dataloader_val))
+
+    def restart_dataloaders(self):
+        """nnU-Net's data loaders (and their augmentation workers) again, after close(), for a trainer that kept
+        everything else (network, optimizer, logs) between rounds."""
+        if self.dataloader_train is None:
+            self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+
     def close(self):
         """Stops nnU-Net's background augmentation workers, if any."""
         for dl in (self.dataloader_train, self.dataloader_val):
