@@ -162,7 +162,6 @@ class PinnedClientAppLauncher(threading.Thread):
         self._stopping = threading.Event()
         self.env = dict(env or {})
         self.processes: List[subprocess.Popen] = []
-        self.launched = 0
 
     def _client(self):
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
@@ -207,7 +206,6 @@ class PinnedClientAppLauncher(threading.Thread):
         p.stdin.write(token.encode() + b'\n')
         p.stdin.close()
         self.processes.append(p)
-        self.launched += 1
 
     def stop(self, timeout: float = 30.0):
         """Stops acquiring tasks and ends the ClientApps still running."""

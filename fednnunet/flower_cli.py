@@ -226,6 +226,7 @@ def run_config_from_args(args) -> dict:
     except ValueError as e:
         raise CliError(str(e)) from None
     phase = args.phase or ('train' if args.continue_training else 'all')
+    keys = site_keys(args.auth_keys) if args.auth_keys else {'paths': {}, 'digests': {}}
     config = {
         'dataset': str(args.d), 'phase': phase, 'configuration': args.c, 'fold': str(args.fold),
         'planner': args.pl, 'plans': args.p or '', 'plans-name': args.overwrite_plans_name or '',
@@ -238,10 +239,10 @@ def run_config_from_args(args) -> dict:
         'straggler-grace': float(args.straggler_grace),
         'identify-timeout': float(args.identify_timeout), 'wait-for-sites': float(args.wait_for_sites),
         'settle-seconds': float(args.settle_seconds),
-        'site-keys': json.dumps(site_keys(args.auth_keys)['digests'] if args.auth_keys else {}),
+        'site-keys': json.dumps(keys['digests']),
     }
     if args.auth_keys and args.sites:
-        unkeyed = sorted(set(args.sites) - set(site_keys(args.auth_keys)['paths']))
+        unkeyed = sorted(set(args.sites) - set(keys['paths']))
         if unkeyed:
             raise CliError(f'--auth-keys has no key for site(s) {unkeyed} of --sites')
     if phase == 'train' and not args.p:
@@ -560,7 +561,6 @@ class SiteDaemonProcess:
     def __init__(self, cmd: List[str], env: dict):
         self.cmd, self.env = cmd, env
         self.process: Optional[subprocess.Popen] = None
-        self.starts = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._keep_running, daemon=True, name='fednnunet-site-daemon')
 
@@ -570,7 +570,6 @@ class SiteDaemonProcess:
 
     def _launch(self):
         self.process = subprocess.Popen(self.cmd, env=self.env)
-        self.starts += 1
 
     def _keep_running(self):
         while not self._stopping.wait(1.0):
@@ -588,11 +587,6 @@ class SiteDaemonProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def site_command(args, superexec_secret_file: str) -> List[str]:
-    """The flower-supernode command line (see site_setup)."""
-    return site_setup(args, superexec_secret_file)[0]
 
 
 def site_setup(args, superexec_secret_file: str) -> Tuple[List[str], dict]:

@@ -93,7 +93,6 @@ class SiteDaemon:
         self.socket_path = socket_path
         self.worker_factory = worker_factory
         self.worker = None
-        self.handled = 0
         self._server: Optional[socket.socket] = None
         self._stopping = threading.Event()
 
@@ -134,7 +133,6 @@ class SiteDaemon:
         except Exception as e:  # noqa: BLE001 - the site's error goes back to the ClientApp, named
             traceback.print_exc()
             answer = _ERROR + json.dumps({'error_type': type(e).__name__, 'error': str(e)}).encode('utf-8')
-        self.handled += 1
         try:
             _send(conn, answer)
         except OSError as e:  # the ClientApp is gone (its SuperNode stopped it); the next message goes on

@@ -361,7 +361,6 @@ class FederatedTraining:
                                           reply.config['metrics']))
         return updates, dropped
 
-
     def check_quorum(self, r: int, replies: Dict[str, Message], what: Optional[str] = None,
                      dropped: Optional[Dict[str, str]] = None):
         """A round merges the sites that answered (with an update that passed the checks), if there are at least

@@ -244,13 +244,13 @@ def test_explicit_cuda_without_cuda_is_an_error(no_cuda, capsys, fresh_results, 
 
 
 def test_site_passes_auto_unless_a_device_is_given(demo_raw, no_cuda):
-    from fednnunet.flower_cli import site_command
+    from fednnunet.flower_cli import site_setup
     pytest.importorskip('flwr')
 
     def node_config(argv):
-        cmd = site_command(site_parser().parse_args(['--site', 'A', '-d', str(DATASET_ID), '--server',
-                                                     '127.0.0.1:9092', '--insecure', '-np', '1'] + argv),
-                           'secret-file')
+        cmd, _ = site_setup(site_parser().parse_args(['--site', 'A', '-d', str(DATASET_ID), '--server',
+                                                      '127.0.0.1:9092', '--insecure', '-np', '1'] + argv),
+                            'secret-file')
         return cmd[cmd.index('--node-config') + 1]
     assert 'device="auto"' in node_config([])
     assert 'device="cpu"' in node_config(['-device', 'cpu'])

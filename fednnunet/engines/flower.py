@@ -117,6 +117,10 @@ def from_record_dict(content: RecordDict) -> Message:
 _ABSOLUTE_PATH = re.compile(r'(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[^\s/\\\'"(),:;]+[/\\])+')
 
 
+class ImpostorNode(FederationError):
+    """A SuperNode that claims a site whose key it does not hold."""
+
+
 def public_key_digest(public_key: bytes) -> str:
     """sha256 of a public key's DER SubjectPublicKeyInfo: the same key in PEM (Flower's NodeInfo.public_key), DER or
     OpenSSH form (a site's ``.pub`` file) gives the same digest."""
@@ -384,21 +388,13 @@ class FlowerEngine:
                                           f"{self.members}")
                     self.log(f'SuperNode {node} ignored: {self.refused[node]}')
                     continue
-            except (FederationError, WireError) as e:
-                self.refused[node] = str(e)
-                if strict:
-                    raise FederationError(str(e)) from None
-                self.log(f'SuperNode {node} refused: {e}')
-                continue
-            try:  # an impostor is refused and logged; it never stops the federation (even at the start)
                 self._check_key(node, identity.get('site'), node_keys.get(node))
-            except FederationError as e:
+                self._check_identity(node, identity)
+            except ImpostorNode as e:  # refused and logged; it never stops the federation (even at the start)
                 self.refused[node] = str(e)
                 self.log(f'SECURITY: SuperNode {node} refused: {e}')
                 continue
-            try:
-                self._check_identity(node, identity)
-            except FederationError as e:
+            except (FederationError, WireError) as e:
                 self.refused[node] = str(e)
                 if strict:
                     raise FederationError(str(e)) from None
@@ -430,8 +426,8 @@ class FlowerEngine:
         if site not in self.site_keys or digest != self.site_keys[site]:
             holder = next((s for s, d in self.site_keys.items() if d == digest), None)
             held = f"the key of site '{holder}'" if holder else 'a key that belongs to no site'
-            raise FederationError(f"SuperNode {node} says it is site '{site}' but holds {held}; refused (a site's "
-                                  f"name is bound to its --auth-keys key)", site=site, field='site-id')
+            raise ImpostorNode(f"SuperNode {node} says it is site '{site}' but holds {held}; refused (a site's "
+                               f"name is bound to its --auth-keys key)", site=site, field='site-id')
 
     def _check_identity(self, node: int, identity: dict):
         site = identity.get('site')
@@ -573,28 +569,27 @@ def handle_site_message(worker_factory: Callable[[], object], content: RecordDic
     """The ClientApp's whole job for one message: Flower records -> fednnunet Message -> the site's worker ->
     reply records. An error at the site becomes an error reply (type and text) and its traceback goes to the
     site's own log."""
-    t0 = time.time()
-    try:
-        request = from_record_dict(content)
-        worker = worker_factory()
-        reply = worker.handle(request)
-        return to_record_dict(reply, handler_seconds=time.time() - t0)
-    except Exception as e:  # noqa: BLE001 - every error goes back to the server, named
-        traceback.print_exc()
-        return error_record(e, site, handler_seconds=time.time() - t0)
+    return _answer(lambda request: worker_factory().handle(request), content, site)
 
 
 def handle_via_daemon(socket_path: str, daemon_site: str, content: RecordDict, site: str) -> RecordDict:
     """The ClientApp's job when the site runs fednnunet's site daemon (fednnunet.site_daemon): the message goes to
     the daemon's worker, which keeps the training run's trainer between rounds; the reply (or the site's error)
-    comes back the same way as from handle_site_message."""
+    comes back as from handle_site_message."""
     from fednnunet.site_daemon import ask_daemon
-    t0 = time.time()
-    try:
+
+    def ask(request: Message) -> Message:
         if daemon_site != site:
             raise FederationError(f"this SuperNode is site {site!r} but its site daemon serves {daemon_site!r}",
                                   site=site, field='site-id')
-        reply = ask_daemon(socket_path, from_record_dict(content))
+        return ask_daemon(socket_path, request)
+    return _answer(ask, content, site)
+
+
+def _answer(handle: Callable[[Message], Message], content: RecordDict, site: str) -> RecordDict:
+    t0 = time.time()
+    try:
+        reply = handle(from_record_dict(content))
         return to_record_dict(reply, handler_seconds=time.time() - t0)
     except Exception as e:  # noqa: BLE001 - every error goes back to the server, named
         traceback.print_exc()
