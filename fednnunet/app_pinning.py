@@ -110,17 +110,27 @@ def _flwr_version() -> str:
         return '?'
 
 
+def prepare_clientapp():
+    """What a ClientApp process imports before its task arrives: Flower's ClientApp runtime and fednnunet's app
+    (engines.flower, the site daemon's client). Flower then finds the app's module already imported."""
+    import fednnunet.flower_app  # noqa: F401
+    from flwr.supernode.runtime import run_clientapp  # noqa: F401
+
+
 def clientapp_main(argv=None):
     """``python -m fednnunet.app_pinning``: one ClientApp task; the token comes on stdin (not the command line,
-    where every local user could read it)."""
+    where every local user could read it). The process imports first and then waits for its token, so the
+    launcher keeps one ready for the next message (:class:`PinnedClientAppLauncher`); one whose stdin closes
+    without a token was not needed and ends quietly."""
     p = argparse.ArgumentParser(prog='python -m fednnunet.app_pinning')
     p.add_argument('--runtime-api-address', required=True)
     p.add_argument('--expected-hash', required=True)
     p.add_argument('--parent-pid', type=int, default=None)
     args = p.parse_args(argv)
+    prepare_clientapp()
     token = sys.stdin.readline().strip()
     if not token:
-        sys.exit('no task token on stdin')
+        return
     run_pinned_clientapp(args.runtime_api_address, token, args.expected_hash, args.parent_pid)
 
 
@@ -162,6 +172,7 @@ class PinnedClientAppLauncher(threading.Thread):
         self._stopping = threading.Event()
         self.env = dict(env or {})
         self.processes: List[subprocess.Popen] = []
+        self._ready: Optional[subprocess.Popen] = None  # the next message's ClientApp process, imports done
 
     def _client(self):
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
@@ -175,6 +186,7 @@ class PinnedClientAppLauncher(threading.Thread):
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
         from flwr.supercore.constant import TaskType
         client = None
+        self.ready_next()
         while not self._stopping.is_set():
             try:
                 client = client or self._client()
@@ -197,22 +209,39 @@ class PinnedClientAppLauncher(threading.Thread):
             self.processes = [p for p in self.processes if p.poll() is None]
             self._stopping.wait(self.poll_seconds)
 
+    def _clientapp_process(self) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, '-m', 'fednnunet.app_pinning', '--runtime-api-address',
+                                 self.runtime_api_address, '--expected-hash', self.expected_hash,
+                                 '--parent-pid', str(os.getpid())], stdin=subprocess.PIPE,
+                                env=dict(os.environ, **self.env))
+
     def launch(self, token: str):
+        """Hands the task to the ClientApp process kept ready (it has done its imports), then readies the next:
+        Flower's one process per message, without the process start and imports on the message's path."""
         print('fednnunet_site: starting a checked ClientApp', flush=True)
-        p = subprocess.Popen([sys.executable, '-m', 'fednnunet.app_pinning', '--runtime-api-address',
-                              self.runtime_api_address, '--expected-hash', self.expected_hash,
-                              '--parent-pid', str(os.getpid())], stdin=subprocess.PIPE,
-                             env=dict(os.environ, **self.env))
+        p, self._ready = self._ready, None
+        if p is None or p.poll() is not None:
+            p = self._clientapp_process()
         p.stdin.write(token.encode() + b'\n')
         p.stdin.close()
         self.processes.append(p)
+        self.ready_next()
+
+    def ready_next(self):
+        if self._ready is None and not self._stopping.is_set():
+            self._ready = self._clientapp_process()
 
     def stop(self, timeout: float = 30.0):
-        """Stops acquiring tasks and ends the ClientApps still running."""
+        """Stops acquiring tasks and ends the ClientApps still running (and the one kept ready)."""
         self._stopping.set()
-        self.join(5.0)
+        if self.is_alive():
+            self.join(5.0)
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            ready.stdin.close()  # no token: it ends by itself
+            self.processes.append(ready)
         for p in self.processes:
-            if p.poll() is None:
+            if p.poll() is None and p is not ready:
                 p.terminate()
         deadline = time.time() + timeout
         for p in self.processes:

@@ -147,8 +147,39 @@ def train_parser() -> FedArgumentParser:
                         help="simulation: keep sites' states between rounds in memory instead of on disk "
                              "(--continue then needs a run that kept them on disk)")
     parser.add_argument('--no-val', action='store_true', help='skip the final validation at every site')
+    parser.add_argument('--site-devices', nargs='+', default=None, metavar='SITE=DEVICE',
+                        help='one process per site, each on its device (cuda:N, cuda, cpu, cpu:N, mps): sites on '
+                             'different devices train at the same time, sites sharing one take turns. Default: '
+                             'with CUDA on several GPUs, the sites spread over them; else all sites in this '
+                             'process, in turn')
     _add_federation_args(parser)
     return parser
+
+
+def training_engine(federation, args):
+    """The simulation engine for fednnunet_train: one process per site on its device where --site-devices says
+    so or this machine has several GPUs (engines.site_processes), else every site in this process."""
+    from fednnunet.engines.site_processes import SiteProcessEngine, gpu_site_devices, parse_site_devices
+    from fednnunet.engines.simulation import SimulationEngine
+    devices = None
+    if args.site_devices:
+        if args.state_in_memory:
+            raise FederationError('--state-in-memory keeps states in this process; with --site-devices every site '
+                                  'has its own process')
+        devices = parse_site_devices(args.site_devices, federation.site_names)
+    elif len(federation.sites) > 1 and not args.state_in_memory and device_name(args.device) in (None, 'cuda'):
+        import torch
+        if torch.cuda.is_available() and torch.cuda.device_count() > 1:
+            devices = gpu_site_devices(federation.site_names, torch.cuda.device_count())
+    if devices is None:
+        return SimulationEngine.for_federation(federation, args.np, device=device_name(args.device),
+                                               state_in_memory=args.state_in_memory, verbose=args.verbose)
+    groups = {}
+    for site, device in devices.items():
+        groups.setdefault(device, []).append(site)
+    print('fednnunet: one process per site; ' + '; '.join(f"{', '.join(s)} on {d}" for d, s in groups.items()),
+          flush=True)
+    return SiteProcessEngine(federation, devices, args.np, verbose=args.verbose)
 
 
 def train_entry(argv=None):
@@ -159,14 +190,13 @@ def train_entry(argv=None):
     except ValueError as e:
         _fail(e)
 
-    from fednnunet.engines.simulation import SimulationEngine
     from fednnunet.evaluation import format_table
     from fednnunet.federation import Federation
 
+    engine = None
     try:
         federation = Federation.from_raw(args.dataset_name_or_id, args.sites)
-        engine = SimulationEngine.for_federation(federation, args.np, device=device_name(args.device),
-                                                 state_in_memory=args.state_in_memory, verbose=args.verbose)
+        engine = training_engine(federation, args)
         if args.method == method_names.CENTRALIZED:
             if hyperparameters:
                 raise FederationError(f'{sorted(hyperparameters)} do not apply to --method centralized')
@@ -181,6 +211,9 @@ def train_entry(argv=None):
                                                            overwrite=args.overwrite)
     except (FederationError, NotImplementedError, ValueError, FileNotFoundError) as e:
         _fail(e)
+    finally:
+        if engine is not None:
+            engine.close()  # (site processes end; in-process sites' trainers are closed already)
     print(f"results: {result['results_folder']}")
     if result.get('final_validation'):
         print(format_table(result['final_validation'], f"{args.method}: final validation, fold {args.fold}",

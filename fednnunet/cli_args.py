@@ -118,6 +118,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def pull_interval(text: str) -> float:
+    """fednnunet_site --pull-interval: seconds between a waiting SuperNode's pulls (fednnunet.supernode_runner)."""
+    from fednnunet.supernode_runner import FLOWER_IDLE_WAIT, MIN_PULL_INTERVAL
+    value = _number(float, text)
+    if not MIN_PULL_INTERVAL <= value <= FLOWER_IDLE_WAIT:
+        raise argparse.ArgumentTypeError(f'must be between {MIN_PULL_INTERVAL} and {FLOWER_IDLE_WAIT} seconds, '
+                                         f'got {text}')
+    return value
+
+
 def port(text: str) -> int:
     value = _number(int, text)
     if not 1 <= value <= 65535:

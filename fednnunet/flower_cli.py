@@ -35,7 +35,7 @@ from typing import List, Optional, Tuple
 
 from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_start_arguments,
                                 add_schedule_arguments, address, check_device, device_name, fail, fold, int_at_least,
-                                method, methods_epilog, number_at_least, port, positive_number)
+                                method, methods_epilog, number_at_least, port, positive_number, pull_interval)
 from fednnunet.method_options import add_method_arguments, hyperparameters_from_args
 
 DEFAULT_PORT = 9092
@@ -524,6 +524,9 @@ def site_parser() -> argparse.ArgumentParser:
                    help='port of the SuperNode\'s local API on 127.0.0.1 (default: a free one)')
     p.add_argument('--max-wait-time', type=positive_number, default=None,
                    help='give up after this many seconds without the server (default: keep trying)')
+    p.add_argument('--pull-interval', type=pull_interval, default=0.5, metavar='SECONDS',
+                   help="seconds between the SuperNode's requests for the next message while it waits (Flower's "
+                        "own: 3; default 0.5, between 0.05 and 3; see fednnunet.supernode_runner)")
     p.add_argument('--verbose', action='store_true', help="the site's nnU-Net logs in the SuperNode's output")
     p.add_argument('--print-app-hash', action=_PrintAppHash, nargs=0,
                    help='print the sha256 of the app bundle this site runs (its own fednnunet\'s; any other bundle '
@@ -590,7 +593,8 @@ class SiteDaemonProcess:
 
 
 def site_setup(args, superexec_secret_file: str) -> Tuple[List[str], dict]:
-    """Checks the site's data and device; returns the flower-supernode command line and the node config. Process
+    """Checks the site's data and device; returns the SuperNode's command line (Flower's flower-supernode, its
+    idle wait between pulls --pull-interval: fednnunet.supernode_runner) and the node config. Process
     isolation, so that the SuperNode starts no ClientApp itself; this site's launcher
     (app_pinning.PinnedClientAppLauncher, holding ``superexec_secret_file``) starts each, after checking the run's
     app bundle, and each hands its message to the site's daemon (fednnunet.site_daemon)."""
@@ -612,7 +616,9 @@ def site_setup(args, superexec_secret_file: str) -> Tuple[List[str], dict]:
         if isinstance(value, str) and ('"' in value or "'" in value):
             raise CliError(f'{key} {value!r}: quotes are not allowed in names')
     node_config_text = ' '.join(f'{k}={json.dumps(v)}' for k, v in node_config.items())
-    cmd = [flower_executable('flower-supernode'), '--superlink', args.server, '--node-config', node_config_text,
+    flower_executable('flower-supernode')  # Flower is installed (else a clear error)
+    cmd = [sys.executable, '-m', 'fednnunet.supernode_runner', '--pull-interval', str(args.pull_interval), '--',
+           '--superlink', args.server, '--node-config', node_config_text,
            '--host', '127.0.0.1', '--port', str(args.local_port or free_port()), '--isolation', 'process',
            '--superexec-auth-secret-file', superexec_secret_file]
     if args.tls_dir:

@@ -24,6 +24,7 @@ import numpy as np
 from fednnunet.federation import server_folder
 from fednnunet.fingerprint import merge_site_fingerprints, samples_per_case
 from fednnunet.jsonio import write_json
+from fednnunet.parallel import close_pool
 from fednnunet.planners.negotiation import negotiate, plan_federation
 from fednnunet.wire import Message
 
@@ -107,4 +108,5 @@ def plan_and_preprocess(engine, dataset_name: str, configurations: Sequence[str]
         summary['preprocessed'] = {c: sorted(reports) for c in wanted}
     write_json(os.path.join(server_folder(dataset_name), 'federation', f'negotiation_{plans_identifier}.json'), summary,
                indent=2)
+    close_pool()  # simulated sites share this process's pool of workers; a planning's work ends here
     return summary

@@ -28,6 +28,7 @@ from nnunetv2.utilities.file_path_utilities import get_output_folder
 from fednnunet import server_input
 from fednnunet.errors import FederationError
 from fednnunet.methods import get_method
+from fednnunet.parallel import close_pool
 from fednnunet.trainers.base import FederatedTrainer, cpu_copy, to_plain
 from fednnunet.wire import Message
 
@@ -36,6 +37,8 @@ RUN_ID = re.compile(r'^[0-9a-f]{32}$')
 #: the site's training_log.txt says this each time the site builds its trainer
 TRAINER_BUILT = 'site trainer built'
 
+#: the CPU threads of a site's training where several sites share the CPU at the same time
+CPU_THREADS_VARIABLE = 'FEDNNUNET_CPU_THREADS'
 STATE_FILE = re.compile(r'^round_(\d{4})\.pth$')
 
 
@@ -57,8 +60,8 @@ def resolve_device(name: Optional[str] = 'auto') -> torch.device:
     problem = unavailable(name)
     if problem:
         raise FederationError(problem)
-    if name == 'cpu':
-        torch.set_num_threads(multiprocessing.cpu_count())
+    if name == 'cpu':  # all cores, or this site's share where sites train side by side (engines.site_processes)
+        torch.set_num_threads(int(os.environ.get(CPU_THREADS_VARIABLE) or multiprocessing.cpu_count()))
     return torch.device(name)
 
 
@@ -242,7 +245,7 @@ def round_trainer(worker, config: dict, round_index: int) -> Tuple[FederatedTrai
     trainers. Returns (trainer, the number of rounds its state had completed)."""
     live = worker.live_trainer
     if live is not None and live.serves(config, round_index):
-        live.trainer.restart_dataloaders()  # if its augmentation workers stopped after its last turn
+        live.trainer.restart_dataloaders()  # if its augmentation workers paused or stopped after its last turn
         return live.trainer, live.trainer.current_epoch
     worker.close_trainer()
     trainer, rounds_done = started_trainer(worker, config, round_index, kept=worker.keep_trainers)
@@ -258,6 +261,7 @@ def started_trainer(worker, config: dict, round_index: int, kept: bool = False) 
 
     A results folder that holds another run's state is refused at a run's start, unless the server asked to
     overwrite (then that state is deleted): a new run never mixes with an old one."""
+    close_pool()  # a site that trains is done with planning: its pool of preprocessing processes ends
     trainer = build_site_trainer(worker, config)
     trainer.kept_across_rounds = kept  # nnU-Net's torch.compile rules apply (fednnunet.trainers.base)
     worker.state_writer.flush()
@@ -328,8 +332,10 @@ def fit(worker, message: Message) -> Message:
         trainer.close()  # this site does not keep its trainer between rounds
     elif not worker.keep_augmentation_workers and trainer.has_augmentation_workers:
         # sites taking turns on one machine: idle augmentation workers poll their full queues every 2 ms and take
-        # the CPU from the site whose turn it is (measured: 4 simulated sites ran at 0.74x nnU-Net's speed)
-        trainer.close()
+        # the CPU from the site whose turn it is (measured: 4 simulated sites ran at 0.74x nnU-Net's speed), so
+        # they are stopped until the site's next turn (or ended where processes cannot be stopped)
+        if not trainer.pause_augmentation_workers():
+            trainer.close()
     metrics['state_from_round'] = resumed_from
     return Message('update', {'num_examples': metrics['num_training_cases'], 'metrics': to_plain(metrics)},
                    arrays=shared)

@@ -100,7 +100,10 @@ class SiteWorker:
             trainer.close()
 
     def close(self):
-        """The end of this site's work in this process: the kept trainer ends, every state is on disk."""
+        """The end of this site's work in this process: the kept trainer ends, every state is on disk, the pool
+        of processes for fingerprinting/preprocessing (fednnunet.parallel) ends."""
+        from fednnunet.parallel import close_pool
+        close_pool()
         self.close_trainer()
         if self._state_writer is not None:
             self._state_writer.flush()

@@ -192,3 +192,53 @@ def test_a_site_refuses_a_servers_own_app_bundle_and_runs_none_of_it(demo_raw, t
                 p.wait()
         for f in logs.values():
             f.close()
+
+
+class _RecordedProcess:
+    """Stands in for a ClientApp process the launcher starts: records when it started and what it was given."""
+    started = []
+
+    def __init__(self):
+        self.token, self.closed = b'', False
+        self.stdin = self
+        _RecordedProcess.started.append(self)
+
+    def write(self, data):
+        self.token += data
+
+    def close(self):
+        self.closed = True
+
+    def poll(self):
+        return 0 if self.closed else None
+
+    def wait(self, timeout=None):
+        return 0
+
+
+def test_the_launcher_hands_each_task_to_a_clientapp_process_started_before_it(tmp_path, monkeypatch):
+    """The ClientApp process that runs a message has done its imports before the message arrives: the launcher
+    keeps one ready, hands the task's token to it, and readies the next; stopping ends the unused one (its stdin
+    closes without a token)."""
+    from fednnunet.app_pinning import PinnedClientAppLauncher
+    secret = tmp_path / 'secret'
+    secret.write_bytes(b'x' * 32)
+    launcher = PinnedClientAppLauncher('127.0.0.1:1', str(secret), expected_hash='0' * 64)
+    _RecordedProcess.started = []
+    monkeypatch.setattr(launcher, '_clientapp_process', _RecordedProcess)
+    launcher.ready_next()  # what run() does before its first AcquireTask
+    first = _RecordedProcess.started[0]
+    launcher.launch('token-1')
+    assert first.token == b'token-1\n' and first.closed
+    assert len(_RecordedProcess.started) == 2  # the next one, ready before the next task
+    launcher.launch('token-2')
+    assert _RecordedProcess.started[1].token == b'token-2\n' and len(_RecordedProcess.started) == 3
+    launcher.stop(timeout=1)
+    assert _RecordedProcess.started[2].token == b'' and _RecordedProcess.started[2].closed
+
+
+def test_an_unneeded_clientapp_process_ends_quietly_without_a_token():
+    p = subprocess.run([sys.executable, '-m', 'fednnunet.app_pinning', '--runtime-api-address', '127.0.0.1:1',
+                        '--expected-hash', '0' * 64], input=b'', capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stderr.decode().strip() == ''

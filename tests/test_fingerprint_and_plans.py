@@ -1,6 +1,7 @@
 """The federated fingerprint and plans equal nnU-Net's own on the pooled data."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerp
 from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import \
     nnUNetPlannerResEncM
 
+from fednnunet import fingerprint, parallel
 from fednnunet.engines.simulation import SimulationEngine
 from fednnunet.federation import Federation, server_folder
 from fednnunet.plan_and_preprocess import plan_and_preprocess
@@ -40,8 +42,18 @@ def pooled_vs_federated(demo_raw, tmp_path_factory):
         mp.setenv('nnUNet_n_proc_DA', '0')  # federated planning copes with what tests use for training
         point_nnunet_folder(mp, 'nnUNet_preprocessed', root / 'federated')
         os.makedirs(root / 'federated')
-        engine = SimulationEngine.for_federation(Federation.from_raw(DATASET_ID), 1)
+        # two case workers per site: the simulated sites fingerprint at the same time, sharing one pool
+        engine = SimulationEngine.for_federation(Federation.from_raw(DATASET_ID), 2)
+        calls, real_run_per_case = out.setdefault('fingerprint_calls', []), fingerprint.run_per_case
+
+        def run_per_case(fn, args, num_processes, desc):
+            started = time.perf_counter()
+            result = real_run_per_case(fn, args, num_processes, desc)
+            calls.append((desc, started, time.perf_counter(), id(parallel._pool)))
+            return result
+        mp.setattr(fingerprint, 'run_per_case', run_per_case)
         out['summary'] = plan_and_preprocess(engine, DATASET_NAME, preprocess=False)
+        out['pool_after_planning'] = parallel._pool
         folder = server_folder(DATASET_NAME)
         with open(os.path.join(folder, 'dataset_fingerprint.json')) as f:
             out['federated_fingerprint'] = json.load(f)
@@ -86,6 +98,16 @@ def test_plans_equal_nnunet_plan_experiment(pooled_vs_federated, which):
             assert fed[key] == stock[key], key
     _assert_intensity_properties_match(fed['foreground_intensity_properties_per_channel'],
                                        stock['foreground_intensity_properties_per_channel'])
+
+
+def test_simulated_sites_fingerprint_at_once_in_one_shared_pool(pooled_vs_federated):
+    """As nnU-Net's one pool for the pooled dataset: every site's cases go to the same pool of case workers, the
+    sites at the same time (their fingerprints overlap in time), and the pool ends with the planning."""
+    calls = pooled_vs_federated['fingerprint_calls'][:3]  # the first planning's (the fixture plans twice)
+    assert len(calls) == 3 and all(pool is not None for *_, pool in calls)
+    assert len({pool for *_, pool in calls}) == 1, calls  # one pool for all sites
+    assert max(start for _, start, _, _ in calls) < min(end for _, _, end, _ in calls), calls  # all at once
+    assert pooled_vs_federated['pool_after_planning'] is None
 
 
 def test_server_keeps_no_site_data(pooled_vs_federated):

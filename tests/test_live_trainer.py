@@ -2,14 +2,16 @@
 trainer for all epochs: built once per run and site, the same weights as rebuilding it every round from the saved
 state, a round state on disk after every round, and a site whose process is replaced mid-run resumes from it."""
 import os
+import time
 
 import pytest
 import torch
 
-from fednnunet import site_training
+from fednnunet import augmentation_workers, site_training
 from fednnunet.engines.simulation import SimulationEngine
 from fednnunet.federation import Federation
 from fednnunet.site_worker import SiteWorker
+from fednnunet.trainers.base import FederatedTrainer
 from fednnunet.training_server import FederatedTraining
 
 from conftest import DATASET_ID, point_nnunet_folder
@@ -170,26 +172,51 @@ def test_round_states_are_written_in_the_background_and_flushed_before_they_are_
         writer.flush()
 
 
-def test_sites_taking_turns_stop_their_augmentation_workers_between_turns(planned, fresh_results, monkeypatch):
+def _process_state(pid: int) -> str:
+    """R (running), S (sleeping), T (stopped), ... from /proc; '' once the process is gone."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0]
+    except FileNotFoundError:
+        return ''
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='reads process states from /proc')
+def test_sites_taking_turns_pause_their_augmentation_workers_between_turns(planned, fresh_results, monkeypatch):
     """In simulation the sites take turns on one machine: a site's augmentation workers (nnUNet_n_proc_DA=1 here)
-    stop at the end of its turn and start again at its next one; its network, optimizer and logs stay built."""
+    are stopped (SIGSTOP: no CPU while the others train) at the end of its turn and continued at its next one, the
+    same worker processes with their queued batches; network, optimizer and logs stay built. At the end of the run
+    every worker has ended, none is left stopped."""
     monkeypatch.setenv('nnUNet_n_proc_DA', '1')
     fed = Federation.from_raw(DATASET_ID)
     engine = SimulationEngine.for_federation(fed, device='cpu')
     assert not any(w.keep_augmentation_workers for w in engine.workers.values())
     counting = CountingBuilds(monkeypatch)
-    seen = []
-    real_fit = site_training.fit
+    after_turn, at_turn_start, pids = [], [], {}
+    real_fit, real_train_round = site_training.fit, FederatedTrainer.train_round
+
+    def train_round(self, round_index, arrays):
+        at_turn_start.append({_process_state(p) for p in augmentation_workers.worker_pids(self.dataloader_train)})
+        return real_train_round(self, round_index, arrays)
 
     def fit(worker, message):
         reply = real_fit(worker, message)
         trainer = worker.live_trainer.trainer
-        seen.append((worker.site.name, id(trainer), trainer.dataloader_train))
+        loader_pids = augmentation_workers.worker_pids(trainer.dataloader_train)
+        pids.setdefault(worker.site.name, set()).update(loader_pids)
+        after_turn.append((worker.site.name, id(trainer), id(trainer.dataloader_train),
+                           {_process_state(p) for p in loader_pids}))
         return reply
     monkeypatch.setattr(site_training, 'fit', fit)
+    monkeypatch.setattr(FederatedTrainer, 'train_round', train_round)
     FederatedTraining(engine, _config('fedavg', rounds=2, validate=False)).run()
     assert {s: len(t) for s, t in counting.built.items()} == {s: 1 for s in 'ABC'}
-    assert all(loader is None for _, _, loader in seen)  # stopped after every turn
-    assert len({(s, t) for s, t, _ in seen}) == 3  # one trainer per site throughout
+    assert all(states == {'T'} for *_, states in after_turn), after_turn  # every worker stopped after each turn
+    assert all(states and 'T' not in states for states in at_turn_start[3:]), at_turn_start  # continued
+    assert len({(s, t, loader) for s, t, loader, _ in after_turn}) == 3  # one trainer and data loader per site
+    assert all(len(p) == 1 for p in pids.values())  # the same worker process in both rounds
+    time.sleep(0.5)
+    assert not {_process_state(p) for ps in pids.values() for p in ps} - {'', 'Z'}  # all ended, none stopped
+    assert not augmentation_workers._paused
     one_site = SimulationEngine.for_federation(Federation.from_raw(DATASET_ID, only_sites=['A']), device='cpu')
     assert one_site.workers['A'].keep_augmentation_workers

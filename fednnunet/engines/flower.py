@@ -198,7 +198,7 @@ class FlowerEngine:
     def __init__(self, grid, sites: Optional[Sequence[str]] = None, min_sites: Optional[int] = None,
                  round_timeout: float = 86400.0, identify_timeout: float = 300.0, wait_for_sites: float = 600.0,
                  settle_seconds: float = 15.0, dataset=None, log: Callable[[str], None] = None,
-                 poll_interval: float = 0.2, max_poll_interval: float = 3.0, liveness_interval: float = 20.0,
+                 poll_interval: float = 0.2, max_poll_interval: float = 0.5, liveness_interval: float = 20.0,
                  straggler_grace: float = 600.0, site_keys: Optional[Dict[str, str]] = None):
         self.grid = grid
         self.straggler_grace = float(straggler_grace)

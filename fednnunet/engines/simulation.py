@@ -1,4 +1,4 @@
-"""The default engine: every site in this process, one after another, on one device.
+"""The default engine: every site in this process, training one after another on one device.
 
 Every message crosses the same wire encoding a network would carry (:mod:`fednnunet.wire`), so what a
 simulated site receives is exactly what it would receive over Flower: plain JSON and arrays.
@@ -10,10 +10,15 @@ The engine contract (shared with the Flower engine):
 - ``ask_all(message)``: the same message to every site;
 - ``bytes_sent`` / ``bytes_received``: running totals per site, as encoded on the wire.
 """
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict
 
 from fednnunet.site_worker import SiteWorker
 from fednnunet.wire import Message, decode, encode
+
+
+#: what the simulated sites do at the same time (CPU work in case workers); everything else takes turns
+CONCURRENT_KINDS = ('fingerprint', 'preprocess')
 
 
 class SimulationEngine:
@@ -28,17 +33,26 @@ class SimulationEngine:
         return list(self.workers)
 
     def ask(self, requests: Dict[str, Message]) -> Dict[str, Message]:
-        """Sends each site its request and returns the sites' replies (in the order asked)."""
-        replies = {}
+        """Sends each site its request and returns the sites' replies (in the order asked). Fingerprinting and
+        preprocessing (CONCURRENT_KINDS) with case workers (num_processes > 1) run for all sites at once, in
+        threads that share this process's pool of case workers (fednnunet.parallel), as nnU-Net's one pool for the pooled dataset: no worker idles while a
+        site's last case finishes. Training takes turns (one device). A site's error is raised (the first
+        site's in the order asked)."""
         self.missing = {}
-        for site, message in requests.items():
-            wire_out = encode(message)
-            self.bytes_sent[site] += len(wire_out)
-            reply = self.workers[site].handle(decode(wire_out))
-            wire_back = encode(reply)
-            self.bytes_received[site] += len(wire_back)
-            replies[site] = decode(wire_back)
-        return replies
+        if len(requests) > 1 and all(m.kind in CONCURRENT_KINDS and self.workers[s].num_processes > 1
+                                     for s, m in requests.items()):
+            with ThreadPoolExecutor(len(requests), thread_name_prefix='fednnunet-site') as threads:
+                futures = {site: threads.submit(self._ask_one, site, m) for site, m in requests.items()}
+                return {site: future.result() for site, future in futures.items()}
+        return {site: self._ask_one(site, message) for site, message in requests.items()}
+
+    def _ask_one(self, site: str, message: Message) -> Message:
+        wire_out = encode(message)
+        self.bytes_sent[site] += len(wire_out)
+        reply = self.workers[site].handle(decode(wire_out))
+        wire_back = encode(reply)
+        self.bytes_received[site] += len(wire_back)
+        return decode(wire_back)
 
     def ask_all(self, message: Message) -> Dict[str, Message]:
         return self.ask({s: message for s in self.workers})

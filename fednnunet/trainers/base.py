@@ -30,6 +30,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
+from fednnunet import augmentation_workers
+
 
 def round_seed(seed: int, site_index: int, round_index: int) -> int:
     """A seed per (run, site, round): every round starts from the same random state whether the site kept
@@ -198,18 +200,29 @@ class FederatedTrainer(nnUNetTrainer):
     @property
     def has_augmentation_workers(self) -> bool:
         """nnU-Net's data loaders run background processes (nnUNet_n_proc_DA > 0)."""
-        return any(dl is not None and hasattr(dl, '_finish') for dl in (self.dataloader_train, self.dataloader_val))
+        return any(dl is not None and hasattr(dl, '_finish') for dl in self._dataloaders())
+
+    def _dataloaders(self) -> list:
+        return [dl for dl in (self.dataloader_train, self.dataloader_val) if dl is not None]
+
+    def pause_augmentation_workers(self) -> bool:
+        """Stops nnU-Net's augmentation workers until :meth:`restart_dataloaders` (a site waiting for its turn,
+        see fednnunet.augmentation_workers); their queued batches stay. False where the platform cannot."""
+        return augmentation_workers.pause(self._dataloaders())
 
     def restart_dataloaders(self):
-        """nnU-Net's data loaders (and their augmentation workers) again, after close(), for a trainer that kept
-        everything else (network, optimizer, logs) between rounds."""
+        """nnU-Net's data loaders (and their augmentation workers) again, after close() or a pause, for a trainer
+        that kept everything else (network, optimizer, logs) between rounds."""
+        augmentation_workers.resume(self._dataloaders())
         if self.dataloader_train is None:
             self.dataloader_train, self.dataloader_val = self.get_dataloaders()
 
     def close(self):
         """Stops nnU-Net's background augmentation workers, if any."""
-        for dl in (self.dataloader_train, self.dataloader_val):
-            if dl is not None and hasattr(dl, '_finish'):
+        loaders = self._dataloaders()
+        augmentation_workers.resume(loaders)
+        for dl in loaders:
+            if hasattr(dl, '_finish'):
                 dl._finish()
         self.dataloader_train = self.dataloader_val = None
 

@@ -1,0 +1,44 @@
+"""fednnunet_site runs Flower's own SuperNode with a shorter idle wait between pulls (fednnunet.supernode_runner):
+the 3 s wait after an empty pull becomes --pull-interval; Flower's other waits stay as they are."""
+import time
+
+import pytest
+
+pytest.importorskip('flwr', reason="Flower is not installed (pip install -e '.[flower]' or '.[test]')")
+
+from flwr.supernode import start_client_internal  # noqa: E402
+
+from fednnunet import supernode_runner  # noqa: E402
+from fednnunet.cli_args import pull_interval  # noqa: E402
+
+
+def _slept(seconds: float) -> float:
+    t = time.perf_counter()
+    start_client_internal.time.sleep(seconds)
+    return time.perf_counter() - t
+
+
+def test_the_supernodes_idle_wait_becomes_the_pull_interval(monkeypatch):
+    monkeypatch.setattr(start_client_internal, 'time', time)  # restored after the test
+    assert _slept(supernode_runner.FLOWER_IDLE_WAIT) >= 2.9  # Flower's own, as the runner finds it
+    assert supernode_runner.shorten_idle_wait(0.1)
+    assert _slept(supernode_runner.FLOWER_IDLE_WAIT) < 0.5
+    assert 0.45 <= _slept(0.5) < 1.0  # the loop's other waits are Flower's
+    assert start_client_internal.time.time() == pytest.approx(time.time(), abs=1.0)
+    assert not supernode_runner.shorten_idle_wait(0.1)  # not the module it was written for (any more): unchanged
+
+
+def test_the_pull_interval_is_bounded():
+    assert pull_interval('0.5') == 0.5
+    for bad in ('0', '0.01', '5', 'nan', 'x'):
+        with pytest.raises(Exception):
+            pull_interval(bad)
+
+
+def test_the_site_runs_flowers_supernode_through_the_runner(demo_raw):
+    from fednnunet.flower_cli import site_parser, site_setup
+    from conftest import DATASET_ID
+    cmd, _ = site_setup(site_parser().parse_args(['--site', 'A', '-d', str(DATASET_ID), '--server', '127.0.0.1:9092',
+                                                  '--insecure', '-np', '1', '--pull-interval', '0.25']), 'secret')
+    assert cmd[1:6] == ['-m', 'fednnunet.supernode_runner', '--pull-interval', '0.25', '--']
+    assert '--isolation' in cmd and cmd[cmd.index('--isolation') + 1] == 'process'
