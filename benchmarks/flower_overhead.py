@@ -134,7 +134,8 @@ def report(fold, args, names, total):
           f'{len(rounds)} rounds; {fold}' + (f'; whole run incl. start-up {total:.0f} s' if total else ''))
     print('\nper round [s]: wall = the server\'s round; training = the slowest site\'s nnU-Net epoch; overhead = wall - '
           'training.\nThe last site to answer splits its time into: its setup around training (trainer, state load/'
-          'save; paid in simulation too), ClientApp start (process + imports), Flower polling + transfer; server = '
+          'save; paid in simulation too), ClientApp start (from its task to fednnunet\'s handler: process + imports where no '
+          'process was kept ready, task input, bundle check), Flower polling + transfer; server = '
           'push, merge, logs.')
     print('round    wall  training  overhead  overhead/wall |  site setup  ClientApp start  polling+transfer  server')
     fractions, flower_parts = [], []

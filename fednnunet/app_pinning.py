@@ -131,6 +131,8 @@ def clientapp_main(argv=None):
     token = sys.stdin.readline().strip()
     if not token:
         return
+    from fednnunet.flower_app import mark_task_received
+    mark_task_received()
     run_pinned_clientapp(args.runtime_api_address, token, args.expected_hash, args.parent_pid)
 
 
@@ -166,7 +168,7 @@ class PinnedClientAppLauncher(threading.Thread):
         with open(secret_file, 'rb') as f:
             self._secret = f.read()
         self.expected_hash = expected_hash or own_app_bundle_hash()
-        # Flower's SuperExec setting (flower_cli.flower_env sets 0.25 s: every fednnunet message is a ClientApp)
+        # Flower's SuperExec setting (flower_cli.flower_env sets 0.1 s: every fednnunet message is a ClientApp)
         self.poll_seconds = poll_seconds or min(max(float(os.environ.get('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', 1.0)),
                                                     0.01), 60.0)
         self._stopping = threading.Event()
@@ -218,7 +220,7 @@ class PinnedClientAppLauncher(threading.Thread):
     def launch(self, token: str):
         """Hands the task to the ClientApp process kept ready (it has done its imports), then readies the next:
         Flower's one process per message, without the process start and imports on the message's path."""
-        print('fednnunet_site: starting a checked ClientApp', flush=True)
+        print(f'fednnunet_site: {time.strftime("%Y-%m-%d %H:%M:%S")} starting a checked ClientApp', flush=True)
         p, self._ready = self._ready, None
         if p is None or p.poll() is not None:
             p = self._clientapp_process()

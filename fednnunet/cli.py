@@ -167,7 +167,7 @@ def training_engine(federation, args):
             raise FederationError('--state-in-memory keeps states in this process; with --site-devices every site '
                                   'has its own process')
         devices = parse_site_devices(args.site_devices, federation.site_names)
-    elif len(federation.sites) > 1 and not args.state_in_memory and device_name(args.device) in (None, 'cuda'):
+    elif len(federation.sites) > 1 and not args.state_in_memory and device_name(args.device) in ('auto', 'cuda'):
         import torch
         if torch.cuda.is_available() and torch.cuda.device_count() > 1:
             devices = gpu_site_devices(federation.site_names, torch.cuda.device_count())

@@ -48,6 +48,13 @@ def _process_start_time() -> float:
 
 
 _PROCESS_STARTED = _process_start_time()
+#: when this ClientApp process got its task (app_pinning: a process kept ready waits for it); None: at its start
+_TASK_RECEIVED = None
+
+
+def mark_task_received():
+    global _TASK_RECEIVED
+    _TASK_RECEIVED = time.time()
 
 # --------------------------------------------------------------------------------------------- run config
 
@@ -165,9 +172,11 @@ def _site_handler(message: Message, context: Context) -> Message:
         content = handle_via_daemon(daemon, os.environ.get(SITE_VARIABLE, ''), message.content, site)
     else:
         content = handle_site_message(lambda: _site_worker(context), message.content, site=site)
-    # seconds from the ClientApp process's start (Flower's and our imports included) to the reply
-    content['fednnunet']['process_seconds'] = time.time() - _PROCESS_STARTED
-    content['fednnunet']['handler_started_after'] = started - _PROCESS_STARTED
+    # seconds from the ClientApp process's task (its start, Flower's and our imports included, where it was not
+    # kept ready) to the reply
+    since = _TASK_RECEIVED or _PROCESS_STARTED
+    content['fednnunet']['process_seconds'] = time.time() - since
+    content['fednnunet']['handler_started_after'] = started - since
     return Message(content, reply_to=message)
 
 

@@ -74,7 +74,7 @@ def flower_env(flwr_home: Optional[str] = None) -> dict:
     env['FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION'] = '1'
     # how often a SuperNode's/SuperLink's executor looks for a new ClientApp/ServerApp to start (Flower: 1 s); every
     # fednnunet message starts a ClientApp, so a shorter wait saves most of a second per message
-    env.setdefault('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', '0.25')
+    env.setdefault('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', '0.1')
     env.setdefault('PYTHONUNBUFFERED', '1')
     if flwr_home:
         env['FLWR_HOME'] = flwr_home
@@ -524,9 +524,10 @@ def site_parser() -> argparse.ArgumentParser:
                    help='port of the SuperNode\'s local API on 127.0.0.1 (default: a free one)')
     p.add_argument('--max-wait-time', type=positive_number, default=None,
                    help='give up after this many seconds without the server (default: keep trying)')
-    p.add_argument('--pull-interval', type=pull_interval, default=0.5, metavar='SECONDS',
-                   help="seconds between the SuperNode's requests for the next message while it waits (Flower's "
-                        "own: 3; default 0.5, between 0.05 and 3; see fednnunet.supernode_runner)")
+    p.add_argument('--pull-interval', type=pull_interval, default=0.2, metavar='SECONDS',
+                   help="at most this many seconds between the SuperNode's requests for the next message and "
+                        "between its looks for the reply (Flower's own: 3 and 0.5; default 0.2, between 0.05 and "
+                        "3; see fednnunet.supernode_runner)")
     p.add_argument('--verbose', action='store_true', help="the site's nnU-Net logs in the SuperNode's output")
     p.add_argument('--print-app-hash', action=_PrintAppHash, nargs=0,
                    help='print the sha256 of the app bundle this site runs (its own fednnunet\'s; any other bundle '

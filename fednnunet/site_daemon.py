@@ -187,9 +187,6 @@ def main(argv=None):
     p.add_argument('--device', default='auto')
     p.add_argument('-np', type=int, default=1)
     p.add_argument('--verbose', action='store_true')
-    p.add_argument('--taking-turns', action='store_true',
-                   help='the site shares its device with other sites taking turns (engines.site_processes): its '
-                        'augmentation workers pause between its rounds')
     p.add_argument('--parent-pid', type=int, default=None)
     args = p.parse_args(argv)
     if args.parent_pid:
@@ -206,7 +203,8 @@ def main(argv=None):
         federation = Federation.from_raw(args.d, only_sites=[args.site])
         return SiteWorker(federation.sites[args.site], federation.dataset_name, args.np, device=args.device,
                           state_in_memory=False, verbose=args.verbose, keep_trainers=True,
-                          keep_augmentation_workers=not args.taking_turns)
+                          # paused between rounds: polling workers slowed Flower's transfers (and other sites)
+                          keep_augmentation_workers=False)
     daemon = SiteDaemon(args.socket, worker)
     daemon.listen()
     print(f"fednnunet_site: site '{args.site}' daemon ready (keeps its trainer across rounds)", flush=True)

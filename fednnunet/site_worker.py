@@ -45,8 +45,9 @@ class SiteWorker:
                  keep_augmentation_workers: bool = True):
         """keep_trainers: keep the training run's trainer alive between rounds (site_training.LiveTrainer); off
         where the process ends after every message anyway. keep_augmentation_workers: with a kept trainer, keep
-        nnU-Net's augmentation workers between rounds too; off where sites take turns on one machine
-        (simulation), since idle workers poll and slow down the site whose turn it is."""
+        nnU-Net's augmentation workers running between rounds too; off where sites take turns on one machine
+        (simulation), since idle workers poll and slow down the site whose turn it is: they are paused between
+        the site's rounds (fednnunet.augmentation_workers), or stopped where processes cannot be paused."""
         self.site = site
         self.dataset_name = dataset_name
         self.num_processes = num_processes

@@ -548,3 +548,31 @@ def test_flower_server_passes_overwrite_to_the_training(monkeypatch, tmp_path):
                                    {'continue_training': False, 'overwrite': False}]
     with pytest.raises(ValueError, match='continue and overwrite exclude each other'):
         flower_app.run_server(None, {'phase': 'train', 'continue': True, 'overwrite': True}, engine=engine)
+
+
+def test_train_gives_every_site_its_own_process_on_several_gpus_or_when_asked(demo_raw, monkeypatch, capsys):
+    """fednnunet_train's engine: the in-process simulation by default; one process per site with --site-devices,
+    or spread over the GPUs where CUDA has several (GPU counts faked here: this machine has none)."""
+    import torch
+    from fednnunet.engines import site_processes
+    from fednnunet.engines.simulation import SimulationEngine
+    from fednnunet.federation import Federation
+    started = []
+    monkeypatch.setattr(site_processes, 'SiteProcessEngine',
+                        lambda fed, devices, np, verbose=False: started.append(devices) or 'site processes')
+    fed = Federation.from_raw(DATASET_ID)
+
+    def engine(argv, gpus=0):
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: gpus > 0)
+        monkeypatch.setattr(torch.cuda, 'device_count', lambda: gpus)
+        return cli.training_engine(fed, cli.train_parser().parse_args([str(DATASET_ID), '3d_fullres'] + argv))
+    assert isinstance(engine([]), SimulationEngine) and isinstance(engine([], gpus=1), SimulationEngine)
+    assert isinstance(engine(['-device', 'cpu'], gpus=2), SimulationEngine)
+    assert engine([], gpus=2) == 'site processes' and started[-1] == {'A': 'cuda:0', 'B': 'cuda:1', 'C': 'cuda:0'}
+    assert 'A, C on cuda:0; B on cuda:1' in capsys.readouterr().out
+    assert engine(['--site-devices', 'A=cpu:0', 'B=cpu:1', 'C=cpu:0']) == 'site processes'
+    assert started[-1] == {'A': 'cpu:0', 'B': 'cpu:1', 'C': 'cpu:0'}
+    with pytest.raises(FederationError, match='--state-in-memory'):
+        engine(['--site-devices', 'A=cpu', 'B=cpu', 'C=cpu', '--state-in-memory'])
+    with pytest.raises(FederationError, match="no device for site"):
+        engine(['--site-devices', 'A=cpu'])

@@ -86,21 +86,40 @@ def test_configs_and_arrays_that_are_not_plain_data_are_refused():
 def test_arriving_records_are_checked_and_never_unpickled():
     from flwr.app import Array
     import io
+    import struct
     good = to_record_dict(Message('x', arrays={'a': np.arange(4, dtype=np.float32)}))
+    assert list(good['arrays']) == ['wire']  # every array of a message travels in one Flower Array
+
+    def with_arrays(arrays):
+        return RecordDict({'fednnunet': good['fednnunet'], 'arrays': ArrayRecord(arrays)})
+
+    def blob(data: bytes):
+        return Array(np.frombuffer(data, dtype=np.uint8))
     # a pickled object array, forged into a Flower Array: np.load(allow_pickle=False) refuses it
     buffer = io.BytesIO()
     np.save(buffer, np.array([{'evil': 1}], dtype=object), allow_pickle=True)
-    forged = RecordDict({'fednnunet': good['fednnunet'],
-                         'arrays': ArrayRecord({'a': Array(dtype='object', shape=(1,), stype='numpy.ndarray',
-                                                           data=buffer.getvalue())})})
-    with pytest.raises(WireError, match='refused'):
-        from_record_dict(_transported(forged))
-    # a header that lies about the data
-    lying = RecordDict({'fednnunet': good['fednnunet'],
-                        'arrays': ArrayRecord({'a': Array(dtype='float64', shape=(4,), stype='numpy.ndarray',
-                                                          data=good['arrays']['a'].data)})})
+    forged = Array(dtype='object', shape=(1,), stype='numpy.ndarray', data=buffer.getvalue())
+    for arrays, says in (({'wire': forged}, 'expected numpy uint8'), ({'a': forged}, 'unexpected arrays'),
+                         ({'wire': good['arrays']['wire'], 'extra': good['arrays']['wire']}, 'unexpected arrays')):
+        with pytest.raises(WireError, match=says):
+            from_record_dict(_transported(with_arrays(arrays)))
+    # an Array header that lies about its data
+    lying = Array(dtype='uint8', shape=(3,), stype='numpy.ndarray', data=good['arrays']['wire'].data)
     with pytest.raises(WireError, match='does not match'):
-        from_record_dict(lying)
+        from_record_dict(with_arrays({'wire': lying}))
+    # inside the one Array: an object dtype, a size that does not match the shape, not fednnunet's encoding
+    inner = encode(Message('arrays', {}, {'a': np.arange(4, dtype=np.float32)}))
+    head_len = struct.unpack('<Q', inner[16:24])[0]
+    header = inner[24:24 + head_len]
+    for changed, says in ((header.replace(b'"<f4"', b'"|O8"'), 'refused'),
+                          (header.replace(b'[4]', b'[5]'), 'does not match its shape')):
+        forged_inner = inner[:16] + struct.pack('<Q', len(changed)) + changed + inner[24 + head_len:]
+        with pytest.raises(WireError, match=says):
+            from_record_dict(with_arrays({'wire': blob(forged_inner)}))
+    with pytest.raises(WireError, match='bad magic'):
+        from_record_dict(with_arrays({'wire': blob(b'not a fednnunet message')}))
+    with pytest.raises(WireError, match='not arrays'):
+        from_record_dict(with_arrays({'wire': blob(encode(Message('fit', {'round': 1})))}))
     # not a fednnunet message / another format version
     with pytest.raises(WireError, match='not a fednnunet message'):
         from_record_dict(RecordDict({'config': ConfigRecord({'lr': 0.1})}))
@@ -263,11 +282,11 @@ def test_planning_over_flower_records_equals_simulation(demo_raw, fresh_preproce
     assert all(engine.bytes_sent[s] > 0 and engine.bytes_received[s] > 0 for s in 'ABC')
     replies = engine.ask({s: Message('identify') for s in ['B', 'C', 'A']})
     assert list(replies) == ['B', 'C', 'A'] and [r.config['site'] for r in replies.values()] == ['B', 'C', 'A']
-    # an array sent to several sites is serialized once, and is one Flower object (same id: uploaded once)
+    # arrays sent to several sites are encoded once, as one Flower object (same id: uploaded once)
     state = {'w': np.ones((4, 4), np.float32)}
     grid.sent.clear()
     engine.ask({s: Message('identify', {'round': i}, state) for i, s in enumerate('AB')})
-    a, b = (m.content['arrays']['w'] for m in grid.sent)
+    a, b = (m.content['arrays']['wire'] for m in grid.sent)
     assert a.data is b.data and a.object_id == b.object_id
     assert grid.sent[0].content['fednnunet'].object_id != grid.sent[1].content['fednnunet'].object_id
 

@@ -65,8 +65,8 @@ class SimulationEngine:
     @classmethod
     def for_federation(cls, federation, num_processes: int = 1, **worker_options) -> 'SimulationEngine':
         """One worker per site; worker_options: device, state_in_memory, verbose, keep_trainers (see SiteWorker).
-        The sites take turns on this machine, so with more than one site each stops its augmentation workers at
-        the end of its turn (they would poll and slow the others down); everything else stays built."""
+        The sites take turns on this machine, so with more than one site each pauses its augmentation workers at
+        the end of its turn (they would poll and slow the others down) until its next; everything stays built."""
         worker_options.setdefault('keep_augmentation_workers', len(federation.sites) == 1)
         return cls({name: SiteWorker(site, federation.dataset_name, num_processes, **worker_options)
                     for name, site in federation.sites.items()})

@@ -95,8 +95,6 @@ class SiteProcessEngine:
         cmd = [sys.executable, '-m', 'fednnunet.site_daemon', '--socket', self.sockets[site], '--site', site,
                '-d', dataset, '--device', kind, '-np', str(num_processes), '--parent-pid', str(os.getpid())]
         cmd += ['--verbose'] if verbose else []
-        if list(self.devices.values()).count(self.devices[site]) > 1:
-            cmd.append('--taking-turns')
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
 
     def _wait_until_listening(self, timeout: float):
