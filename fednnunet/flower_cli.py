@@ -525,8 +525,9 @@ def site_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-wait-time', type=positive_number, default=None,
                    help='give up after this many seconds without the server (default: keep trying)')
     p.add_argument('--pull-interval', type=pull_interval, default=0.2, metavar='SECONDS',
-                   help="seconds between the waiting SuperNode's requests for the next message (Flower's own: 3; "
-                        "default 0.2, between 0.05 and 3; see fednnunet.supernode_runner)")
+                   help="at most this many seconds between the SuperNode's requests for the next message and "
+                        "between its looks for the reply (Flower's own: 3 and 0.5; default 0.2, between 0.05 and "
+                        "3; see fednnunet.supernode_runner)")
     p.add_argument('--verbose', action='store_true', help="the site's nnU-Net logs in the SuperNode's output")
     p.add_argument('--print-app-hash', action=_PrintAppHash, nargs=0,
                    help='print the sha256 of the app bundle this site runs (its own fednnunet\'s; any other bundle '

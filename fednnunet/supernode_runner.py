@@ -4,9 +4,9 @@ A SuperNode that pulls the SuperLink and finds no message sleeps a fixed 3 s bef
 for the ClientApp's reply every 0.5 s (flwr 1.42, ``flwr.supernode.start_client_internal``). Flower's own rounds
 are long and few messages apart; fednnunet sends a site one message per round, the next only after every site has
 answered, so the site nearly always finds nothing right after its reply and then waits up to 3 s (measured: the
-larger part of Flower's share of a round). Here the wait between requests to the SuperLink is ``--pull-interval``
-seconds (fednnunet_site's default 0.2 s: five small requests a second while the site waits), and the waits for
-something in the SuperNode's own memory (the ClientApp's reply) are LOCAL_WAIT seconds. Nothing else of the SuperNode changes: this module runs Flower's
+larger part of Flower's share of a round). Here every wait of that loop is at most ``--pull-interval`` seconds
+(fednnunet_site's default 0.2 s: five small requests a second to the SuperLink while the site waits, and as many
+local look-ups for the reply while it trains). Nothing else of the SuperNode changes: this module runs Flower's
 own ``flower-supernode`` entry point with the same arguments. On a Flower whose SuperNode loop is not the one this
 was written for, the SuperNode runs unchanged, with a one-line notice.
 
@@ -19,21 +19,16 @@ from typing import List, Optional
 #: the idle wait of flwr's SuperNode loop (its others are 0.5 s); every wait becomes at most the pull interval
 FLOWER_IDLE_WAIT = 3
 MIN_PULL_INTERVAL = 0.05
-#: the SuperNode's waits for something in its own (in-memory) state, e.g. the ClientApp's reply
-LOCAL_WAIT = 0.02
 
 
 class _IdleWait:
-    """``time`` for Flower's SuperNode loop: everything as the time module, but its waits shorter."""
+    """``time`` for Flower's SuperNode loop: everything as the time module, but its waits at most the interval."""
 
     def __init__(self, pull_interval: float):
         self.pull_interval = pull_interval
 
     def sleep(self, seconds: float):
-        if seconds == FLOWER_IDLE_WAIT:  # before the next request to the SuperLink
-            _time.sleep(min(seconds, self.pull_interval))
-        else:  # looks into the SuperNode's own state (is the ClientApp's reply there?): cheap, so often
-            _time.sleep(min(seconds, LOCAL_WAIT))
+        _time.sleep(min(seconds, self.pull_interval))
 
     def __getattr__(self, name):
         return getattr(_time, name)
@@ -41,8 +36,8 @@ class _IdleWait:
 
 def shorten_waits(pull_interval: float) -> bool:
     """Makes Flower's SuperNode loop (in this process) wait at most ``pull_interval`` s between its pulls and
-    LOCAL_WAIT s between its looks for the ClientApp's reply. False (and nothing changed) if this Flower's
-    SuperNode loop is not the one this was written for."""
+    between its looks for the ClientApp's reply. False (and nothing changed) if this Flower's SuperNode loop is not
+    the one this was written for."""
     from flwr.supernode import start_client_internal
     if getattr(start_client_internal, 'time', None) is not _time:
         return False

@@ -921,18 +921,3 @@ def test_a_poisoning_site_a_straggler_and_an_impostor_with_a_registered_key_do_n
     assert all(np.isfinite(t.numpy()).all() for t in final.values())
     assert set(final) == set(_weights(os.path.join(os.path.dirname(fold), 'sites', 'A', 'fold_0',
                                                    'checkpoint_final.pth')))
-
-
-def test_the_server_polls_fast_only_when_replies_are_due():
-    """The server backs off to 0.25 s between pulls, and pulls every FAST_POLL seconds from 90 % to 150 % of the
-    time the previous request of the same kind took (a round takes about as long as the last one)."""
-    from fednnunet.engines.flower import FAST_POLL
-    engine = FlowerEngine(grid=None)
-    assert engine._poll_wait('fit', 0.25, 5.0) == 0.25  # no earlier round: back off
-    engine._reply_seconds['fit'] = 30.0
-    assert engine._poll_wait('fit', 0.25, 5.0) == 0.25  # far from due
-    assert engine._poll_wait('fit', 0.25, 26.9) == pytest.approx(0.1)  # lands on 90 %
-    assert engine._poll_wait('fit', 0.25, 28.0) == FAST_POLL  # due: fast
-    assert engine._poll_wait('fit', 0.25, 44.0) == FAST_POLL
-    assert engine._poll_wait('fit', 0.25, 46.0) == 0.25  # much slower than the last round: back off again
-    assert engine._poll_wait('identify', 0.25, 28.0) == 0.25  # another kind of request: its own history

@@ -1,5 +1,5 @@
 """fednnunet_site runs Flower's own SuperNode with shorter waits (fednnunet.supernode_runner): the 3 s wait after
-an empty pull becomes --pull-interval, the 0.5 s looks for the ClientApp's reply LOCAL_WAIT."""
+an empty pull and the 0.5 s looks for the ClientApp's reply become at most --pull-interval."""
 import time
 
 import pytest
@@ -23,8 +23,8 @@ def test_the_supernodes_waits_become_at_most_the_pull_interval(monkeypatch):
     assert _slept(supernode_runner.FLOWER_IDLE_WAIT) >= 2.9  # Flower's own, as the runner finds it
     assert supernode_runner.shorten_waits(0.1)
     assert _slept(supernode_runner.FLOWER_IDLE_WAIT) < 0.4
-    assert _slept(0.5) < 0.1  # the looks for the reply, in the SuperNode's own state
-    assert _slept(0.01) >= 0.009  # a shorter wait stays as it is
+    assert _slept(0.5) < 0.4  # the looks for the reply
+    assert _slept(0.05) >= 0.045  # a shorter wait stays as it is
     assert start_client_internal.time.time() == pytest.approx(time.time(), abs=1.0)
     assert not supernode_runner.shorten_waits(0.1)  # not the module it was written for (any more): unchanged
 

@@ -46,8 +46,6 @@ CONFIG_RECORD = 'fednnunet'
 ARRAY_RECORD = 'arrays'
 #: the one Array of a message's ArrayRecord: the message's arrays in fednnunet's wire encoding
 WIRE_ARRAY = 'wire'
-#: seconds between pulls when replies are due (see FlowerEngine._poll_wait)
-FAST_POLL = 0.03
 ARRAYS_KIND = 'arrays'
 FORMAT = 'fednnunet-flower-2'  # 2: all arrays in one Array (fednnunet's wire encoding)
 ERROR_KIND = '__error__'
@@ -232,7 +230,6 @@ class FlowerEngine:
         self.dataset = dataset
         self.log = log or (lambda text: print(f'[fednnunet flower] {text}', flush=True))
         self.poll_interval, self.max_poll_interval = poll_interval, max_poll_interval
-        self._reply_seconds: Dict[str, float] = {}  # what -> seconds the last such request took for all replies
         self.liveness_interval = liveness_interval
         self.versions = software_versions()
         self.dataset_name: Optional[str] = None
@@ -492,8 +489,7 @@ class FlowerEngine:
             else:
                 self._missing(key, 'the SuperLink did not accept the message')
         got: Dict[object, tuple] = {}
-        started = time.time()
-        deadline = round_deadline = started + timeout
+        deadline = round_deadline = time.time() + timeout
         stragglers_cut = False  # the straggler grace, not the round timeout, ends the wait
         interval, last_liveness = self.poll_interval, time.time()
         while pending:
@@ -536,20 +532,9 @@ class FlowerEngine:
                         self._missing(key, f'SuperNode {nodes[key]} went offline during {what}')
                         if isinstance(key, str) and self.site_node.get(key) == nodes[key]:
                             del self.site_node[key]
-            time.sleep(min(self._poll_wait(what, interval, now - started), max(0.0, deadline - time.time())))
+            time.sleep(min(interval, max(0.0, deadline - time.time())))
             interval = min(interval * 1.5, self.max_poll_interval)
-        if got and not pending:
-            self._reply_seconds[what] = max(t for _, t in got.values()) - started
         return got
-
-    def _poll_wait(self, what: str, interval: float, elapsed: float) -> float:
-        """The wait before the next pull: backing off to max_poll_interval, but every FAST_POLL seconds from 90 %
-        to 150 % of the time the previous request of the same kind took for all its replies (a round takes about
-        as long as the last one), so that the replies are picked up without polling fast all round long."""
-        expected = self._reply_seconds.get(what)
-        if expected is not None and 0.9 * expected - self.max_poll_interval <= elapsed <= 1.5 * expected:
-            return min(interval, max(FAST_POLL, 0.9 * expected - elapsed))
-        return interval
 
     def _still_busy(self, sites: List[str]) -> Dict[str, str]:
         """{site: why} for the sites still working on a request they did not answer in time. A late reply that
