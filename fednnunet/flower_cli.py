@@ -103,12 +103,39 @@ def wait_for_port(host: str, port: int, timeout: float, process: Optional[subpro
 def tls_files(tls_dir: str, need_server: bool) -> dict:
     """The certificate files in a folder made by scripts/make_test_certs.sh (or your own, same names)."""
     files = {k: os.path.abspath(os.path.join(tls_dir, v)) for k, v in TLS_FILES.items()}
+    ca_keys = ca_private_keys(tls_dir)
+    if ca_keys:
+        raise CliError(f'--tls-dir {tls_dir} holds the private key of a certificate authority ({", ".join(ca_keys)}): '
+                       f'whoever has it can sign certificates the whole federation trusts. Move it off this machine '
+                       f'(scripts/make_test_certs.sh writes it to a folder of its own, <dir>.ca-key)')
     wanted = ('ca', 'cert', 'key') if need_server else ('ca',)
     absent = [files[k] for k in wanted if not os.path.isfile(files[k])]
     if absent:
         raise CliError(f'--tls-dir {tls_dir}: missing {absent} (make them with scripts/make_test_certs.sh, or put '
                        f'your own CA certificate as ca.crt{", server certificate as server.pem and key as server.key" if need_server else ""})')
     return files
+
+
+def ca_private_keys(tls_dir: str) -> List[str]:
+    """Files in ``tls_dir`` that hold a private key other than the server's own (server.key): ca.key, or any
+    file whose text starts a PEM private key. A TLS folder is what the server and the sites carry around; the
+    CA's key must not be in it."""
+    found = []
+    for name in sorted(os.listdir(tls_dir)) if os.path.isdir(tls_dir) else []:
+        path = os.path.join(tls_dir, name)
+        if name == TLS_FILES['key'] or not os.path.isfile(path):
+            continue
+        if name == 'ca.key':
+            found.append(name)
+            continue
+        try:
+            with open(path, 'rb') as f:
+                head = f.read(4096)
+        except OSError:
+            continue
+        if b'-----BEGIN' in head and b'PRIVATE KEY-----' in head:
+            found.append(name)
+    return found
 
 
 def _security_args(parser):

@@ -4,7 +4,10 @@
 #   scripts/make_test_certs.sh OUT_DIR [--sites A B C] [--san NAME_OR_IP ...] [--days N]
 #
 # writes
-#   OUT_DIR/ca.crt, ca.key          a certificate authority (keep ca.key away from the sites)
+#   OUT_DIR/ca.crt                  a certificate authority's certificate (the server and every site get it)
+#   OUT_DIR.ca-key/ca.key           its private key, in a folder of its own beside OUT_DIR: it signs
+#                                   certificates, so it goes to nobody (keep it offline); fednnunet_server and
+#                                   fednnunet_site refuse a --tls-dir that holds a CA key
 #   OUT_DIR/server.pem, server.key  the SuperLink's certificate, signed by the CA, for 127.0.0.1 and localhost
 #                                   plus every --san (the server's host name / IP address the sites connect to)
 #   OUT_DIR/keys/<site>, <site>.pub one SuperNode authentication key pair per --sites name (OpenSSH ECDSA P-384,
@@ -44,11 +47,13 @@ done
 
 command -v openssl >/dev/null || { echo "make_test_certs.sh: openssl is needed" >&2; exit 1; }
 mkdir -p "$OUT"
+CA_KEY_DIR="${OUT%/}.ca-key"
+mkdir -p "$CA_KEY_DIR"
 umask 077
 
 # --- certificate authority
 openssl req -x509 -newkey rsa:3072 -nodes -sha256 -days "$DAYS" \
-  -keyout "$OUT/ca.key" -out "$OUT/ca.crt" -subj "/CN=fednnunet test CA" \
+  -keyout "$CA_KEY_DIR/ca.key" -out "$OUT/ca.crt" -subj "/CN=fednnunet test CA" \
   -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
 
 # --- the SuperLink's certificate
@@ -64,7 +69,7 @@ subjectAltName=$alt
 EOF
 openssl req -newkey rsa:3072 -nodes -sha256 -keyout "$OUT/server.key" -out "$OUT/server.csr" \
   -subj "/CN=fednnunet superlink" 2>/dev/null
-openssl x509 -req -in "$OUT/server.csr" -CA "$OUT/ca.crt" -CAkey "$OUT/ca.key" -CAcreateserial \
+openssl x509 -req -in "$OUT/server.csr" -CA "$OUT/ca.crt" -CAkey "$CA_KEY_DIR/ca.key" -CAcreateserial \
   -out "$OUT/server.pem" -days "$DAYS" -sha256 -extfile "$OUT/server.ext" 2>/dev/null
 rm -f "$OUT/server.csr" "$OUT/server.ext" "$OUT/ca.srl"
 chmod 644 "$OUT/ca.crt" "$OUT/server.pem"
@@ -94,4 +99,4 @@ EOF
   done
 fi
 
-echo "make_test_certs.sh: wrote $OUT (CA, SuperLink certificate for $alt${SITES[0]+, keys for sites ${SITES[*]}})"
+echo "make_test_certs.sh: wrote $OUT (CA certificate, SuperLink certificate for $alt${SITES[0]+, keys for sites ${SITES[*]}}); the CA's private key is in $CA_KEY_DIR: keep it offline, it goes to no server or site"

@@ -576,3 +576,25 @@ def test_train_gives_every_site_its_own_process_on_several_gpus_or_when_asked(de
         engine(['--site-devices', 'A=cpu', 'B=cpu', 'C=cpu', '--state-in-memory'])
     with pytest.raises(FederationError, match="no device for site"):
         engine(['--site-devices', 'A=cpu'])
+
+
+def test_a_tls_folder_with_a_ca_private_key_is_refused(tmp_path):
+    """scripts/make_test_certs.sh writes the CA's private key beside the TLS folder, not in it; a --tls-dir that
+    holds one (ca.key, or any other PEM private key than server.key) is refused by name, on server and site."""
+    import shutil
+    from fednnunet.flower_cli import CliError, tls_files
+    if shutil.which('openssl') is None:
+        pytest.skip('openssl is not installed')
+    certs = tmp_path / 'certs'
+    subprocess.run(['bash', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts',
+                    'make_test_certs.sh'), str(certs)], check=True, capture_output=True, timeout=120)
+    assert sorted(os.listdir(certs)) == ['ca.crt', 'server.key', 'server.pem']
+    assert os.path.isfile(tmp_path / 'certs.ca-key' / 'ca.key')
+    assert tls_files(str(certs), need_server=True)['key'].endswith('server.key')
+    shutil.copy(tmp_path / 'certs.ca-key' / 'ca.key', certs / 'ca.key')
+    for need_server in (True, False):
+        with pytest.raises(CliError, match=r'private key of a certificate authority \(ca\.key\)'):
+            tls_files(str(certs), need_server=need_server)
+    os.rename(certs / 'ca.key', certs / 'backup.pem')
+    with pytest.raises(CliError, match=r'\(backup\.pem\)'):
+        tls_files(str(certs), need_server=True)
