@@ -41,6 +41,8 @@ from fednnunet.method_options import add_method_arguments, hyperparameters_from_
 DEFAULT_PORT = 9092
 CONNECTION = 'fednnunet'
 TLS_FILES = {'ca': 'ca.crt', 'cert': 'server.pem', 'key': 'server.key'}
+#: what fednnunet_server prints at its start, before the folder of its logs
+WORK_DIR_SAYS = "Flower's logs (SuperLink, Fleet proxy) and files (app, FLWR_HOME) are in"
 
 
 class CliError(RuntimeError):
@@ -468,6 +470,8 @@ def run_server_command(args) -> int:
     tls = tls_files(args.tls_dir, need_server=args.superlink is None) if args.tls_dir else None
     work = os.path.abspath(args.work_dir) if args.work_dir else tempfile.mkdtemp(prefix='fednnunet_server_')
     os.makedirs(work, exist_ok=True)
+    print(f'fednnunet_server: {WORK_DIR_SAYS} {work}' + ('' if args.work_dir else
+          ' (a new temporary folder: --work-dir keeps them in a folder of your choice)'), flush=True)
     flwr_home = os.path.join(work, 'flwr_home')
     env = flower_env(flwr_home)
     # fednnunet's own SuperLink listens on the loopback only; the public port is the Fleet-only proxy in front of it

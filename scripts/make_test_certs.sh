@@ -59,6 +59,7 @@ openssl req -x509 -newkey rsa:3072 -nodes -sha256 -days "$DAYS" \
 # --- the SuperLink's certificate
 alt="IP:127.0.0.1,DNS:localhost"
 for name in "${SANS[@]+"${SANS[@]}"}"; do
+  [[ "$name" == 127.0.0.1 || "$name" == localhost ]] && continue  # always there
   if [[ "$name" =~ ^[0-9.]+$ || "$name" == *:* ]]; then alt="$alt,IP:$name"; else alt="$alt,DNS:$name"; fi
 done
 cat > "$OUT/server.ext" <<EOF

@@ -662,6 +662,8 @@ def test_every_phase_over_flower_with_tls_and_auth_equals_simulation(demo_raw, t
                                        str(server / 'w2')], server_env)
     assert processes.procs['server_resumed'].wait(timeout=900) == 0, processes.log('server_resumed')[-5000:]
     log = processes.log('server') + processes.log('server_resumed')
+    from fednnunet.flower_cli import WORK_DIR_SAYS
+    assert f"{WORK_DIR_SAYS} {server / 'w1'}" in processes.log('server')  # where its logs are, said at the start
     assert 'finished:completed' in log and "site 'A' connected" in log and "site 'B' connected" in log
     assert 'continuing after round' in log
     assert [r['round'] for r in json.load(open(round_log))] == [0, 1]
