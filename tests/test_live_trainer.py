@@ -204,6 +204,9 @@ def test_sites_taking_turns_pause_their_augmentation_workers_between_turns(plann
         trainer = worker.live_trainer.trainer
         loader_pids = augmentation_workers.worker_pids(trainer.dataloader_train)
         pids.setdefault(worker.site.name, set()).update(loader_pids)
+        deadline = time.time() + 5.0  # SIGSTOP is delivered asynchronously: /proc may say R for a moment
+        while {_process_state(p) for p in loader_pids} != {'T'} and time.time() < deadline:
+            time.sleep(0.01)
         after_turn.append((worker.site.name, id(trainer), id(trainer.dataloader_train),
                            {_process_state(p) for p in loader_pids}))
         return reply
