@@ -15,7 +15,6 @@ share of the cores; sites on ``cpu`` take turns). :func:`gpu_site_devices` sprea
 import os
 import re
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
@@ -92,9 +91,9 @@ class SiteProcessEngine:
             env['CUDA_VISIBLE_DEVICES'] = index
         if kind == 'cpu':
             env[CPU_THREADS_VARIABLE] = str(cpu_threads)
-        cmd = [sys.executable, '-m', 'fednnunet.site_daemon', '--socket', self.sockets[site], '--site', site,
-               '-d', dataset, '--device', kind, '-np', str(num_processes), '--parent-pid', str(os.getpid())]
-        cmd += ['--verbose'] if verbose else []
+        from fednnunet.flower_cli import daemon_command  # the same site daemon fednnunet_site starts
+        cmd = daemon_command({'site-id': site, 'dataset': dataset, 'device': kind, 'num-processes': num_processes,
+                              'verbose': verbose}, self.sockets[site])
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
 
     def _wait_until_listening(self, timeout: float):
