@@ -353,12 +353,16 @@ def demo_data_entry(argv=None):
     parser.add_argument('--seed', type=int_at_least(0), default=0, help='seed of the demo data (>= 0; default 0)')
     parser.add_argument('--test-sites', action='store_true', help='the small 3-site federation used by the tests')
     parser.add_argument('--overwrite', action='store_true', help='replace the dataset folder if it exists')
+    parser.add_argument('--site', default=None,
+                        help="only this site's cases, with a sites.json that lists only itself: one hospital's own "
+                             "nnUNet_raw, for trying the deployment guide on one machine")
     args = parser.parse_args(argv)
     from fednnunet import demo
     sites = demo.TEST_SITES if args.test_sites else demo.DEFAULT_SITES
     try:
         folder = demo.build_demo_federation(args.d if args.d is not None else demo.DEMO_DATASET_ID, size=args.size,
-                                            seed=args.seed, sites=sites, overwrite=args.overwrite)
+                                            seed=args.seed, sites=sites, overwrite=args.overwrite,
+                                            only_site=args.site)
     except (FileExistsError, ValueError, FederationError) as e:
         _fail(str(e).replace('pass overwrite=True', 'pass --overwrite'))
     print(f'demo federation written to {folder}')

@@ -317,9 +317,12 @@ def _check_sites(sites: Iterable[SiteScanner]) -> Tuple[SiteScanner, ...]:
 def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DATASET_NAME,
                           raw_root: Optional[str] = None, size: int = 64, seed: int = 0,
                           sites: Sequence[SiteScanner] = DEFAULT_SITES, overwrite: bool = False,
-                          verbose: bool = True) -> str:
+                          verbose: bool = True, only_site: Optional[str] = None) -> str:
     """Writes ``<raw_root or $nnUNet_raw>/Dataset{id:03d}_{name}/`` with dataset.json, imagesTr/,
     labelsTr/ and sites.json. Returns the folder.
+
+    ``only_site``: one hospital's own raw folder, as on its own machine in a real federation (its cases and a
+    sites.json that lists only itself; the federation's dataset.json): the same cases as in the whole demo.
 
     The folder is built under a hidden temporary sibling and renamed into place at the end, so an
     interrupted build never leaves a folder that looks complete. An existing folder raises
@@ -327,6 +330,8 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
     from fednnunet.federation import Federation, write_sites_json
 
     sites = _check_sites(sites)
+    if only_site is not None and only_site not in [s.name for s in sites]:
+        raise ValueError(f"site {only_site!r} is not one of the demo's sites {[s.name for s in sites]}")
     if raw_root is None:
         raw_root = os.environ.get('nnUNet_raw')
         if not raw_root:
@@ -354,6 +359,8 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
             print(f'[demo] MNI152 template at {_work_spacing(size)} mm working resolution, '
                   f'{time.perf_counter() - t0:.1f} s', flush=True)
         for site in sites:
+            if only_site is not None and site.name != only_site:
+                continue
             t0 = time.perf_counter()
             spacing = site_spacing_mm(site, size)
             shape = site_shape(site, size)
@@ -367,11 +374,11 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
             if verbose:
                 print(f'[demo] site {site.name}: {site.n_cases} cases, shape {shape} (x,y,z), spacing '
                       f'{tuple(round(s, 3) for s in spacing)} mm, {time.perf_counter() - t0:.1f} s', flush=True)
-        n_cases = sum(s.n_cases for s in sites)
+        n_cases = sum(s.n_cases for s in sites if only_site in (None, s.name))
         dataset_json = {
             'channel_names': dict(CHANNEL_NAMES),
             'labels': dict(LABELS),
-            'numTraining': n_cases,
+            'numTraining': sum(s.n_cases for s in sites),  # the federation's, the same at every site
             'file_ending': FILE_ENDING,
             'name': name,
             'description': (f'fednnunet demo federation: brain tissue segmentation, {len(sites)} sites '

@@ -31,6 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 
 import fednnunet
 from fednnunet.engines.flower import MESSAGE_KINDS, FlowerEngine, handle_site_message, handle_via_daemon, message_type
+from fednnunet.log_lines import stamped
 from fednnunet.site_daemon import SITE_VARIABLE, SOCKET_VARIABLE
 
 
@@ -196,7 +197,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _log(text: str):
-    print(f'[fednnunet server] {text}', flush=True)
+    print(f'[fednnunet server] {stamped(text)}', flush=True)
 
 
 def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) -> dict:
@@ -253,7 +254,8 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
         from fednnunet.plan_and_preprocess import plan_and_preprocess
         configurations = str(cfg['configurations']).split() or [str(cfg['configuration'])]
         summary = plan_and_preprocess(engine, dataset_name, configurations, str(cfg['planner']),
-                                      float(cfg['gpu-memory-target']) or None, str(cfg['plans-name']) or None)
+                                      float(cfg['gpu-memory-target']) or None, str(cfg['plans-name']) or None,
+                                      log=_log)
         plans_identifier = summary['plans_identifier']
         _log(f"plans '{plans_identifier}' negotiated by {len(summary['sites'])} sites, preprocessed "
              f"{sorted(summary['preprocessed'])} (order-statistic rounds: {summary['order_statistic_rounds']})")

@@ -36,6 +36,7 @@ from typing import List, Optional, Tuple
 from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_start_arguments,
                                 add_schedule_arguments, address, check_device, device_name, fail, fold, int_at_least,
                                 method, methods_epilog, number_at_least, port, positive_number, pull_interval)
+from fednnunet.log_lines import stamped
 from fednnunet.method_options import add_method_arguments, hyperparameters_from_args
 
 DEFAULT_PORT = 9092
@@ -367,19 +368,41 @@ def register_keys(keys: dict, env: dict, timeout: float = 60.0):
             time.sleep(1.0)
 
 
-def run_status(run_id: str, env: dict) -> Optional[str]:
+def run_status(run_id: str, env: dict, details: bool = False):
+    """The run's Flower status (``finished:stopped`` ...), or (status, Flower's status details) with ``details``."""
     done = _flwr(['ls', CONNECTION, '--run-id', run_id, '--format', 'json'], env)
     try:
         runs = json.loads(done.stdout)['runs']
-        return runs[0]['status'] if runs else None
-    except (ValueError, KeyError, IndexError):
-        return None
+        status, text = (runs[0]['status'], str(runs[0].get('status-details') or '')) if runs else (None, '')
+    except (ValueError, KeyError, IndexError, TypeError):
+        status, text = None, ''
+    return (status, text) if details else status
+
+
+def status_sentence(run_id: Optional[str], status: Optional[str], details: str = '',
+                    interrupted: Optional[str] = None) -> str:
+    """What the operator reads at the end: how the run ended, who ended it and what to do next."""
+    resume = 'the last completed round is saved: the same command with --continue resumes from it'
+    if status == 'finished:completed' and not interrupted:
+        return f'run {run_id} finished:completed'
+    if interrupted:
+        return (f'run {run_id} {status or "state unknown"}: stopped by this fednnunet_server ({interrupted}); '
+                f'{resume}')
+    if status == 'finished:stopped':
+        return (f'run {run_id} finished:stopped: stopped from outside this command (flwr stop {run_id} through '
+                f'the Control API, which listens on this machine only){": " + details if details else ""}; '
+                f'{resume}')
+    if status == 'finished:failed':
+        return (f'run {run_id} finished:failed: the server stopped on an error ({details or "see the lines above"}); '
+                f'{resume} once it is fixed')
+    status = status or 'state unknown (the SuperLink did not answer)'
+    return f'run {run_id}: {status}' + (f': {details}' if details else '')
 
 
 def run_app(app_dir: str, run_config_file: str, env: dict) -> int:
     """flwr run with the logs streamed to this terminal; returns 0 if the run completed."""
     cmd = [flower_executable('flwr'), 'run', app_dir, CONNECTION, '--run-config', run_config_file, '--stream']
-    run_id, interrupted = None, False
+    run_id, interrupted, details = None, None, ''
     try:
         process = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    bufsize=1)
@@ -394,39 +417,39 @@ def run_app(app_dir: str, run_config_file: str, env: dict) -> int:
         if run_id is None:
             print('fednnunet_server: the run did not start (see above)', file=sys.stderr, flush=True)
             return 1
-        status = _final_status(run_id, env)
-    except KeyboardInterrupt:
-        interrupted = True
+        status, details = _final_status(run_id, env)
+    except KeyboardInterrupt as e:
+        interrupted = str(e) or 'Ctrl-C'
         if run_id:
-            print(f'fednnunet_server: stopping run {run_id}', flush=True)
+            print(f'fednnunet_server: stopping run {run_id} ({interrupted})', flush=True)
             _flwr(['stop', run_id, CONNECTION], env)
-        status = run_status(run_id, env) if run_id else None
-    print(f'fednnunet_server: run {run_id}: {status}' + (' (interrupted)' if interrupted else ''), flush=True)
+        status, details = run_status(run_id, env, details=True) if run_id else (None, '')
+    print(f'fednnunet_server: {stamped(status_sentence(run_id, status, details, interrupted))}', flush=True)
     return 0 if status == 'finished:completed' and not interrupted else 1
 
 
-def _final_status(run_id: str, env: dict) -> Optional[str]:
+def _final_status(run_id: str, env: dict) -> Tuple[Optional[str], str]:
     """The run's status once it has finished. The log stream ends with the run; if it ended early (a lost
     connection), the logs are followed again (flwr log) until the run finishes."""
     unreachable = 0
     while True:
         status = None
         for _ in range(10):  # the status may lag the end of the stream by a moment
-            status = run_status(run_id, env)
+            status, details = run_status(run_id, env, details=True)
             if status and status.startswith('finished'):
-                return status
+                return status, details
             time.sleep(1)
         if status is None:
             unreachable += 1
             if unreachable >= 3:
-                return None
+                return None, ''
             continue
         print(f'fednnunet_server: run {run_id} is {status}; following its logs again', flush=True)
         subprocess.run([flower_executable('flwr'), 'log', run_id, CONNECTION, '--stream'], env=env)
 
 
 def _interrupt(signum, _frame):
-    raise KeyboardInterrupt(f'signal {signum}')
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def check_server_args(parser, args):
@@ -722,7 +745,7 @@ def supervise_supernode(cmd: List[str], env: dict, max_wait_time: Optional[float
             started = time.time()
             # same process group as this command: whoever stops fednnunet_site's group stops the SuperNode too
             p = process['p'] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            said_terminated = {'at': None}
+            said_terminated = {'at': None, 'connection_error': None}
             reader = threading.Thread(target=_relay_output, args=(p, said_terminated), daemon=True)
             reader.start()
             while p.poll() is None:
@@ -749,8 +772,16 @@ def supervise_supernode(cmd: List[str], env: dict, max_wait_time: Optional[float
                 print(f'fednnunet_site: the SuperNode keeps exiting (status {code}); giving up after '
                       f'{max_wait_time:.0f} s (--max-wait-time)', file=sys.stderr, flush=True)
                 return 1
-            print(f'fednnunet_site: the SuperNode exited (status {code}); starting it again in {backoff:.0f} s '
-                  f'(is the server up, and this site\'s key registered there?)', file=sys.stderr, flush=True)
+            if said_terminated['connection_error']:  # Flower's exit-code block, said plainly
+                server = cmd[cmd.index('--superlink') + 1] if '--superlink' in cmd else 'the server'
+                print('fednnunet_site: ' + stamped(f"{connection_problem(server, said_terminated['connection_error'])}"
+                                                  f"; retrying in {backoff:.0f} s"), flush=True)
+            elif code == 0:  # it gave up on its SuperLink by itself: the server stopped, or restarted without its node
+                print('fednnunet_site: ' + stamped(f'the SuperNode ended (the server went away or restarted); '
+                                                  f'starting it again in {backoff:.0f} s'), flush=True)
+            else:
+                print(f'fednnunet_site: the SuperNode exited (status {code}); starting it again in {backoff:.0f} s '
+                      f'(is the server up, and this site\'s key registered there?)', file=sys.stderr, flush=True)
             deadline = time.time() + backoff
             while time.time() < deadline and stopping['signal'] is None:
                 time.sleep(0.2)
@@ -767,14 +798,48 @@ def supervise_supernode(cmd: List[str], env: dict, max_wait_time: Optional[float
                 _kill_tree(process['p'].pid)
 
 
-def _relay_output(process: subprocess.Popen, said_terminated: dict):
-    """Copies the SuperNode's output to ours; notes when it says it terminated."""
-    out = sys.stdout.buffer
+#: Flower's exit code for a SuperNode whose connection to the SuperLink failed or was refused
+_CONNECTION_EXIT = b'Exit Code: 305'
+_GENERIC_CONNECTION_LINES = ('Failed to initialize the connection to the SuperLink.',
+                             'The SuperNode could not establish a connection to the SuperLink.')
+
+
+def _relay_output(process: subprocess.Popen, said: dict, out=None):
+    """Copies the SuperNode's output to ours; notes when it says it terminated. Flower's error block for a failed
+    connection (``Exit Code: 305`` ... ``For more information, visit: <url>``) is not copied: its reason goes to
+    ``said['connection_error']``, which the supervisor says in one plain line with its retry."""
+    out = out or sys.stdout.buffer
+    block = None
     for line in process.stdout:
+        if block is not None:
+            if b'For more information, visit' in line:
+                said['connection_error'], block = _connection_reason(block), None
+            else:
+                block.append(line)
+            continue
+        if _CONNECTION_EXIT in line:
+            block = []
+            continue
         out.write(line)
         out.flush()
         if b'SuperNode terminated gracefully' in line or b'SuperExec terminated gracefully' in line:
-            said_terminated['at'] = said_terminated['at'] or time.time()
+            said['at'] = said['at'] or time.time()
+    if block is not None:
+        said['connection_error'] = _connection_reason(block)
+
+
+def _connection_reason(lines: List[bytes]) -> str:
+    text = [re.sub(r'\x1b\[[0-9;]*m', '', raw.decode('utf-8', 'replace')).strip() for raw in lines]
+    text = [t for t in text if t and t not in _GENERIC_CONNECTION_LINES]
+    return ' '.join(text)[:300] or 'the connection failed'
+
+
+def connection_problem(server: str, reason: str) -> str:
+    """The SuperNode's failed connection in an operator's words."""
+    if 'Failed to activate SuperNode' in reason:  # Flower's public text for a key its SuperLink does not know
+        return (f"server {server} does not accept this site's key (yet): it is still starting, or the key is not "
+                f"among its --auth-keys")
+    return f'server {server} not reachable yet ({reason})'
 
 
 def _kill_tree(pid: int):

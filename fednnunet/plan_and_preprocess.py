@@ -17,13 +17,14 @@ stops the run with that site's error and no server output.
 import json
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from fednnunet.federation import server_folder
 from fednnunet.fingerprint import merge_site_fingerprints, samples_per_case
 from fednnunet.jsonio import write_json
+from fednnunet.log_lines import stamped
 from fednnunet.parallel import close_pool
 from fednnunet.planners.negotiation import negotiate, plan_federation
 from fednnunet.wire import Message
@@ -49,14 +50,24 @@ def discard_site_fingerprints(engine):
         pass
 
 
-def federated_fingerprint(engine, gpu_memory_gb: Optional[float] = None) -> dict:
+def say(text: str):
+    """The planning's progress, one timestamped line per phase (the server's log reads as it goes)."""
+    print(stamped(text), flush=True)
+
+
+def federated_fingerprint(engine, gpu_memory_gb: Optional[float] = None, log: Callable[[str], None] = say) -> dict:
     """Phases 1-3. Returns {'negotiation', 'fingerprint', 'site_fingerprints', 'count_rounds'}."""
+    t0 = time.time()
     descriptions = ask_every_site(engine, Message('describe'))
     negotiation = negotiate([descriptions[s].config for s in engine.site_names], gpu_memory_gb)
     n_total = negotiation['dataset_json']['numTraining']
+    log(f'planning: {len(descriptions)} site(s) agree on the dataset ({n_total} cases in all); every site '
+        f'fingerprints its own cases')
     request = Message('fingerprint', {'reader_writer': negotiation['reader_writer'],
                                       'num_samples_per_case': samples_per_case(n_total)})
     site_fps = [r.config for r in ask_every_site(engine, request).values()]
+    log(f'planning: every site fingerprinted its cases ({time.time() - t0:.1f} s into planning); merging the '
+        f'intensity statistics (exact order statistics by count queries)')
 
     rounds = {'n': 0}
 
@@ -67,6 +78,7 @@ def federated_fingerprint(engine, gpu_memory_gb: Optional[float] = None) -> dict
 
     fingerprint = merge_site_fingerprints(site_fps, count_leq)
     ask_every_site(engine, Message('release_fingerprint'))
+    log(f"planning: fingerprint merged ({rounds['n']} count rounds, {time.time() - t0:.1f} s in all)")
     return {'negotiation': negotiation, 'fingerprint': fingerprint, 'site_fingerprints': site_fps,
             'count_rounds': rounds['n']}
 
@@ -74,18 +86,20 @@ def federated_fingerprint(engine, gpu_memory_gb: Optional[float] = None) -> dict
 def plan_and_preprocess(engine, dataset_name: str, configurations: Sequence[str] = NNUNET_DEFAULT_CONFIGURATIONS,
                         planner_name: str = 'ExperimentPlanner', gpu_memory_gb: Optional[float] = None,
                         plans_name: Optional[str] = None, overwrite_target_spacing: Optional[List[float]] = None,
-                        preprocess: bool = True) -> dict:
+                        preprocess: bool = True, log: Callable[[str], None] = say) -> dict:
     """Runs all phases; returns a summary that is also written to <server folder>/federation/negotiation_<plans>.json."""
     t0 = time.time()
     try:
-        fp = federated_fingerprint(engine, gpu_memory_gb)
+        fp = federated_fingerprint(engine, gpu_memory_gb, log)
         t_fingerprint = time.time() - t0
+        log(f'planning: {planner_name} plans the merged fingerprint')
         plans, plans_identifier = plan_federation(dataset_name, fp['negotiation'], fp['fingerprint'], planner_name,
                                                   plans_name, overwrite_target_spacing)
     except BaseException:
         discard_site_fingerprints(engine)  # nothing of a failed planning stays at the sites
         raise
     t_plan = time.time() - t0 - t_fingerprint
+    log(f"planning: plans '{plans_identifier}' written ({t_plan:.1f} s)")
     plans_file = os.path.join(server_folder(dataset_name), plans_identifier + '.json')
     with open(plans_file) as f:
         plans = json.load(f)  # exactly what nnU-Net wrote, JSON-clean
@@ -102,9 +116,11 @@ def plan_and_preprocess(engine, dataset_name: str, configurations: Sequence[str]
             if c not in wanted:
                 print(f'INFO: configuration {c} is not in the plans {plans_identifier}; skipping it (as nnU-Net does).')
         t1 = time.time()
+        log(f"preprocessing: every site preprocesses {', '.join(wanted) or 'nothing'} with plans '{plans_identifier}'")
         reports = ask_every_site(engine, Message('preprocess', {'plans': plans, 'dataset_json': fp['negotiation']['dataset_json'],
                                                         'configurations': wanted}))
         summary['seconds']['preprocess'] = time.time() - t1
+        log(f"preprocessing: done at every site ({summary['seconds']['preprocess']:.1f} s)")
         summary['preprocessed'] = {c: sorted(reports) for c in wanted}
     write_json(os.path.join(server_folder(dataset_name), 'federation', f'negotiation_{plans_identifier}.json'), summary,
                indent=2)

@@ -23,6 +23,7 @@ import traceback
 from contextlib import contextmanager
 from typing import Callable, Optional
 
+from fednnunet.log_lines import site_line, stamped
 from fednnunet.wire import Message, WireError, decode, encode
 
 #: the environment variable that tells a ClientApp where its site's daemon listens
@@ -89,8 +90,9 @@ def ask_daemon(socket_path: str, message: Message) -> Message:
 class SiteDaemon:
     """Serves one site's messages on a Unix socket, one at a time, with one SiteWorker."""
 
-    def __init__(self, socket_path: str, worker_factory: Callable[[], object]):
+    def __init__(self, socket_path: str, worker_factory: Callable[[], object], site: str = ''):
         self.socket_path = socket_path
+        self.site = site
         self.worker_factory = worker_factory
         self.worker = None
         self._server: Optional[socket.socket] = None
@@ -126,13 +128,19 @@ class SiteDaemon:
         except (WireError, DaemonUnavailable, OSError) as e:
             print(f'fednnunet site daemon: unreadable request: {e}', file=sys.stderr, flush=True)
             return
+        t0 = time.time()
         try:
             if self.worker is None:
                 self.worker = self.worker_factory()
-            answer = _OK + encode(self.worker.handle(request))
+            reply = self.worker.handle(request)
+            answer = _OK + encode(reply)
+            line = site_line(self.site, request, reply, time.time() - t0)
         except Exception as e:  # noqa: BLE001 - the site's error goes back to the ClientApp, named
             traceback.print_exc()
             answer = _ERROR + json.dumps({'error_type': type(e).__name__, 'error': str(e)}).encode('utf-8')
+            line = site_line(self.site, request, None, time.time() - t0, error=f'{type(e).__name__}: {e}')
+        if line:  # one line per round (and per planning step) for whoever watches the site's log
+            print(f'fednnunet_site: {stamped(line)}', flush=True)
         try:
             _send(conn, answer)
         except OSError as e:  # the ClientApp is gone (its SuperNode stopped it); the next message goes on
@@ -205,7 +213,7 @@ def main(argv=None):
                           state_in_memory=False, verbose=args.verbose, keep_trainers=True,
                           # paused between rounds: polling workers slowed Flower's transfers (and other sites)
                           keep_augmentation_workers=False)
-    daemon = SiteDaemon(args.socket, worker)
+    daemon = SiteDaemon(args.socket, worker, site=args.site)
     daemon.listen()
     print(f"fednnunet_site: site '{args.site}' daemon ready (keeps its trainer across rounds)", flush=True)
     try:

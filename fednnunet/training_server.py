@@ -35,6 +35,7 @@ from fednnunet.errors import FederationError
 from fednnunet.evaluation import pooled_summary
 from fednnunet.federation import server_folder
 from fednnunet.jsonio import write_json
+from fednnunet.log_lines import round_line, stamped
 from fednnunet.methods import get_method
 from fednnunet.progress import plot_federated_progress
 from fednnunet.site_training import results_folder
@@ -150,7 +151,7 @@ class FederatedTraining:
         with open(self.log_file, 'a') as f:
             f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")}: {text}\n')
         if console:
-            tqdm.write(text)
+            tqdm.write(stamped(text))
 
     def site_config(self, site: str, **extra) -> dict:
         c = self.config
@@ -313,14 +314,15 @@ class FederatedTraining:
         self.write_model_folder()
         network_state = self.initial_network_state()
         if continue_training:
-            self.log(f'continuing after round {start}', console=True)
+            self.log(f'continuing at round {start} of 0-{c.rounds - 1} ({start} round(s) were completed)', console=True)
         else:
             start, global_state = 0, self.strategy.initial_state(network_state, self.shared_keys)
             self.log(f'{c.method} on sites {sorted(self.site_indices)}: {c.rounds} rounds x {c.local_iterations} '
                      f'local iterations, seed {c.seed}, hyper-parameters {c.hyperparameters}', console=False)
 
         last_plot = 0.0
-        bar = tqdm(range(start, c.rounds), desc=f'{c.method} rounds', initial=start, total=c.rounds)
+        # the bar only on a terminal: in a log file the round lines say it without carriage returns
+        bar = tqdm(range(start, c.rounds), desc=f'{c.method} rounds', initial=start, total=c.rounds, disable=None)
         for r in bar:
             t0 = time.time()
             sent_before = dict(self.engine.bytes_sent)
@@ -404,8 +406,8 @@ class FederatedTraining:
             'sites': {s: {k: m[k] for k in ('pseudo_dice', 'train_loss', 'val_loss', 'seconds', 'lr',
                                              'num_training_cases', 'state_from_round')} for s, m in metrics.items()},
         }))
-        self.log(f'round {r}: pooled pseudo dice {mean_pooled:.4f} (ema {ema:.4f}); ' +
-                 ', '.join(f'{s} {m["pseudo_dice"]:.4f}' for s, m in sorted(metrics.items())))
+        self.log(round_line(r, self.config.rounds, time.time() - t0, mean_pooled, ema, metrics,
+                            {**self.engine.missing, **(dropped or {})}), console=True)
 
     def finish(self, global_state: Dict[str, np.ndarray]) -> dict:
         """Sites store their final models and validate them; the server stores the global model."""

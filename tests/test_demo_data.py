@@ -153,3 +153,21 @@ def test_overwrite_and_interrupted_build(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_demo_federation(raw_root=str(other_root), size=16, sites=small, verbose=False)
     assert os.listdir(other_root) == []
+
+
+def test_one_hospitals_own_folder_holds_its_cases_of_the_whole_demo(built, tmp_path, monkeypatch):
+    """fednnunet_demo_data --site B: what hospital B has on its own machine in a deployment try-out."""
+    from fednnunet.cli import demo_data_entry
+    monkeypatch.setenv('nnUNet_raw', str(tmp_path / 'hospital_B'))
+    demo_data_entry(['--test-sites', '--size', str(SIZE), '--site', 'B'])
+    own = str(tmp_path / 'hospital_B' / os.path.basename(built))
+    cases = list(TEST_SITES[1].case_ids())
+    assert json.load(open(os.path.join(own, 'sites.json'))) == {'sites': {'B': {'cases': cases}}}
+    assert json.load(open(os.path.join(own, 'dataset.json'))) == json.load(open(os.path.join(built, 'dataset.json')))
+    assert sorted(os.listdir(os.path.join(own, 'labelsTr'))) == sorted(f'{c}.nii.gz' for c in TEST_SITES[1].case_ids())
+    for case in TEST_SITES[1].case_ids():
+        for mine, pooled in zip(_files(own, case), _files(built, case)):
+            np.testing.assert_array_equal(_read(mine)[0], _read(pooled)[0])
+    assert set(Federation.from_folder(own).sites) == {'B'}
+    with pytest.raises(ValueError, match="site 'Z' is not one of the demo's sites"):
+        build_demo_federation(raw_root=str(tmp_path / 'z'), size=SIZE, sites=TEST_SITES, verbose=False, only_site='Z')

@@ -658,6 +658,10 @@ def test_every_phase_over_flower_with_tls_and_auth_equals_simulation(demo_raw, t
     os.kill(processes.procs['server'].pid, signal.SIGTERM)
     assert processes.procs['server'].wait(timeout=120) == 1, processes.log('server')[-5000:]
     assert 'stopping run' in processes.log('server')
+    # who stopped it and what to do next, in plain words
+    assert re.search(r'run \d+ finished:stopped: stopped by this fednnunet_server \(SIGTERM\); the last completed '
+                     r'round is saved: the same command with --continue resumes', processes.log('server')), \
+        processes.log('server')[-3000:]
     processes.start('server_resumed', ['server', *server_args, '-p', PLANS, '--continue', '--work-dir',
                                        str(server / 'w2')], server_env)
     assert processes.procs['server_resumed'].wait(timeout=900) == 0, processes.log('server_resumed')[-5000:]
@@ -665,13 +669,17 @@ def test_every_phase_over_flower_with_tls_and_auth_equals_simulation(demo_raw, t
     from fednnunet.flower_cli import WORK_DIR_SAYS
     assert f"{WORK_DIR_SAYS} {server / 'w1'}" in processes.log('server')  # where its logs are, said at the start
     assert 'finished:completed' in log and "site 'A' connected" in log and "site 'B' connected" in log
-    assert 'continuing after round' in log
+    assert re.search(r'continuing at round (\d) of 0-1 \(\1 round\(s\) were completed\)', log)
+    assert re.search(r'round 1 \(of 0-1\) in [0-9.]+ s: pooled pseudo Dice [0-9.]+ \(EMA [0-9.]+\); A loss ', log)
+    assert 'planning: every site fingerprinted its cases' in log and 'preprocessing: done at every site' in log
     assert [r['round'] for r in json.load(open(round_log))] == [0, 1]
     # the intruder (an unregistered key claiming site A) was refused by the SuperLink, again and again, and never
     # ran a ClientApp; site A was identified once per server (no second node ever answered as A)
     intruder = processes.log('intruder')
-    assert 'Failed to initialize the connection to the SuperLink' in intruder, intruder[-3000:]
-    assert re.search(r'the SuperNode exited \(status \d+\); starting it again', intruder), intruder[-3000:]
+    # ... said plainly, without Flower's exit-code block
+    assert re.search(r"server 127.0.0.1:\d+ does not accept this site's key \(yet\).*; retrying in \d+ s", intruder), \
+        intruder[-3000:]
+    assert 'Exit Code: 305' not in intruder
     assert 'Start `flwr-clientapp`' not in intruder and 'starting a checked ClientApp' not in intruder
     # the sites ran every ClientApp through their pinned launcher (app_pinning), which accepted fednnunet's bundle
     for site in 'AB':
@@ -708,6 +716,13 @@ def test_every_phase_over_flower_with_tls_and_auth_equals_simulation(demo_raw, t
         assert builds[0] == f'{TRAINER_BUILT} for round 0, kept for the next rounds', builds
         assert builds[1:] in ([], [f'{TRAINER_BUILT} for round 1 from its state after 1 round(s), kept for the '
                                    f'next rounds']), builds
+        # no empty folder is left at the site (nnU-Net's default fold folder, the released fingerprint's)
+        empty = [root for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')
+                 for root, dirs, files in os.walk(tmp_path / f'hospital_{site}' / var) if not dirs and not files]
+        assert empty == [], empty
+        # one line per round in the site's log, with its loss and the pseudo Dice of the model it received
+        assert re.search(rf"site '{site}': round 1: 3 iterations in [0-9.]+ s, train loss -?[0-9.]+, val loss "
+                         rf"-?[0-9.]+, pseudo Dice of the received model [0-9.]+", processes.log(f'site_{site}'))
     summary = json.load(open(os.path.join(_fedavg_fold(server / 'nnUNet_results'), 'federated_summary.json')))
     assert set(summary['final_validation']['per_site']) == {'A', 'B'}
     messages = json.load(open(os.path.join(_fedavg_fold(server / 'nnUNet_results'), 'flower_messages.json')))

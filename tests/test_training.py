@@ -81,6 +81,11 @@ def test_every_method_trains_predicts_and_evaluates(planned, fresh_results, tmp_
         assert os.path.isfile(os.path.join(base, 'fold_0', 'progress_sites.png'))
         log = json.load(open(os.path.join(base, 'fold_0', 'federation_log.json')))
         assert [r['round'] for r in log] == [0, 1] and set(log[0]['sites']) == {'A', 'B', 'C'}
+        # one plain line per round for a log file, with each site's numbers as logged (not a bar's postfix)
+        for r in log:
+            line = next(x for x in out.splitlines() if f"round {r['round']} (of 0-1) in " in x)
+            for site, m in r['sites'].items():
+                assert f"{site} loss {m['train_loss']:.3f} Dice {m['pseudo_dice']:.4f}" in line, line
 
     evaluate_entry(['-d', '501', '-c', '3d_fullres', '--method', method, '-p', PLANS, '-device', 'cpu'])
     table = capsys.readouterr().out

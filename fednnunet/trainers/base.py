@@ -116,9 +116,14 @@ class FederatedTrainer(nnUNetTrainer):
         self.num_sites = int(num_sites)
         self.preprocessed_dataset_folder_base = site_preprocessed_folder
         self.preprocessed_dataset_folder = join(site_preprocessed_folder, self.configuration_manager.data_identifier)
+        nnunet_default = self.output_folder  # nnU-Net's __init__ made <results>/<Trainer>__<plans>__<config>/fold_X
         self.output_folder_base = join(results_folder_base, 'sites', site_name)
         self.output_folder = join(self.output_folder_base, f'fold_{self.fold}')
         maybe_mkdir_p(self.output_folder)
+        try:  # the site writes under sites/<site>/ only: no empty folder of nnU-Net's is left at the site (in a
+            os.rmdir(nnunet_default)  # simulation it is the server's fold folder, which then already holds its log)
+        except OSError:
+            pass
         self.log_file = join(self.output_folder, 'training_log.txt')
         self.logger = RoundLogger(self.output_folder, False, plot_every=self.plot_every, num_rounds=int(rounds))
         self.num_epochs = int(rounds)
