@@ -10,7 +10,8 @@ from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_
                                 add_schedule_arguments, check_device, device_name, fail, fold, int_at_least, method,
                                 methods_epilog, positive_number)
 from fednnunet.errors import FederationError
-from fednnunet.method_options import add_method_arguments, check_hyperparameters, hyperparameters_from_args
+from fednnunet.method_options import (add_method_arguments, check_hyperparameters, hyperparameters_from_args,
+                                      strategy_options_from_args)
 
 
 def _fail(e):
@@ -187,6 +188,7 @@ def train_entry(argv=None):
     check_device(args.device)
     try:
         hyperparameters = hyperparameters_from_args(args)
+        strategy_options = strategy_options_from_args(args, args.method)
     except ValueError as e:
         _fail(e)
 
@@ -198,15 +200,16 @@ def train_entry(argv=None):
         federation = Federation.from_raw(args.dataset_name_or_id, args.sites)
         engine = training_engine(federation, args)
         if args.method == method_names.CENTRALIZED:
-            if hyperparameters:
-                raise FederationError(f'{sorted(hyperparameters)} do not apply to --method centralized')
+            if hyperparameters or len(strategy_options) > 1:
+                raise FederationError(f'{sorted(hyperparameters) + sorted(set(strategy_options) - {"weighting"})} do '
+                                      f'not apply to --method centralized')
             result = run_centralized(engine, federation, args)
         else:
             check_hyperparameters(args.method, hyperparameters)
             from fednnunet.training_server import FederatedTraining, TrainingConfig
             config = TrainingConfig(federation.dataset_name, args.configuration, _fold(args.fold), args.method, args.p,
                                     args.rounds, args.local_iterations, args.val_iterations, args.seed,
-                                    hyperparameters, {'weighting': args.weighting}, validate=not args.no_val)
+                                    hyperparameters, strategy_options, validate=not args.no_val)
             result = FederatedTraining(engine, config).run(continue_training=args.continue_training,
                                                            overwrite=args.overwrite)
     except (FederationError, NotImplementedError, ValueError, FileNotFoundError) as e:

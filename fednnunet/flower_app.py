@@ -77,6 +77,7 @@ RUN_CONFIG_DEFAULTS = {
     'seed': 12345,
     'hyperparameters': '{}',           # JSON, e.g. {"mu": 0.01}
     'weighting': 'num_examples',
+    'server-optimizer': '{}',          # JSON, e.g. {"server_optimizer": "adam", "server_lr": 0.01}
     'validate': True,
     'continue': False,
     'overwrite': False,                # a new run in a results folder with an earlier run (deletes its round state)
@@ -215,6 +216,7 @@ def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) ->
         raise ValueError('continue and overwrite exclude each other')
     if phase != 'plan':
         check_method(str(cfg['method']), json.loads(str(cfg['hyperparameters']) or '{}'))
+        strategy_options_of(cfg)
     sites = str(cfg['sites']).split()
     min_sites = int(cfg['min-sites']) or None
     if engine is None:
@@ -229,6 +231,17 @@ def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) ->
     except FederationError as e:
         _log(f'error: {e}')
         raise
+
+
+def strategy_options_of(cfg: dict) -> dict:
+    """The run config's weighting and server optimizer, checked as the command lines check them."""
+    from fednnunet.method_options import check_strategy_options
+    options = json.loads(str(cfg['server-optimizer']) or '{}')
+    if not isinstance(options, dict):
+        raise ValueError('run config server-optimizer must be a JSON object')
+    options = {'weighting': str(cfg['weighting']), **options}
+    check_strategy_options(options, str(cfg['method']))
+    return options
 
 
 def check_method(method: str, hyperparameters: dict):
@@ -272,7 +285,7 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
             plans_identifier=plans_identifier or 'nnUNetPlans', rounds=int(cfg['rounds']),
             local_iterations=int(cfg['local-iterations']), val_iterations=int(cfg['val-iterations']),
             seed=int(cfg['seed']), hyperparameters=json.loads(str(cfg['hyperparameters']) or '{}'),
-            strategy_options={'weighting': str(cfg['weighting'])}, validate=bool(cfg['validate']),
+            strategy_options=strategy_options_of(cfg), validate=bool(cfg['validate']),
             min_sites=min_sites)
         if cfg['continue']:
             _members_from_checkpoint(engine, config)

@@ -37,7 +37,7 @@ from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_
                                 add_schedule_arguments, address, check_device, device_name, fail, fold, int_at_least,
                                 method, methods_epilog, number_at_least, port, positive_number, pull_interval)
 from fednnunet.log_lines import stamped
-from fednnunet.method_options import add_method_arguments, hyperparameters_from_args
+from fednnunet.method_options import add_method_arguments, hyperparameters_from_args, strategy_options_from_args
 
 DEFAULT_PORT = 9092
 CONNECTION = 'fednnunet'
@@ -253,6 +253,7 @@ def server_parser() -> argparse.ArgumentParser:
 def run_config_from_args(args) -> dict:
     try:
         hyper = hyperparameters_from_args(args)
+        strategy_options = strategy_options_from_args(args, args.method)
     except ValueError as e:
         raise CliError(str(e)) from None
     phase = args.phase or ('train' if args.continue_training else 'all')
@@ -263,6 +264,7 @@ def run_config_from_args(args) -> dict:
         'gpu-memory-target': float(args.gpu_memory_target or 0.0), 'method': args.method, 'rounds': args.rounds,
         'local-iterations': args.local_iterations, 'val-iterations': args.val_iterations, 'seed': args.seed,
         'hyperparameters': json.dumps(hyper), 'weighting': args.weighting, 'validate': not args.no_val,
+        'server-optimizer': json.dumps({k: v for k, v in strategy_options.items() if k != 'weighting'}),
         'continue': bool(args.continue_training), 'overwrite': bool(args.overwrite),
         'configurations': ' '.join(args.preprocess_configurations or [args.c]), 'sites': ' '.join(args.sites or []),
         'min-sites': int(args.min_sites or 0), 'round-timeout': float(args.round_timeout),

@@ -1,9 +1,10 @@
 """The command-line options of a training method, shared by ``fednnunet_train`` and ``fednnunet_server``:
-the named hyper-parameter flags, ``--hp KEY=VALUE`` for any other, ``--weighting``, and the check that the
-method takes them."""
+the named hyper-parameter flags, ``--hp KEY=VALUE`` for any other, ``--weighting`` and the server optimizer,
+and the check that the method takes them."""
 import argparse
+from typing import Optional
 
-from fednnunet.cli_args import fraction, int_at_least, number_at_least
+from fednnunet.cli_args import fraction, int_at_least, number_at_least, positive_number
 from fednnunet.errors import FederationError
 
 #: flag -> hyper-parameter name, type (checked while parsing), help
@@ -27,6 +28,54 @@ def add_method_arguments(parser: argparse.ArgumentParser):
                              '--hp stage2_lr=0.001')
     parser.add_argument('--weighting', choices=['num_examples', 'uniform'], default='num_examples',
                         help='FedAvg weights: training cases per site (default) or uniform')
+    from fednnunet.server_optimizers import SERVER_OPTIMIZERS
+    parser.add_argument('--server-optimizer', choices=SERVER_OPTIMIZERS, default='none',
+                        help='how the server steps towards the sites\' mean: none (FedAvg, the default), momentum '
+                             '(FedAvgM), adam (FedAdam) or yogi (FedYogi); see documentation/methods/server_optimizers.md')
+    parser.add_argument('--server-lr', type=positive_number, default=None,
+                        help='server learning rate, > 0 (momentum 1.0, adam/yogi 0.01)')
+    parser.add_argument('--server-momentum', type=fraction, default=None,
+                        help='server momentum / beta1, in [0, 1) (0.9)')
+    parser.add_argument('--server-beta2', type=fraction, default=None, help='adam/yogi: beta2, in [0, 1) (0.99)')
+    parser.add_argument('--server-tau', type=positive_number, default=None,
+                        help='adam/yogi: adaptivity tau, > 0 (0.001)')
+
+
+#: the strategy options the command lines set (TrainingConfig.strategy_options; the Flower run config's
+#: 'server-optimizer' holds all but weighting as JSON)
+SERVER_OPTIMIZER_OPTIONS = ('server_optimizer', 'server_lr', 'server_momentum', 'server_beta2', 'server_tau')
+
+
+def strategy_options_from_args(args, method: Optional[str] = None) -> dict:
+    """{'weighting', and the server optimizer's settings that were given}; ValueError for settings that do not fit
+    (a --server-beta2 for momentum, a --server-lr without a server optimizer)."""
+    options = {'weighting': args.weighting}
+    options.update({k: getattr(args, k) for k in SERVER_OPTIMIZER_OPTIONS
+                    if getattr(args, k) is not None and not (k == 'server_optimizer' and args.server_optimizer == 'none')})
+    check_strategy_options(options, method)
+    return options
+
+
+def check_strategy_options(options: dict, method: Optional[str] = None):
+    """Only known options, and a server optimizer they make, for ``method``'s strategy where given (ValueError
+    otherwise): also for a Flower run config."""
+    from fednnunet.methods import METHODS
+    from fednnunet.server_optimizers import server_optimizer
+    unknown = set(options) - {'weighting', *SERVER_OPTIMIZER_OPTIONS}
+    if unknown:
+        raise ValueError(f'unknown strategy options {sorted(unknown)}')
+    for k, v in options.items():
+        if k in ('weighting', 'server_optimizer'):
+            if not isinstance(v, str):
+                raise ValueError(f'{k} must be a name, not {v!r}')
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f'--{k.replace("_", "-")} must be a number, not {v!r}')
+    if method in METHODS:
+        METHODS[method].strategy(**options)  # the method's strategy takes them (local merges nothing)
+    else:
+        server_optimizer(options.get('server_optimizer'), lr=options.get('server_lr'),
+                         beta1=options.get('server_momentum'), beta2=options.get('server_beta2'),
+                         tau=options.get('server_tau'))
 
 
 def hyperparameters_from_args(args) -> dict:

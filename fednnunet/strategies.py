@@ -92,7 +92,18 @@ def weighted_mean(arrays: List[np.ndarray], weights: List[float]) -> np.ndarray:
 class FedAvg(Strategy):
     """McMahan et al. (2017): the mean of the sites' arrays weighted by their number of training cases
     (``weighting='uniform'``: unweighted). A key is averaged over the sites that sent it; a key nobody sent keeps
-    its previous value. Integer arrays (counters) must agree and are kept."""
+    its previous value. Integer arrays (counters) must agree and are kept.
+
+    ``server_optimizer`` ('momentum', 'adam', 'yogi'; fednnunet.server_optimizers): the server steps from the
+    global model towards that mean with server momentum (FedAvgM) or FedAdam / FedYogi instead of taking it."""
+
+    def __init__(self, weighting: str = 'num_examples', server_optimizer: Optional[str] = None,
+                 server_lr: Optional[float] = None, server_momentum: Optional[float] = None,
+                 server_beta2: Optional[float] = None, server_tau: Optional[float] = None):
+        super().__init__(weighting)
+        from fednnunet.server_optimizers import server_optimizer as make_optimizer
+        self.optimizer = make_optimizer(server_optimizer, lr=server_lr, beta1=server_momentum, beta2=server_beta2,
+                                        tau=server_tau)
 
     def aggregate(self, round_index, updates, global_state):
         if not updates:
@@ -115,7 +126,16 @@ class FedAvg(Strategy):
             if sum(weights) <= 0:
                 raise ValueError(f'sites that sent {k} report no training case')
             merged[k] = weighted_mean(arrays, weights)
+            if self.optimizer is not None and k in global_state:
+                merged[k] = self.optimizer.step(k, global_state[k], merged[k])
         return merged
+
+    def state(self):
+        return {'server_optimizer': self.optimizer.state()} if self.optimizer is not None else {}
+
+    def load_state(self, state):
+        if self.optimizer is not None:
+            self.optimizer.load_state(state.get('server_optimizer', {'kind': None}))
 
 
 class TwoStageFedAvg(FedAvg):
@@ -126,8 +146,8 @@ class TwoStageFedAvg(FedAvg):
 
     READONLY = 'readonly/'
 
-    def __init__(self, weighting: str = 'num_examples'):
-        super().__init__(weighting)
+    def __init__(self, weighting: str = 'num_examples', **server_optimizer):
+        super().__init__(weighting, **server_optimizer)
         self.readonly: Dict[str, Dict[str, np.ndarray]] = {}
         self.handed_over: List[str] = []  # sites that have received the read-only parts
         self.stage1_rounds = self.rounds = None
@@ -177,9 +197,10 @@ class TwoStageFedAvg(FedAvg):
         return super().aggregate(round_index, plain, global_state)
 
     def state(self):
-        return {'readonly': self.readonly, 'handed_over': list(self.handed_over)}
+        return {'readonly': self.readonly, 'handed_over': list(self.handed_over), **super().state()}
 
     def load_state(self, state):
+        super().load_state(state)
         self.readonly = {s: {k: np.asarray(v) for k, v in parts.items()}
                          for s, parts in state.get('readonly', {}).items()}
         self.handed_over = list(state.get('handed_over', []))
@@ -188,6 +209,11 @@ class TwoStageFedAvg(FedAvg):
 class NoAggregation(Strategy):
     """Each site trains alone (the 'local' baseline): nothing is sent, nothing merged."""
     produces_global_model = False
+
+    def __init__(self, weighting: str = 'num_examples', server_optimizer: Optional[str] = None, **settings):
+        super().__init__(weighting)
+        if server_optimizer not in (None, 'none') or any(v is not None for v in settings.values()):
+            raise ValueError('a server optimizer needs a merge: the local baseline merges nothing')
 
     def setup(self, rounds: int, site_indices: Dict[str, int], hyperparameters: dict):
         """Called by the server before the first round."""
