@@ -6,7 +6,7 @@ in the same fold as in the federated runs and per-site numbers are comparable.
 """
 import os
 import shutil
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
@@ -50,7 +50,10 @@ def pooled_view(dataset_name: str, sites: Sequence[str], plans_identifier: str, 
 
 def train_centralized(dataset_name: str, sites: Sequence[str], configuration: str, fold, plans_identifier: str,
                       rounds: int, local_iterations: int, val_iterations: int, seed: int, device: torch.device,
-                      continue_training: bool = False) -> CentralizedTrainer:
+                      continue_training: bool = False, iterations_per_epoch: Optional[int] = None
+                      ) -> CentralizedTrainer:
+    """nnU-Net's trainer on the pooled view. An epoch has ``iterations_per_epoch`` iterations, by default
+    ``local_iterations`` x the number of sites (what all sites train together in one round)."""
     view = pooled_view(dataset_name, sites, plans_identifier, configuration)
     plans = load_json(join(view, plans_identifier + '.json'))
     plans['continue_training'] = continue_training
@@ -58,7 +61,7 @@ def train_centralized(dataset_name: str, sites: Sequence[str], configuration: st
     trainer.preprocessed_dataset_folder_base = view
     trainer.preprocessed_dataset_folder = join(view, trainer.configuration_manager.data_identifier)
     trainer.num_epochs = rounds
-    trainer.num_iterations_per_epoch = local_iterations * len(sites)
+    trainer.num_iterations_per_epoch = iterations_per_epoch or local_iterations * len(sites)
     trainer.num_val_iterations_per_epoch = val_iterations
     seed_everything(initial_weights_seed(seed))
     maybe_load_checkpoint(trainer, continue_training, False)

@@ -148,6 +148,10 @@ def train_parser() -> FedArgumentParser:
                         help="simulation: keep sites' states between rounds in memory instead of on disk "
                              "(--continue then needs a run that kept them on disk)")
     parser.add_argument('--no-val', action='store_true', help='skip the final validation at every site')
+    parser.add_argument('--centralized-iterations', type=int_at_least(1), default=None,
+                        help='--method centralized: training iterations per epoch (default: --local-iterations x '
+                             'the number of sites, what all sites train per round together; --local-iterations: '
+                             'what one site trains per round, the FednnU-Net paper\'s convention)')
     parser.add_argument('--site-devices', nargs='+', default=None, metavar='SITE=DEVICE',
                         help='one process per site, each on its device (cuda:N, cuda, cpu, cpu:N, mps): sites on '
                              'different devices train at the same time, sites sharing one take turns. Default: '
@@ -199,6 +203,9 @@ def train_entry(argv=None):
     try:
         federation = Federation.from_raw(args.dataset_name_or_id, args.sites)
         engine = training_engine(federation, args)
+        if args.centralized_iterations is not None and args.method != method_names.CENTRALIZED:
+            raise FederationError('--centralized-iterations applies to --method centralized only',
+                                  field='--centralized-iterations')
         if args.method == method_names.CENTRALIZED:
             if hyperparameters or len(strategy_options) > 1:
                 raise FederationError(f'{sorted(hyperparameters) + sorted(set(strategy_options) - {"weighting"})} do '
@@ -232,7 +239,8 @@ def run_centralized(engine, federation, args) -> dict:
     from fednnunet.wire import Message
     trainer = train_centralized(federation.dataset_name, federation.site_names, args.configuration, _fold(args.fold),
                                 args.p, args.rounds, args.local_iterations, args.val_iterations, args.seed,
-                                resolve_device(device_name(args.device)), args.continue_training)
+                                resolve_device(device_name(args.device)), args.continue_training,
+                                iterations_per_epoch=args.centralized_iterations)
     result = {'method': 'centralized', 'results_folder': trainer.output_folder_base, 'final_validation': None}
     if not args.no_val:
         replies = engine.ask_all(Message('evaluate', {
@@ -240,6 +248,9 @@ def run_centralized(engine, federation, args) -> dict:
                                                                   args.configuration)),
             'model': 'global', 'checkpoint': 'checkpoint_final.pth', 'fold': _fold(args.fold)}))
         result['final_validation'] = pooled_summary({s: r.config['summary'] for s, r in replies.items()})
+        from fednnunet.jsonio import write_json
+        # as the federated methods' federated_summary.json: the same numbers, next to nnU-Net's checkpoints
+        write_json(os.path.join(trainer.output_folder, 'centralized_summary.json'), result)
     return result
 
 

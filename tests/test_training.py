@@ -315,6 +315,28 @@ def test_fedprox_loss_adds_the_proximal_term(planned, fresh_results):
     trainer.close()
 
 
+def test_fedavg_can_reset_the_site_momentum_every_round(planned, fresh_results):
+    """--hp reset_momentum=1 (issue 12's ablation): the SGD momentum the site built in a round is gone when its
+    next round's local steps start; by default it stays, as nnU-Net keeps it from epoch to epoch."""
+    from fednnunet.site_training import build_site_trainer
+    from fednnunet.site_worker import SiteWorker
+    fed = Federation.from_raw(DATASET_ID)
+    worker = SiteWorker(fed.sites['B'], DATASET_NAME, device='cpu')
+    buffers = {}
+    for reset in (0, 1):
+        ft = FederatedTraining(_engine(fed), _config('fedavg', hyperparameters={'reset_momentum': reset}))
+        trainer = build_site_trainer(worker, ft.site_config('B', round=0))
+        trainer.start(0)
+        trainer.train_round(0, None)
+        assert any('momentum_buffer' in st for st in trainer.optimizer.state.values())
+        trainer.before_local_training({})
+        buffers[reset] = sum(float(st['momentum_buffer'].abs().sum()) for st in trainer.optimizer.state.values())
+        trainer.close()
+    assert buffers[0] > 0 and buffers[1] == 0
+    with pytest.raises(Exception, match=r'reset_momentum must be 0 .* or 1'):
+        FederatedTraining(_engine(fed), _config('fedavg', hyperparameters={'reset_momentum': 2}))
+
+
 def test_stock_nnunet_predict_loads_the_fedavg_global_model(planned, fresh_results, tmp_path):
     fed = Federation.from_raw(DATASET_ID)
     FederatedTraining(_engine(fed), _config(validate=False)).run()
