@@ -118,6 +118,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def heartbeat_interval(text: str) -> float:
+    """fednnunet_site --heartbeat-interval: seconds between the SuperNode's heartbeats, within what Flower's
+    SuperLink accepts."""
+    from fednnunet.supernode_runner import MAX_HEARTBEAT, MIN_HEARTBEAT
+    value = _number(float, text)
+    if not MIN_HEARTBEAT <= value <= MAX_HEARTBEAT:
+        raise argparse.ArgumentTypeError(f'must be between {MIN_HEARTBEAT} and {MAX_HEARTBEAT} seconds, got {text}')
+    return value
+
+
 def pull_interval(text: str) -> float:
     """fednnunet_site --pull-interval: seconds between a waiting SuperNode's pulls (fednnunet.supernode_runner)."""
     from fednnunet.supernode_runner import FLOWER_IDLE_WAIT, MIN_PULL_INTERVAL

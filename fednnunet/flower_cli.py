@@ -35,7 +35,8 @@ from typing import List, Optional, Tuple
 
 from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_start_arguments,
                                 add_schedule_arguments, address, check_device, device_name, fail, fold, int_at_least,
-                                method, methods_epilog, number_at_least, port, positive_number, pull_interval)
+                                method, methods_epilog, number_at_least, port, positive_number, pull_interval,
+                                heartbeat_interval)
 from fednnunet.log_lines import stamped
 from fednnunet.method_options import add_method_arguments, hyperparameters_from_args, strategy_options_from_args
 
@@ -584,6 +585,9 @@ def site_parser() -> argparse.ArgumentParser:
                    help="at most this many seconds between the SuperNode's requests for the next message and "
                         "between its looks for the reply (Flower's own: 3 and 0.5; default 0.2, between 0.05 and "
                         "3; see fednnunet.supernode_runner)")
+    p.add_argument('--heartbeat-interval', type=heartbeat_interval, default=30.0, metavar='SECONDS',
+                   help="seconds between the SuperNode's heartbeats (Flower's 30; 10-1800): a site that dies is "
+                        "declared gone after two intervals without one")
     p.add_argument('--verbose', action='store_true', help="the site's nnU-Net logs in the SuperNode's output")
     p.add_argument('--print-app-hash', action=_PrintAppHash, nargs=0,
                    help='print the sha256 of the app bundle this site runs (its own fednnunet\'s; any other bundle '
@@ -674,7 +678,8 @@ def site_setup(args, superexec_secret_file: str) -> Tuple[List[str], dict]:
             raise CliError(f'{key} {value!r}: quotes are not allowed in names')
     node_config_text = ' '.join(f'{k}={json.dumps(v)}' for k, v in node_config.items())
     flower_executable('flower-supernode')  # Flower is installed (else a clear error)
-    cmd = [sys.executable, '-m', 'fednnunet.supernode_runner', '--pull-interval', str(args.pull_interval), '--',
+    cmd = [sys.executable, '-m', 'fednnunet.supernode_runner', '--pull-interval', str(args.pull_interval),
+           '--heartbeat-interval', str(args.heartbeat_interval), '--',
            '--superlink', args.server, '--node-config', node_config_text,
            '--host', '127.0.0.1', '--port', str(args.local_port or free_port()), '--isolation', 'process',
            '--superexec-auth-secret-file', superexec_secret_file]

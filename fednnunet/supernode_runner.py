@@ -10,7 +10,11 @@ local look-ups for the reply while it trains). Nothing else of the SuperNode cha
 own ``flower-supernode`` entry point with the same arguments. On a Flower whose SuperNode loop is not the one this
 was written for, the SuperNode runs unchanged, with a one-line notice.
 
-    python -m fednnunet.supernode_runner --pull-interval 0.2 -- <flower-supernode arguments>
+``--heartbeat-interval S`` (Flower's 30 s by default; its SuperLink accepts 10-1800): how often the SuperNode tells
+the SuperLink it is alive. The SuperLink declares a node gone after two intervals without one, so a site that
+dies (power loss, kill -9) misses the current round after 2 S instead of about 60 s.
+
+    python -m fednnunet.supernode_runner --pull-interval 0.2 [--heartbeat-interval 30] -- <flower-supernode args>
 """
 import sys
 import time as _time
@@ -19,6 +23,8 @@ from typing import List, Optional
 #: the idle wait of flwr's SuperNode loop (its others are 0.5 s); every wait becomes at most the pull interval
 FLOWER_IDLE_WAIT = 3
 MIN_PULL_INTERVAL = 0.05
+#: the heartbeat intervals Flower's SuperLink accepts (flwr.common.constant HEARTBEAT_MIN/MAX_INTERVAL) and its own
+MIN_HEARTBEAT, MAX_HEARTBEAT, FLOWER_HEARTBEAT = 10, 1800, 30
 
 
 class _IdleWait:
@@ -45,16 +51,44 @@ def shorten_waits(pull_interval: float) -> bool:
     return True
 
 
+def set_heartbeat_interval(seconds: float) -> bool:
+    """The SuperNode in this process announces and sends its heartbeat every ``seconds`` (Flower's own 30); False
+    (nothing changed) if this Flower keeps the interval elsewhere."""
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+    modules = (heartbeat, fleet_http_connection)
+    if not all(getattr(m, 'HEARTBEAT_DEFAULT_INTERVAL', None) == FLOWER_HEARTBEAT for m in modules):
+        return False
+    for m in modules:
+        m.HEARTBEAT_DEFAULT_INTERVAL = seconds
+    return True
+
+
+USAGE = ('usage: python -m fednnunet.supernode_runner --pull-interval SECONDS [--heartbeat-interval SECONDS] -- '
+         '<flower-supernode args>')
+
+
 def main(argv: Optional[List[str]] = None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    heartbeat = None
+    if len(argv) >= 3 and argv[2] == '--heartbeat-interval':
+        if len(argv) < 5:
+            sys.exit(USAGE)
+        heartbeat = float(argv[3])
+        del argv[2:4]
+        if not MIN_HEARTBEAT <= heartbeat <= MAX_HEARTBEAT:
+            sys.exit(f'--heartbeat-interval must be between {MIN_HEARTBEAT} and {MAX_HEARTBEAT} s, not {heartbeat}')
     if len(argv) < 3 or argv[0] != '--pull-interval' or argv[2] != '--':
-        sys.exit('usage: python -m fednnunet.supernode_runner --pull-interval SECONDS -- <flower-supernode args>')
+        sys.exit(USAGE)
     pull_interval = float(argv[1])
     if not MIN_PULL_INTERVAL <= pull_interval <= FLOWER_IDLE_WAIT:
         sys.exit(f'--pull-interval must be between {MIN_PULL_INTERVAL} and {FLOWER_IDLE_WAIT} s, not {pull_interval}')
     if not shorten_waits(pull_interval):
         print("fednnunet_site: this Flower's SuperNode loop is not the one fednnunet shortens the waits of; it "
               "polls at Flower's own intervals", flush=True)
+    if heartbeat is not None and heartbeat != FLOWER_HEARTBEAT and not set_heartbeat_interval(heartbeat):
+        print("fednnunet_site: this Flower keeps its heartbeat interval elsewhere; the SuperNode uses Flower's own",
+              flush=True)
     try:  # the SuperNode's log lines with their time (a site's log is a file more often than a terminal)
         from flwr.supercore.logger import update_console_handler
         update_console_handler(timestamps=True, colored=sys.stdout.isatty())

@@ -735,13 +735,14 @@ def test_every_phase_over_flower_with_tls_and_auth_equals_simulation(demo_raw, t
 def test_a_supernode_killed_in_a_round_is_survived_named_and_rejoins(planned, tmp_path, processes):
     """Three sites, --min-sites 2: site C's SuperNode is killed (SIGKILL, with its ClientApp) while it trains
     round 0. Round 0 merges A and B and names C; C's SuperNode is started again (a new node id), C rejoins in
-    round 1 from the global model and stores its final model."""
+    round 1 from the global model and stores its final model. The sites' heartbeat every 10 s (--heartbeat-interval):
+    C is declared gone within about 20 s of its death."""
     port = _free_port()
     results = tmp_path / 'nnUNet_results'
     results.mkdir()
     env = _env(nnUNet_results=results, FLWR_HOME=tmp_path / 'flwr_home')
     site_args = {s: ['site', '--site', s, '-d', str(DATASET_ID), '--server', f'127.0.0.1:{port}', '--insecure',
-                     '-device', 'cpu', '-np', '1'] for s in 'ABC'}
+                     '-device', 'cpu', '-np', '1', '--heartbeat-interval', '10'] for s in 'ABC'}
     for s in 'ABC':
         processes.start(f'site_{s}', site_args[s], dict(env, FLWR_HOME=str(tmp_path / f'home_{s}')))
     processes.start('server', ['server', '-d', str(DATASET_ID), '--phase', 'train', '-p', PLANS, '-c', '3d_fullres',

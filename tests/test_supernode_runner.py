@@ -40,6 +40,25 @@ def test_the_site_runs_flowers_supernode_through_the_runner(demo_raw):
     from fednnunet.flower_cli import site_parser, site_setup
     from conftest import DATASET_ID
     cmd, _ = site_setup(site_parser().parse_args(['--site', 'A', '-d', str(DATASET_ID), '--server', '127.0.0.1:9092',
-                                                  '--insecure', '-np', '1', '--pull-interval', '0.25']), 'secret')
-    assert cmd[1:6] == ['-m', 'fednnunet.supernode_runner', '--pull-interval', '0.25', '--']
+                                                  '--insecure', '-np', '1', '--pull-interval', '0.25',
+                                                  '--heartbeat-interval', '10']), 'secret')
+    assert cmd[1:8] == ['-m', 'fednnunet.supernode_runner', '--pull-interval', '0.25', '--heartbeat-interval',
+                        '10.0', '--']
     assert '--isolation' in cmd and cmd[cmd.index('--isolation') + 1] == 'process'
+
+
+def test_the_heartbeat_interval_reaches_flowers_supernode(monkeypatch):
+    """--heartbeat-interval: what the SuperNode announces to the SuperLink (which declares it gone after two
+    intervals without a heartbeat) and how often its heartbeat thread sends."""
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+    from fednnunet.cli_args import heartbeat_interval
+    for m in (heartbeat, fleet_http_connection):
+        monkeypatch.setattr(m, 'HEARTBEAT_DEFAULT_INTERVAL', supernode_runner.FLOWER_HEARTBEAT)
+    assert supernode_runner.set_heartbeat_interval(10.0)
+    assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 10.0
+    assert not supernode_runner.set_heartbeat_interval(12.0)  # not Flower's own any more: left as it is
+    assert heartbeat_interval('10') == 10.0
+    for bad in ('9', '1801', 'nan', 'x'):
+        with pytest.raises(Exception):
+            heartbeat_interval(bad)
