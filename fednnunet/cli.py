@@ -193,7 +193,10 @@ def train_entry(argv=None):
     try:
         hyperparameters = hyperparameters_from_args(args)
         strategy_options = strategy_options_from_args(args, args.method)
-    except ValueError as e:
+        if args.centralized_iterations is not None and args.method != method_names.CENTRALIZED:
+            raise FederationError('--centralized-iterations applies to --method centralized only',
+                                  field='--centralized-iterations')
+    except (ValueError, FederationError) as e:
         _fail(e)
 
     from fednnunet.evaluation import format_table
@@ -203,9 +206,6 @@ def train_entry(argv=None):
     try:
         federation = Federation.from_raw(args.dataset_name_or_id, args.sites)
         engine = training_engine(federation, args)
-        if args.centralized_iterations is not None and args.method != method_names.CENTRALIZED:
-            raise FederationError('--centralized-iterations applies to --method centralized only',
-                                  field='--centralized-iterations')
         if args.method == method_names.CENTRALIZED:
             if hyperparameters or len(strategy_options) > 1:
                 raise FederationError(f'{sorted(hyperparameters) + sorted(set(strategy_options) - {"weighting"})} do '

@@ -371,15 +371,15 @@ def register_keys(keys: dict, env: dict, timeout: float = 60.0):
             time.sleep(1.0)
 
 
-def run_status(run_id: str, env: dict, details: bool = False):
-    """The run's Flower status (``finished:stopped`` ...), or (status, Flower's status details) with ``details``."""
+def run_status(run_id: str, env: dict) -> Tuple[Optional[str], str]:
+    """The run's Flower status (``finished:stopped`` ...) and Flower's status details; (None, '') if unknown."""
     done = _flwr(['ls', CONNECTION, '--run-id', run_id, '--format', 'json'], env)
     try:
         runs = json.loads(done.stdout)['runs']
         status, text = (runs[0]['status'], str(runs[0].get('status-details') or '')) if runs else (None, '')
     except (ValueError, KeyError, IndexError, TypeError):
         status, text = None, ''
-    return (status, text) if details else status
+    return status, text
 
 
 def status_sentence(run_id: Optional[str], status: Optional[str], details: str = '',
@@ -426,7 +426,7 @@ def run_app(app_dir: str, run_config_file: str, env: dict) -> int:
         if run_id:
             print(f'fednnunet_server: stopping run {run_id} ({interrupted})', flush=True)
             _flwr(['stop', run_id, CONNECTION], env)
-        status, details = run_status(run_id, env, details=True) if run_id else (None, '')
+        status, details = run_status(run_id, env) if run_id else (None, '')
     print(f'fednnunet_server: {stamped(status_sentence(run_id, status, details, interrupted))}', flush=True)
     return 0 if status == 'finished:completed' and not interrupted else 1
 
@@ -438,7 +438,7 @@ def _final_status(run_id: str, env: dict) -> Tuple[Optional[str], str]:
     while True:
         status = None
         for _ in range(10):  # the status may lag the end of the stream by a moment
-            status, details = run_status(run_id, env, details=True)
+            status, details = run_status(run_id, env)
             if status and status.startswith('finished'):
                 return status, details
             time.sleep(1)

@@ -60,7 +60,7 @@ def check_strategy_options(options: dict, method: Optional[str] = None):
     """Only known options, and a server optimizer they make, for ``method``'s strategy where given (ValueError
     otherwise): also for a Flower run config."""
     from fednnunet.methods import METHODS
-    from fednnunet.server_optimizers import server_optimizer
+    from fednnunet.strategies import FedAvg
     unknown = set(options) - {'weighting', *SERVER_OPTIMIZER_OPTIONS}
     if unknown:
         raise ValueError(f'unknown strategy options {sorted(unknown)}')
@@ -70,12 +70,8 @@ def check_strategy_options(options: dict, method: Optional[str] = None):
                 raise ValueError(f'{k} must be a name, not {v!r}')
         elif isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f'--{k.replace("_", "-")} must be a number, not {v!r}')
-    if method in METHODS:
-        METHODS[method].strategy(**options)  # the method's strategy takes them (local merges nothing)
-    else:
-        server_optimizer(options.get('server_optimizer'), lr=options.get('server_lr'),
-                         beta1=options.get('server_momentum'), beta2=options.get('server_beta2'),
-                         tau=options.get('server_tau'))
+    # the method's strategy takes them (local merges nothing); without a method, the merge they would configure
+    (METHODS[method].strategy if method in METHODS else FedAvg)(**options)
 
 
 def hyperparameters_from_args(args) -> dict:

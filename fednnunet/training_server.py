@@ -398,16 +398,15 @@ class FederatedTraining:
         if self.has_global_model and (self.best_ema is None or ema > self.best_ema):
             self.best_ema = ema
             self.save_global_checkpoint('checkpoint_best.pth', received)
+        seconds, missing = time.time() - t0, {**self.engine.missing, **(dropped or {})}
         self.rounds_log.append(to_plain({
             'round': r, 'pooled_pseudo_dice': pooled, 'mean_pooled_pseudo_dice': mean_pooled, 'ema': ema,
-            'seconds': time.time() - t0, 'merge_seconds': t_merge,
-            'missing_sites': {**self.engine.missing, **(dropped or {})},
+            'seconds': seconds, 'merge_seconds': t_merge, 'missing_sites': missing,
             'bytes_to_sites': {s: self.engine.bytes_sent[s] - sent_before.get(s, 0) for s in metrics},
             'sites': {s: {k: m[k] for k in ('pseudo_dice', 'train_loss', 'val_loss', 'seconds', 'lr',
                                              'num_training_cases', 'state_from_round')} for s, m in metrics.items()},
         }))
-        self.log(round_line(r, self.config.rounds, time.time() - t0, mean_pooled, ema, metrics,
-                            {**self.engine.missing, **(dropped or {})}), console=True)
+        self.log(round_line(r, self.config.rounds, seconds, mean_pooled, ema, metrics, missing), console=True)
 
     def finish(self, global_state: Dict[str, np.ndarray]) -> dict:
         """Sites store their final models and validate them; the server stores the global model."""

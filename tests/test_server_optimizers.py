@@ -127,7 +127,9 @@ def test_the_command_lines_check_server_optimizer_options_while_parsing(capsys):
                            (['--method', 'fedavg', '--server-optimizer', 'momentum', '--server-tau', '0.1'],
                             '--server-tau does not apply to the momentum server optimizer'),
                            (['--method', 'fedavg', '--server-optimizer', 'adam', '--server-lr', '-1'],
-                            'argument --server-lr: must be a number > 0, got -1')):
+                            'argument --server-lr: must be a number > 0, got -1'),
+                           (['--method', 'fedavg', '--centralized-iterations', '50'],
+                            '--centralized-iterations applies to --method centralized only')):
         with pytest.raises(SystemExit):
             train_entry(base + argv)
         assert expected in capsys.readouterr().err
