@@ -185,3 +185,20 @@ def test_both_engines_train_with_server_momentum_and_it_moves_the_global_model(p
     over_flower, _ = final(result['training'])
     for k in float_keys:
         np.testing.assert_allclose(over_flower[k], simulated[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_a_run_configs_server_optimizer_is_checked_like_the_command_line():
+    """The Flower run config carries the server optimizer as JSON: unknown keys, wrong types and settings that do
+    not fit are refused before anything runs, as on the command line."""
+    from fednnunet.flower_app import strategy_options_of
+    base = {'weighting': 'num_examples', 'method': 'fedavg'}
+    assert strategy_options_of(dict(base, **{'server-optimizer': '{"server_optimizer": "yogi"}'})) == {
+        'weighting': 'num_examples', 'server_optimizer': 'yogi'}
+    for bad, expected in (('[1]', 'must be a JSON object'),
+                          ('{"server_lr": 0.1, "evil": 1}', r"unknown strategy options \['evil'\]"),
+                          ('{"server_optimizer": "adam", "server_lr": "0.1"}', '--server-lr must be a number'),
+                          ('{"server_optimizer": "adam", "server_lr": true}', '--server-lr must be a number'),
+                          ('{"server_optimizer": "adam", "server_lr": NaN}', '--server-lr nan is out of range'),
+                          ('{"server_optimizer": "os.system"}', 'server optimizer must be one of')):
+        with pytest.raises(ValueError, match=expected):
+            strategy_options_of(dict(base, **{'server-optimizer': bad}))
