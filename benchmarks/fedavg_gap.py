@@ -1,7 +1,7 @@
 """FedAvg against centralized nnU-Net on the demo federation: which part of the federated recipe closes the gap.
 
     python benchmarks/fedavg_gap.py [--size 64] [--rounds 20] [--local-iterations 50] [--variants A B ...]
-                                    [--workdir W] [--report]
+                                    [--lesion] [--workdir W] [--report]
 
 Every variant is one ``fednnunet_train`` run as a user runs it (nnU-Net's augmentation workers as nnU-Net picks
 them, the CPU preset plans), seed 12345, on the same planned demo federation, each in its own nnUNet_results.
@@ -13,6 +13,10 @@ convention, ``--centralized-iterations``).
 Prints one table (each site's and the pooled final validation Dice, nnU-Net's predictor on the site's fold-0
 validation cases, and the gap to centralized a and b) and the pooled pseudo Dice against rounds; writes
 ``gap_against_rounds.png`` into the work folder. ``--report`` prints the table of an earlier run's work folder.
+``--lesion``: the demo with a small class (every subject has one small white-matter lesion, label 3); the table
+adds the lesion's Dice per site and pooled. A work folder that continues an ablation without rerunning the
+centralized rows may hold ``reference.json`` ({"centralized_a": {"measured": "where from", "dice": {site: Dice,
+"pooled": Dice}}, ...}, an earlier run's numbers on the same data); the table then says where its gaps come from.
 """
 import argparse
 import json
@@ -22,6 +26,8 @@ import sys
 import time
 
 import numpy as np
+
+from fednnunet.demo import DEMO_DATASET_ID, LESION_DATASET_ID, LESION_LABEL
 
 #: name -> (what it changes, fednnunet_train arguments; {r} rounds, {i} local iterations)
 VARIANTS = {
@@ -42,10 +48,23 @@ VARIANTS = {
                  'momentum', '--server-momentum', '0.5']),
     'fedadam': ('FedAdam: server lr 0.01, beta1 0.9, beta2 0.99, tau 0.001',
                 ['--method', 'fedavg', '--rounds', '{r}', '--local-iterations', '{i}', '--server-optimizer', 'adam']),
+    'fedyogi': ('FedYogi: server lr 0.01, beta1 0.9, beta2 0.99, tau 0.001',
+                ['--method', 'fedavg', '--rounds', '{r}', '--local-iterations', '{i}', '--server-optimizer', 'yogi']),
+    'local': ('local training only (every site alone, same steps)',
+              ['--method', 'local', '--rounds', '{r}', '--local-iterations', '{i}']),
+    'fedavg_seed2': ('FedAvg again with another seed (the run-to-run noise)',
+                     ['--method', 'fedavg', '--rounds', '{r}', '--local-iterations', '{i}', '--seed', '2']),
     'more_rounds': ('FedAvg, twice the rounds with half the iterations each',
                     ['--method', 'fedavg', '--rounds', '{r2}', '--local-iterations', '{i_half}']),
     'fewer_rounds': ('FedAvg, half the rounds with twice the iterations each',
                      ['--method', 'fedavg', '--rounds', '{r_half}', '--local-iterations', '{i2}']),
+    'fedavg_2x': ('FedAvg, the second budget: twice the rounds',
+                  ['--method', 'fedavg', '--rounds', '{r2}', '--local-iterations', '{i}']),
+    'centralized_a_2x': ('centralized nnU-Net (a), twice the epochs',
+                         ['--method', 'centralized', '--rounds', '{r2}', '--local-iterations', '{i}']),
+    'centralized_b_2x': ('centralized nnU-Net (b), twice the epochs',
+                         ['--method', 'centralized', '--rounds', '{r2}', '--local-iterations', '{i}',
+                          '--centralized-iterations', '{i}']),
 }
 
 
@@ -57,7 +76,7 @@ def run_variant(name: str, args, work: str, env: dict) -> float:
     fill = {'r': args.rounds, 'i': args.local_iterations, 'r2': 2 * args.rounds, 'i_half': args.local_iterations // 2,
             'r_half': max(1, args.rounds // 2), 'i2': 2 * args.local_iterations}
     argv = [a.format(**fill) for a in VARIANTS[name][1]]
-    cmd = [os.path.join(os.path.dirname(sys.executable), 'fednnunet_train'), '501', '3d_fullres', '0',
+    cmd = [os.path.join(os.path.dirname(sys.executable), 'fednnunet_train'), str(args.dataset), '3d_fullres', '0',
            '-p', 'nnUNetCPUPlans', '--val-iterations', str(args.val_iterations), '-device', args.device,
            '--overwrite', *argv]
     t0 = time.time()
@@ -71,19 +90,24 @@ def run_variant(name: str, args, work: str, env: dict) -> float:
 
 
 def _fold(results: str) -> str:
-    dataset = os.path.join(results, 'Dataset501_FedBrainDemo')
+    (dataset,) = [os.path.join(results, d) for d in os.listdir(results) if d.startswith('Dataset')]
     (trainer,) = [d for d in os.listdir(dataset) if '__' in d]
     return os.path.join(dataset, trainer, 'fold_0')
 
 
 def final_dice(results: str) -> dict:
-    """{site: mean foreground Dice, 'pooled': pooled foreground Dice} of the final validation."""
+    """{site: mean foreground Dice, 'pooled': pooled foreground Dice} of the final validation; with a lesion class
+    also {'lesion': {site: its mean Dice, 'pooled': its pooled Dice}}."""
     fold = _fold(results)
     name = 'centralized_summary.json' if os.path.isfile(os.path.join(fold, 'centralized_summary.json')) else \
         'federated_summary.json'
     summary = json.load(open(os.path.join(fold, name)))['final_validation']
     out = {site: s['foreground_mean']['Dice'] for site, s in summary['per_site'].items()}
     out['pooled'] = summary['pooled_foreground_mean_dice']
+    lesion = str(LESION_LABEL)
+    if lesion in summary['pooled']:
+        out['lesion'] = {site: s[lesion]['Dice'] for site, s in summary['per_site'].items()}
+        out['lesion']['pooled'] = summary['pooled'][lesion]['Dice']
     return out
 
 
@@ -101,12 +125,24 @@ def pseudo_dice_curve(results: str) -> list:
 def report(work: str, names, rounds: int):
     rows = {n: final_dice(os.path.join(work, f'results_{n}')) for n in names
             if os.path.isfile(os.path.join(work, f'results_{n}', 'done'))}
-    sites = sorted(k for k in next(iter(rows.values())) if k != 'pooled')
+    sites = sorted(k for k in next(iter(rows.values())) if k not in ('pooled', 'lesion'))
+    with_lesion = all('lesion' in d for d in rows.values())
     ref = {k: rows.get(k) for k in ('centralized_a', 'centralized_b')}
+    earlier = os.path.join(work, 'reference.json')
+    if None in ref.values() and os.path.isfile(earlier):
+        # the centralized rows of an earlier run of this script on the same data (its final_dice output), for a
+        # work folder that continues the ablation without repeating them; the table says so
+        kept = json.load(open(earlier))
+        for k in ref:
+            if ref[k] is None and k in kept:
+                ref[k] = kept[k]['dice']
+                print(f"gap to {k}: from {earlier} ({kept[k]['measured']})")
     print('\nfinal validation, mean foreground Dice (pooled: over all validation cases); gap = variant - centralized')
     head = '| variant | ' + ' | '.join(sites) + ' | pooled | gap to a (pooled, worst site) | gap to b (pooled, worst site) |'
+    if with_lesion:
+        head += ' lesion Dice: ' + ', '.join(sites) + ', pooled |'
     print(head)
-    print('|' + '---|' * (len(sites) + 4))
+    print('|' + '---|' * (len(sites) + 4 + with_lesion))
     for n, d in rows.items():
         gaps = []
         for key in ('centralized_a', 'centralized_b'):
@@ -115,8 +151,11 @@ def report(work: str, names, rounds: int):
                 continue
             site_gaps = [d[s] - ref[key][s] for s in sites]
             gaps.append(f"{d['pooled'] - ref[key]['pooled']:+.4f}, {min(site_gaps):+.4f}")
+        lesion = ''
+        if with_lesion:
+            lesion = ' ' + ', '.join(f"{d['lesion'][s]:.3f}" for s in sites + ['pooled']) + ' |'
         print(f"| {n}: {VARIANTS[n][0]} | " + ' | '.join(f'{d[s]:.4f}' for s in sites) +
-              f" | {d['pooled']:.4f} | {gaps[0]} | {gaps[1]} |")
+              f" | {d['pooled']:.4f} | {gaps[0]} | {gaps[1]} |{lesion}")
     seconds = {n: json.load(open(os.path.join(work, f'results_{n}', 'done')))['seconds'] for n in rows}
     print('\nwall time per run [s]: ' + ', '.join(f'{n} {s:.0f}' for n, s in seconds.items()))
 
@@ -148,6 +187,9 @@ def report(work: str, names, rounds: int):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--size', type=int, default=64)
+    p.add_argument('--lesion', action='store_true',
+                   help="the demo with a small class (fednnunet_demo_data --lesion, dataset 502): the table adds "
+                        "the lesion's Dice")
     p.add_argument('--rounds', type=int, default=20)
     p.add_argument('--local-iterations', type=int, default=50)
     p.add_argument('--val-iterations', type=int, default=10)
@@ -156,18 +198,20 @@ def main():
     p.add_argument('--workdir', default=None)
     p.add_argument('--report', action='store_true', help="only print the table of --workdir's runs")
     args = p.parse_args()
-    work = os.path.abspath(args.workdir or f'fedavg_gap_size{args.size}')
+    args.dataset = LESION_DATASET_ID if args.lesion else DEMO_DATASET_ID
+    work = os.path.abspath(args.workdir or f"fedavg_gap{'_lesion' if args.lesion else ''}_size{args.size}")
     if args.report:
         report(work, args.variants, args.rounds)
         return
     env = dict(os.environ, nnUNet_raw=os.path.join(work, 'nnUNet_raw'),
                nnUNet_preprocessed=os.path.join(work, 'nnUNet_preprocessed'))
     bin_dir = os.path.dirname(sys.executable)
-    if not os.path.isdir(os.path.join(work, 'nnUNet_preprocessed', 'Dataset501_FedBrainDemo')):
+    preprocessed = os.path.join(work, 'nnUNet_preprocessed')
+    if not (os.path.isdir(preprocessed) and any(d.startswith(f'Dataset{args.dataset}_') for d in os.listdir(preprocessed))):
         os.makedirs(work, exist_ok=True)
-        subprocess.run([os.path.join(bin_dir, 'fednnunet_demo_data'), '-d', '501', '--size', str(args.size)],
-                       env=env, check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([os.path.join(bin_dir, 'fednnunet_plan_and_preprocess'), '-d', '501', '-c', '3d_fullres',
+        subprocess.run([os.path.join(bin_dir, 'fednnunet_demo_data'), '-d', str(args.dataset), '--size', str(args.size)]
+                       + ['--lesion'] * args.lesion, env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([os.path.join(bin_dir, 'fednnunet_plan_and_preprocess'), '-d', str(args.dataset), '-c', '3d_fullres',
                         '-pl', 'nnUNetPlannerCPU', '-np', '2'], env=dict(env, nnUNet_results=os.path.join(
                             work, 'results_planning')), check=True, stdout=subprocess.DEVNULL)
     for name in args.variants:

@@ -370,13 +370,18 @@ def demo_data_entry(argv=None):
     parser.add_argument('--site', default=None,
                         help="only this site's cases, with a sites.json that lists only itself: one hospital's own "
                              "nnUNet_raw, for trying the deployment guide on one machine")
+    parser.add_argument('--lesion', action='store_true',
+                        help='the demo with a small class: every subject also has one small white-matter lesion '
+                             '(label 3, ~0.03-0.25 %% of the brain); dataset 502 FedBrainLesionDemo unless -d is given')
     args = parser.parse_args(argv)
     from fednnunet import demo
     sites = demo.TEST_SITES if args.test_sites else demo.DEFAULT_SITES
+    default_id, name = ((demo.LESION_DATASET_ID, demo.LESION_DATASET_NAME) if args.lesion else
+                        (demo.DEMO_DATASET_ID, demo.DEMO_DATASET_NAME))
     try:
-        folder = demo.build_demo_federation(args.d if args.d is not None else demo.DEMO_DATASET_ID, size=args.size,
+        folder = demo.build_demo_federation(args.d if args.d is not None else default_id, name=name, size=args.size,
                                             seed=args.seed, sites=sites, overwrite=args.overwrite,
-                                            only_site=args.site)
+                                            only_site=args.site, lesion=args.lesion)
     except (FileExistsError, ValueError, FederationError) as e:
         _fail(str(e).replace('pass overwrite=True', 'pass --overwrite'))
     print(f'demo federation written to {folder}')

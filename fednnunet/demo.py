@@ -9,6 +9,12 @@ affine: rotation, scale, translation; plus a smooth displacement field of a few 
 transform for T1, grey matter, white matter and the brain mask, so image and label always agree.
 Label per voxel: 0 outside the brain, else the argmax over (CSF/other = 1-gm-wm, gm, wm).
 
+With a lesion (``lesion=True``, the second demo dataset ``Dataset502_FedBrainLesionDemo``): every subject also
+has one small T1-hypointense white-matter lesion, a sphere of 6-9 mm radius somewhere in the deep white matter
+of either hemisphere (label 3, about 0.03-0.25 % of the brain voxels at size 64): the small class that a federated method can fail to
+learn while the large tissue classes look fine. It is drawn from its own random stream, so the tissue, the
+transform and the scanner of every case are the same as without it.
+
 Sites: each site samples its subjects on its own voxel grid (spacing, slice thickness: the image is
 the partial-volume average over the voxel) and adds its scanner's signature: gamma, a smooth
 multiplicative bias field, Rician noise and an intensity scale. Outside the brain the image is
@@ -38,6 +44,9 @@ DEMO_DATASET_ID = 501
 DEMO_DATASET_NAME = 'FedBrainDemo'
 LABELS = {'background': 0, 'grey_matter': 1, 'white_matter': 2}
 CHANNEL_NAMES = {'0': 'T1'}
+LESION_DATASET_ID = 502
+LESION_DATASET_NAME = 'FedBrainLesionDemo'
+LESION_LABEL = 3
 FILE_ENDING = '.nii.gz'
 
 # Field of view shared by all sites, in MNI (RAS) mm: the template brain's bounding box
@@ -56,6 +65,13 @@ WARP_CONTROL_MM = 32.0      # control point spacing of the displacement field
 WARP_STD_MM = 3.0           # std of the control point displacements (per component)
 TISSUE_CONTRAST_STD = 0.02  # per-subject jitter of grey/white matter T1 intensity (template units 0..1)
 BIAS_CONTROL_POINTS = 4     # bias field: cubic spline through 4x4x4 random values over the FOV
+# The lesion: a sphere in template (MNI) space, so it follows the subject's deformation with the anatomy.
+LESION_RADIUS_MM = (6.0, 9.0)                # uniform
+LESION_BOX_LO = np.array([18.0, -35.0, 12.0])  # deep white matter (centrum semiovale), |x| in the box, either side
+LESION_BOX_HI = np.array([32.0, 15.0, 32.0])
+LESION_MIN_WM = 0.8         # the centre lies where the template's white-matter probability is at least this
+LESION_CONTRAST = 0.5       # T1 inside the lesion is (1 - this) x the tissue's
+LESION_STREAM = 3           # its random stream: (seed, site, case, this)
 
 
 @dataclass(frozen=True)
@@ -208,6 +224,26 @@ def _case_rngs(seed: int, site_name: str, index: int):
     return np.random.default_rng(children[0]), np.random.default_rng(children[1])
 
 
+def _lesion_rng(seed: int, site_name: str, index: int) -> np.random.Generator:
+    """The lesion's own generator: drawing it leaves the anatomy and scanner streams untouched."""
+    key = zlib.crc32(site_name.encode('utf-8'))
+    return np.random.default_rng(np.random.SeedSequence([int(seed), key, int(index), LESION_STREAM]))
+
+
+def _draw_lesion(rng: np.random.Generator, maps, work_origin: np.ndarray, w: float):
+    """(centre in template mm, radius mm): a centre in the deep white-matter box (left or right hemisphere) where
+    the (site-blurred) template is white matter; rejection sampling, at most 1000 tries."""
+    wm = maps[2]
+    for _ in range(1000):
+        centre = rng.uniform(LESION_BOX_LO, LESION_BOX_HI)
+        if rng.random() < 0.5:
+            centre[0] = -centre[0]
+        vox = (centre - work_origin) / w
+        if ndimage.map_coordinates(wm, vox[:, None], order=1)[0] >= LESION_MIN_WM:
+            return centre, float(rng.uniform(*LESION_RADIUS_MM))
+    raise RuntimeError('no white-matter point found in the lesion box')  # the template has plenty: never here
+
+
 def _rotation(angles_rad: np.ndarray) -> np.ndarray:
     cx, cy, cz = np.cos(angles_rad)
     sx, sy, sz = np.sin(angles_rad)
@@ -249,11 +285,12 @@ def _subject_transform(rng: np.random.Generator):
 
 # ----------------------------------------------------------------------------------------- cases
 
-def generate_case(site: SiteScanner, index: int, size: int = 64, seed: int = 0, _maps=None):
+def generate_case(site: SiteScanner, index: int, size: int = 64, seed: int = 0, _maps=None, lesion: bool = False):
     """One case of one site, in memory.
 
     Returns ``(image, label, spacing_mm)``: image float32 and label uint8, both indexed x, y, z
-    (world axes, RAS), spacing in mm x, y, z."""
+    (world axes, RAS), spacing in mm x, y, z. ``lesion``: with the white-matter lesion (label 3, see the module's
+    text); everything else of the case is unchanged."""
     spacing = site_spacing_mm(site, size)
     shape = site_shape(site, size)
     maps, work_origin, w = _maps if _maps is not None else _site_maps(size, spacing)
@@ -263,17 +300,27 @@ def generate_case(site: SiteScanner, index: int, size: int = 64, seed: int = 0, 
     origin = _grid_origin(spacing, shape)
     axes = [origin[a] + spacing[a] * np.arange(shape[a]) for a in range(3)]
     points = np.stack(np.meshgrid(*axes, indexing='ij')).reshape(3, -1)
-    vox = (to_template(points) - work_origin[:, None]) / w
+    template_points = to_template(points)
+    vox = (template_points - work_origin[:, None]) / w
     t1, gm, wm, brain = (ndimage.map_coordinates(m, vox, order=1, mode='constant', cval=0.0).reshape(shape)
                          for m in maps)
 
     mask = brain > 0.5
     tissue = np.stack([1.0 - gm - wm, gm, wm])
     label = np.where(mask, np.argmax(tissue, axis=0), 0).astype(np.uint8)
+    needed = {1, 2}
+    if lesion:
+        centre, radius = _draw_lesion(_lesion_rng(seed, site.name, index), maps, work_origin, w)
+        distance = np.linalg.norm(template_points - centre[:, None], axis=0).reshape(shape)
+        # partial volume: the share of a voxel inside the sphere, linear over one voxel's mean extent
+        inside = np.clip((radius - distance) / float(np.mean(spacing)) + 0.5, 0.0, 1.0) * mask
+        t1 = t1 * (1.0 - LESION_CONTRAST * inside)
+        label[inside >= 0.5] = LESION_LABEL
+        needed.add(LESION_LABEL)
     present = set(np.unique(label).tolist())
-    if not {1, 2} <= present:
+    if not needed <= present:
         raise RuntimeError(f'case {site.name}_{index:03d} at size {size} has labels {sorted(present)}; '
-                           f'grey and white matter must both be present: use a larger size')
+                           f'{sorted(needed)} must all be present: use a larger size')
 
     # scanner: gamma, bias field, Rician noise, intensity scale; exactly 0 outside the brain
     signal = np.clip(t1 + contrast[0] * gm + contrast[1] * wm, 0.0, None) ** site.gamma
@@ -317,12 +364,13 @@ def _check_sites(sites: Iterable[SiteScanner]) -> Tuple[SiteScanner, ...]:
 def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DATASET_NAME,
                           raw_root: Optional[str] = None, size: int = 64, seed: int = 0,
                           sites: Sequence[SiteScanner] = DEFAULT_SITES, overwrite: bool = False,
-                          verbose: bool = True, only_site: Optional[str] = None) -> str:
+                          verbose: bool = True, only_site: Optional[str] = None, lesion: bool = False) -> str:
     """Writes ``<raw_root or $nnUNet_raw>/Dataset{id:03d}_{name}/`` with dataset.json, imagesTr/,
     labelsTr/ and sites.json. Returns the folder.
 
     ``only_site``: one hospital's own raw folder, as on its own machine in a real federation (its cases and a
     sites.json that lists only itself; the federation's dataset.json): the same cases as in the whole demo.
+    ``lesion``: every case also has a small white-matter lesion (label 3; see the module's text).
 
     The folder is built under a hidden temporary sibling and renamed into place at the end, so an
     interrupted build never leaves a folder that looks complete. An existing folder raises
@@ -367,7 +415,7 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
             maps = _site_maps(size, spacing)
             origin = _grid_origin(spacing, shape)
             for i, case in enumerate(site.case_ids()):
-                image, label, _ = generate_case(site, i, size, seed, _maps=maps)
+                image, label, _ = generate_case(site, i, size, seed, _maps=maps, lesion=lesion)
                 _write_nifti(image, spacing, origin, os.path.join(images_dir, f'{case}_0000{FILE_ENDING}'))
                 _write_nifti(label, spacing, origin, os.path.join(labels_dir, f'{case}{FILE_ENDING}'))
             assignment[site.name] = {'cases': list(site.case_ids())}
@@ -377,11 +425,12 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
         n_cases = sum(s.n_cases for s in sites if only_site in (None, s.name))
         dataset_json = {
             'channel_names': dict(CHANNEL_NAMES),
-            'labels': dict(LABELS),
+            'labels': dict(LABELS, lesion=LESION_LABEL) if lesion else dict(LABELS),
             'numTraining': sum(s.n_cases for s in sites),  # the federation's, the same at every site
             'file_ending': FILE_ENDING,
             'name': name,
-            'description': (f'fednnunet demo federation: brain tissue segmentation, {len(sites)} sites '
+            'description': (f'fednnunet demo federation: brain tissue segmentation'
+                            f'{" with one small white-matter lesion per subject" if lesion else ""}, {len(sites)} sites '
                             f'({", ".join(f"{s.name}: {s.n_cases}" for s in sites)} cases), synthetic subjects '
                             f'from random deformations of the MNI ICBM152 2009a T1 template and its GM/WM '
                             f'probability maps (as shipped with nilearn), size={size}, seed={seed}.'),

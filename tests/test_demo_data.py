@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from fednnunet import demo
 from fednnunet.demo import (DEMO_DATASET_ID, DEMO_DATASET_NAME, TEST_SITES, build_demo_federation, generate_case,
@@ -171,3 +172,37 @@ def test_one_hospitals_own_folder_holds_its_cases_of_the_whole_demo(built, tmp_p
     assert set(Federation.from_folder(own).sites) == {'B'}
     with pytest.raises(ValueError, match="site 'Z' is not one of the demo's sites"):
         build_demo_federation(raw_root=str(tmp_path / 'z'), size=SIZE, sites=TEST_SITES, verbose=False, only_site='Z')
+
+
+def test_the_lesion_demo_adds_a_small_class_and_leaves_the_rest_of_every_case_as_it_was(tmp_path, monkeypatch):
+    """fednnunet_demo_data --lesion: label 3, small, hypointense, inside the white matter's neighbourhood; tissue,
+    transform and scanner of each case are those of the plain demo (the lesion has its own random stream)."""
+    from fednnunet.cli import demo_data_entry
+    size = 48
+    monkeypatch.setenv('nnUNet_raw', str(tmp_path))
+    demo_data_entry(['--test-sites', '--size', str(size), '--lesion'])
+    folder = tmp_path / f'Dataset{demo.LESION_DATASET_ID}_{demo.LESION_DATASET_NAME}'
+    dj = json.load(open(folder / 'dataset.json'))
+    assert dj['labels'] == {'background': 0, 'grey_matter': 1, 'white_matter': 2, 'lesion': 3}
+    assert 'lesion' in dj['description']
+    Federation.from_folder(str(folder))
+    for site in TEST_SITES:
+        for i, case in enumerate(site.case_ids()):
+            seg = _read(_files(str(folder), case)[1])[0][0]
+            img = _read(_files(str(folder), case)[0])[0][0]
+            plain_img, plain_seg, _ = generate_case(site, i, size, seed=0)
+            plain_img, plain_seg = plain_img.transpose(2, 1, 0), plain_seg.transpose(2, 1, 0)  # files are z, y, x
+            lesion = seg == demo.LESION_LABEL
+            share = lesion.sum() / (seg > 0).sum()
+            assert 0 < share < 0.005, (case, share)
+            # outside the lesion's voxels the label is the plain demo's; the lesion replaced (mostly) white matter
+            np.testing.assert_array_equal(seg[~lesion], plain_seg[~lesion])
+            assert (plain_seg[lesion] == 2).mean() > 0.5, case
+            # hypointense: the image is darker inside; away from it (beyond its partial-volume rim) it is the plain
+            # demo's up to the noise level's tiny change (the noise scales with the mean brain signal)
+            assert img[lesion].mean() < 0.8 * plain_img[lesion].mean(), case
+            far = ~ndimage.binary_dilation(lesion, iterations=2)
+            np.testing.assert_allclose(img[far], plain_img[far], rtol=0.01, atol=1e-3 * plain_img.max())
+            # a different case of the site has its lesion elsewhere
+        other = _read(_files(str(folder), site.case_ids()[1])[1])[0][0] == demo.LESION_LABEL
+        assert not np.array_equal(other, _read(_files(str(folder), site.case_ids()[0])[1])[0][0] == demo.LESION_LABEL)
