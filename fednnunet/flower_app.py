@@ -214,9 +214,10 @@ def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) ->
         raise ValueError(f"phase must be plan, train or all, not {phase!r}")
     if cfg['continue'] and cfg['overwrite']:
         raise ValueError('continue and overwrite exclude each other')
+    strategy_options = {}
     if phase != 'plan':
         check_method(str(cfg['method']), json.loads(str(cfg['hyperparameters']) or '{}'))
-        strategy_options_of(cfg)
+        strategy_options = strategy_options_of(cfg)
     sites = str(cfg['sites']).split()
     min_sites = int(cfg['min-sites']) or None
     if engine is None:
@@ -227,7 +228,7 @@ def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) ->
                               log=_log, straggler_grace=float(cfg['straggler-grace']),
                               site_keys=json.loads(str(cfg['site-keys']) or '{}') or None)
     try:
-        return _run_phases(engine, cfg, phase, min_sites)
+        return _run_phases(engine, cfg, phase, min_sites, strategy_options)
     except FederationError as e:
         _log(f'error: {e}')
         raise
@@ -255,7 +256,7 @@ def check_method(method: str, hyperparameters: dict):
     check_hyperparameters(method, hyperparameters)
 
 
-def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional[int]) -> dict:
+def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional[int], strategy_options: dict) -> dict:
     from fednnunet.federation import server_folder
     from fednnunet.jsonio import write_json
     result = {}
@@ -285,7 +286,7 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
             plans_identifier=plans_identifier or 'nnUNetPlans', rounds=int(cfg['rounds']),
             local_iterations=int(cfg['local-iterations']), val_iterations=int(cfg['val-iterations']),
             seed=int(cfg['seed']), hyperparameters=json.loads(str(cfg['hyperparameters']) or '{}'),
-            strategy_options=strategy_options_of(cfg), validate=bool(cfg['validate']),
+            strategy_options=strategy_options, validate=bool(cfg['validate']),
             min_sites=min_sites)
         if cfg['continue']:
             _members_from_checkpoint(engine, config)

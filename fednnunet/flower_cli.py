@@ -33,6 +33,7 @@ import threading
 import time
 from typing import List, Optional, Tuple
 
+from fednnunet.child_processes import end_processes
 from fednnunet.cli_args import (FedArgumentParser, add_device_argument, add_run_start_arguments,
                                 add_schedule_arguments, address, check_device, device_name, fail, fold, int_at_least,
                                 method, methods_epilog, number_at_least, port, positive_number, pull_interval,
@@ -536,9 +537,7 @@ def run_server_command(args) -> int:
             register_keys(site_keys(args.auth_keys)['paths'], env)
         return run_app(app_dir, run_config_file, env)
     finally:
-        for process in (proxy, superlink):
-            if process is not None:
-                stop_process(process)
+        end_processes([proxy, superlink], 15.0)
 
 
 def _tail(path: str, n: int = 30) -> str:
@@ -547,17 +546,6 @@ def _tail(path: str, n: int = 30) -> str:
             return ''.join(f.readlines()[-n:])
     except OSError:
         return ''
-
-
-def stop_process(process: subprocess.Popen, timeout: float = 15.0):
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 # ============================================================================================ site
@@ -644,13 +632,7 @@ class SiteDaemonProcess:
 
     def stop(self, timeout: float = 60.0):
         self._stopping.set()
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # it writes its last round state first
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_processes([self.process], timeout)  # it writes its last round state on SIGTERM
 
 
 def site_setup(args, superexec_secret_file: str) -> Tuple[List[str], dict]:
@@ -720,7 +702,7 @@ def site_entry(argv=None):
               f'{launcher.expected_hash}', flush=True)
         launcher.start()
         try:
-            code = supervise_supernode(cmd, env, args.max_wait_time)
+            code = supervise_supernode(cmd, env, args.max_wait_time, server=args.server)
         finally:
             launcher.stop()
             daemon.stop()
@@ -728,7 +710,7 @@ def site_entry(argv=None):
 
 
 def supervise_supernode(cmd: List[str], env: dict, max_wait_time: Optional[float] = None,
-                        exit_grace: float = 15.0) -> int:
+                        exit_grace: float = 15.0, server: str = 'the server') -> int:
     """Runs the SuperNode and starts it again when it exits on its own: a SuperNode gives up when the SuperLink
     refuses it (e.g. a restarted SuperLink does not know its node yet, or its key is not registered yet) or is gone
     for long; a site should stay available until it is stopped (Ctrl-C / SIGTERM). Returns the exit status.
@@ -780,7 +762,6 @@ def supervise_supernode(cmd: List[str], env: dict, max_wait_time: Optional[float
                       f'{max_wait_time:.0f} s (--max-wait-time)', file=sys.stderr, flush=True)
                 return 1
             if said_terminated['connection_error']:  # Flower's exit-code block, said plainly
-                server = cmd[cmd.index('--superlink') + 1] if '--superlink' in cmd else 'the server'
                 print('fednnunet_site: ' + stamped(f"{connection_problem(server, said_terminated['connection_error'])}"
                                                   f"; retrying in {backoff:.0f} s"), flush=True)
             elif code == 0:  # it gave up on its SuperLink by itself: the server stopped, or restarted without its node

@@ -15,12 +15,7 @@ from fednnunet.trainers.base import FederatedTrainer
 from fednnunet.training_server import FederatedTraining
 
 from conftest import DATASET_ID, point_nnunet_folder
-from test_training import _assert_same, _config, _final_weights, _results
-
-
-def _engine(federation, keep_trainers=True, cls=SimulationEngine):
-    return cls({n: SiteWorker(s, federation.dataset_name, 1, device='cpu', keep_trainers=keep_trainers)
-                for n, s in federation.sites.items()})
+from test_training import _assert_same, _config, _engine, _final_weights, _results
 
 
 REAL_BUILD = site_training.build_site_trainer
@@ -52,7 +47,7 @@ def test_a_kept_trainer_gives_the_rebuilt_trainers_weights_and_is_built_once(pla
     for keep in (False, True):
         point_nnunet_folder(monkeypatch, 'nnUNet_results', tmp_path / f'keep_{keep}')
         counting = CountingBuilds(monkeypatch)
-        FederatedTraining(_engine(fed, keep), _config(method, rounds=3, validate=False,
+        FederatedTraining(_engine(fed, keep_trainers=keep), _config(method, rounds=3, validate=False,
                                                       hyperparameters=hyper)).run()
         weights[keep], builds[keep] = _final_weights(method), counting.built
     assert {s: len(t) for s, t in builds[False].items()} == {s: 4 for s in 'ABC'}

@@ -52,10 +52,15 @@ class RecordingEngine(SimulationEngine):
         return replies
 
 
+#: SiteWorker options that _engine passes to every site's worker (the rest go to the engine)
+WORKER_OPTIONS = ('state_in_memory', 'keep_trainers')
+
+
 def _engine(federation, cls=SimulationEngine, **kw):
+    """An engine over one CPU SiteWorker per site of ``federation``."""
     from fednnunet.site_worker import SiteWorker
-    state_in_memory = kw.pop('state_in_memory', False)
-    return cls({n: SiteWorker(s, federation.dataset_name, 1, device='cpu', state_in_memory=state_in_memory)
+    worker = {k: kw.pop(k) for k in WORKER_OPTIONS if k in kw}
+    return cls({n: SiteWorker(s, federation.dataset_name, 1, device='cpu', **worker)
                 for n, s in federation.sites.items()}, **kw)
 
 

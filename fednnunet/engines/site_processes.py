@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
+from fednnunet.child_processes import end_processes
 from fednnunet.errors import FederationError
 from fednnunet.site_daemon import DaemonUnavailable, ask_daemon, daemon_folder
 from fednnunet.site_training import CPU_THREADS_VARIABLE
@@ -155,16 +156,7 @@ class SiteProcessEngine:
 
     def close(self, timeout: float = 120.0):
         """Ends the site processes (each writes its last round state first) and removes their sockets."""
-        for p in self.processes.values():
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.time() + timeout
-        for p in self.processes.values():
-            try:
-                p.wait(max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        end_processes(self.processes.values(), timeout)
         if self._folder_context is not None:
             context, self._folder_context = self._folder_context, None
             context.__exit__(None, None, None)
