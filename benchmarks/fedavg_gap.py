@@ -188,7 +188,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--size', type=int, default=64)
     p.add_argument('--lesion', action='store_true',
-                   help="the demo with a small class (fednnunet_demo_data --lesion, dataset 502): the table adds "
+                   help="the demo with a small class (fednnunet_demo_data --lesion, dataset 503): the table adds "
                         "the lesion's Dice")
     p.add_argument('--rounds', type=int, default=20)
     p.add_argument('--local-iterations', type=int, default=50)

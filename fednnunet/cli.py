@@ -372,7 +372,7 @@ def demo_data_entry(argv=None):
                              "nnUNet_raw, for trying the deployment guide on one machine")
     parser.add_argument('--lesion', action='store_true',
                         help='the demo with a small class: every subject also has one small white-matter lesion '
-                             '(label 3, ~0.03-0.25 %% of the brain); dataset 502 FedBrainLesionDemo unless -d is given')
+                             '(label 3, ~0.03-0.25 %% of the brain); dataset 503 FedBrainLesionDemo unless -d is given')
     args = parser.parse_args(argv)
     from fednnunet import demo
     sites = demo.TEST_SITES if args.test_sites else demo.DEFAULT_SITES

@@ -9,7 +9,7 @@ affine: rotation, scale, translation; plus a smooth displacement field of a few 
 transform for T1, grey matter, white matter and the brain mask, so image and label always agree.
 Label per voxel: 0 outside the brain, else the argmax over (CSF/other = 1-gm-wm, gm, wm).
 
-With a lesion (``lesion=True``, the second demo dataset ``Dataset502_FedBrainLesionDemo``): every subject also
+With a lesion (``lesion=True``, the second demo dataset ``Dataset503_FedBrainLesionDemo``): every subject also
 has one small T1-hypointense white-matter lesion, a sphere of 6-9 mm radius somewhere in the deep white matter
 of either hemisphere (label 3, about 0.03-0.25 % of the brain voxels at size 64): the small class that a federated method can fail to
 learn while the large tissue classes look fine. It is drawn from its own random stream, so the tissue, the
@@ -44,7 +44,7 @@ DEMO_DATASET_ID = 501
 DEMO_DATASET_NAME = 'FedBrainDemo'
 LABELS = {'background': 0, 'grey_matter': 1, 'white_matter': 2}
 CHANNEL_NAMES = {'0': 'T1'}
-LESION_DATASET_ID = 502
+LESION_DATASET_ID = 503  # 502 is the annotation-shift benchmark's copy of 501
 LESION_DATASET_NAME = 'FedBrainLesionDemo'
 LESION_LABEL = 3
 FILE_ENDING = '.nii.gz'
