@@ -149,8 +149,8 @@ def report(work: str, names, rounds: int):
             if ref[key] is None or n == key:
                 gaps.append('')
                 continue
-            site_gaps = [d[s] - ref[key][s] for s in sites]
-            gaps.append(f"{d['pooled'] - ref[key]['pooled']:+.4f}, {min(site_gaps):+.4f}")
+            worst = min(sites, key=lambda s: d[s] - ref[key][s])
+            gaps.append(f"{d['pooled'] - ref[key]['pooled']:+.4f}, {d[worst] - ref[key][worst]:+.4f} ({worst})")
         lesion = ''
         if with_lesion:
             lesion = ' ' + ', '.join(f"{d['lesion'][s]:.3f}" for s in sites + ['pooled']) + ' |'
