@@ -46,7 +46,8 @@ VARIANTS = {
     'fedavgm': ('FedAvgM: server momentum 0.5, server lr 1',
                 ['--method', 'fedavg', '--rounds', '{r}', '--local-iterations', '{i}', '--server-optimizer',
                  'momentum', '--server-momentum', '0.5']),
-    'server_lr2': ("FedAvg with server lr 2 (FedAvgM with momentum 0): the global model takes twice the sites' mean step",
+    'server_lr2': ("FedAvg with server lr 2 (FedAvgM with momentum 0): the global model takes twice the sites' "
+                   "mean step",
                    ['--method', 'fedavg', '--rounds', '{r}', '--local-iterations', '{i}', '--server-optimizer',
                     'momentum', '--server-momentum', '0', '--server-lr', '2']),
     'fedadam': ('FedAdam: server lr 0.01, beta1 0.9, beta2 0.99, tau 0.001',
@@ -210,11 +211,14 @@ def main():
                nnUNet_preprocessed=os.path.join(work, 'nnUNet_preprocessed'))
     bin_dir = os.path.dirname(sys.executable)
     preprocessed = os.path.join(work, 'nnUNet_preprocessed')
-    if not (os.path.isdir(preprocessed) and any(d.startswith(f'Dataset{args.dataset}_') for d in os.listdir(preprocessed))):
+    planned = os.path.isdir(preprocessed) and any(d.startswith(f'Dataset{args.dataset}_')
+                                                  for d in os.listdir(preprocessed))
+    if not planned:
         os.makedirs(work, exist_ok=True)
-        subprocess.run([os.path.join(bin_dir, 'fednnunet_demo_data'), '-d', str(args.dataset), '--size', str(args.size)]
+        dataset = ['-d', str(args.dataset)]
+        subprocess.run([os.path.join(bin_dir, 'fednnunet_demo_data'), *dataset, '--size', str(args.size)]
                        + ['--lesion'] * args.lesion, env=env, check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([os.path.join(bin_dir, 'fednnunet_plan_and_preprocess'), '-d', str(args.dataset), '-c', '3d_fullres',
+        subprocess.run([os.path.join(bin_dir, 'fednnunet_plan_and_preprocess'), *dataset, '-c', '3d_fullres',
                         '-pl', 'nnUNetPlannerCPU', '-np', '2'], env=dict(env, nnUNet_results=os.path.join(
                             work, 'results_planning')), check=True, stdout=subprocess.DEVNULL)
     for name in args.variants:

@@ -11,9 +11,9 @@ Label per voxel: 0 outside the brain, else the argmax over (CSF/other = 1-gm-wm,
 
 With a lesion (``lesion=True``, the second demo dataset ``Dataset503_FedBrainLesionDemo``): every subject also
 has one small T1-hypointense white-matter lesion, a sphere of 6-9 mm radius somewhere in the deep white matter
-of either hemisphere (label 3, about 0.03-0.25 % of the brain voxels at size 64): the small class that a federated method can fail to
-learn while the large tissue classes look fine. It is drawn from its own random stream, so the tissue, the
-transform and the scanner of every case are the same as without it.
+of either hemisphere (label 3, about 0.03-0.25 % of the brain voxels at size 64): the small class that a
+federated method can fail to learn while the large tissue classes look fine. It is drawn from its own random
+stream, so the tissue, the transform and the scanner of every case are the same as without it.
 
 Sites: each site samples its subjects on its own voxel grid (spacing, slice thickness: the image is
 the partial-volume average over the voxel) and adds its scanner's signature: gamma, a smooth
@@ -217,17 +217,20 @@ def _site_maps(size: int, spacing_mm: Sequence[float]):
 
 # ---------------------------------------------------------------------------------- randomness
 
+def _case_entropy(seed: int, site_name: str, index: int) -> list:
+    """What all of a case's randomness derives from: (seed, site, case index) only."""
+    return [int(seed), zlib.crc32(site_name.encode('utf-8')), int(index)]
+
+
 def _case_rngs(seed: int, site_name: str, index: int):
     """Independent generators for (anatomy, scanner) from (seed, site, case index) only."""
-    key = zlib.crc32(site_name.encode('utf-8'))
-    children = np.random.SeedSequence([int(seed), key, int(index)]).spawn(2)
+    children = np.random.SeedSequence(_case_entropy(seed, site_name, index)).spawn(2)
     return np.random.default_rng(children[0]), np.random.default_rng(children[1])
 
 
 def _lesion_rng(seed: int, site_name: str, index: int) -> np.random.Generator:
     """The lesion's own generator: drawing it leaves the anatomy and scanner streams untouched."""
-    key = zlib.crc32(site_name.encode('utf-8'))
-    return np.random.default_rng(np.random.SeedSequence([int(seed), key, int(index), LESION_STREAM]))
+    return np.random.default_rng(np.random.SeedSequence(_case_entropy(seed, site_name, index) + [LESION_STREAM]))
 
 
 def _draw_lesion(rng: np.random.Generator, maps, work_origin: np.ndarray, w: float):
@@ -430,7 +433,8 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
             'file_ending': FILE_ENDING,
             'name': name,
             'description': (f'fednnunet demo federation: brain tissue segmentation'
-                            f'{" with one small white-matter lesion per subject" if lesion else ""}, {len(sites)} sites '
+                            f'{" with one small white-matter lesion per subject" if lesion else ""}, '
+                            f'{len(sites)} sites '
                             f'({", ".join(f"{s.name}: {s.n_cases}" for s in sites)} cases), synthetic subjects '
                             f'from random deformations of the MNI ICBM152 2009a T1 template and its GM/WM '
                             f'probability maps (as shipped with nilearn), size={size}, seed={seed}.'),
