@@ -121,9 +121,8 @@ def pseudo_dice_curve(results: str) -> list:
     log = os.path.join(fold, 'federation_log.json')
     if os.path.isfile(log):
         return [r['mean_pooled_pseudo_dice'] for r in json.load(open(log))]
-    import torch
-    ck = torch.load(os.path.join(fold, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)
-    return list(ck['logging']['mean_fg_dice'])
+    from fednnunet.inference import load_checkpoint
+    return list(load_checkpoint(os.path.join(fold, 'checkpoint_final.pth'))['logging']['mean_fg_dice'])
 
 
 def report(work: str, names, rounds: int):
