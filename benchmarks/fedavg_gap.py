@@ -69,7 +69,23 @@ VARIANTS = {
     'centralized_b_2x': ('centralized nnU-Net (b), twice the epochs',
                          ['--method', 'centralized', '--rounds', '{r2}', '--local-iterations', '{i}',
                           '--centralized-iterations', '{i}']),
+    'fedavg_2x_iterations': ('FedAvg, the second budget: twice the iterations per round',
+                             ['--method', 'fedavg', '--rounds', '{r}', '--local-iterations', '{i2}']),
+    'fedadam_lr0.1': ('FedAdam: server lr 0.1, beta1 0.9, beta2 0.99, tau 0.001',
+                      ['--method', 'fedavg', '--rounds', '{r}', '--local-iterations', '{i}', '--server-optimizer',
+                       'adam', '--server-lr', '0.1']),
+    'fedadam_lr0.03': ('FedAdam: server lr 0.03, beta1 0.9, beta2 0.99, tau 0.001',
+                       ['--method', 'fedavg', '--rounds', '{r}', '--local-iterations', '{i}', '--server-optimizer',
+                        'adam', '--server-lr', '0.03']),
 }
+
+#: the variants of the second budget (twice the steps per site); their gaps are to the centralized runs of that budget
+SECOND_BUDGET = ('fedavg_2x', 'fedavg_2x_iterations', 'centralized_a_2x', 'centralized_b_2x')
+
+
+def reference_names(name: str) -> tuple:
+    """The centralized runs (a, b) of the budget that ``name`` trains on."""
+    return ('centralized_a_2x', 'centralized_b_2x') if name in SECOND_BUDGET else ('centralized_a', 'centralized_b')
 
 
 def run_variant(name: str, args, work: str, env: dict) -> float:
@@ -130,7 +146,7 @@ def report(work: str, names, rounds: int):
             if os.path.isfile(os.path.join(work, f'results_{n}', 'done'))}
     sites = sorted(k for k in next(iter(rows.values())) if k not in ('pooled', 'lesion'))
     with_lesion = all('lesion' in d for d in rows.values())
-    ref = {k: rows.get(k) for k in ('centralized_a', 'centralized_b')}
+    ref = {k: rows.get(k) for k in ('centralized_a', 'centralized_b', 'centralized_a_2x', 'centralized_b_2x')}
     earlier = os.path.join(work, 'reference.json')
     if None in ref.values() and os.path.isfile(earlier):
         # the centralized rows of an earlier run of this script on the same data (its final_dice output), for a
@@ -140,7 +156,8 @@ def report(work: str, names, rounds: int):
             if ref[k] is None and k in kept:
                 ref[k] = kept[k]['dice']
                 print(f"gap to {k}: from {earlier} ({kept[k]['measured']})")
-    print('\nfinal validation, mean foreground Dice (pooled: over all validation cases); gap = variant - centralized')
+    print('\nfinal validation, mean foreground Dice (pooled: over all validation cases); gap = variant - centralized '
+          '(a, b) of its budget (the second budget\'s rows: to centralized_a_2x, centralized_b_2x)')
     head = '| variant | ' + ' | '.join(sites) + ' | pooled | gap to a (pooled, worst site) | gap to b (pooled, worst site) |'
     if with_lesion:
         head += ' lesion Dice: ' + ', '.join(sites) + ', pooled |'
@@ -148,7 +165,7 @@ def report(work: str, names, rounds: int):
     print('|' + '---|' * (len(sites) + 4 + with_lesion))
     for n, d in rows.items():
         gaps = []
-        for key in ('centralized_a', 'centralized_b'):
+        for key in reference_names(n):
             if ref[key] is None or n == key:
                 gaps.append('')
                 continue

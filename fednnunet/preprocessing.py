@@ -8,7 +8,7 @@ those cases: ``<data_identifier>/{case}.b2nd|_seg.b2nd|.pkl``, ``gt_segmentation
 import json
 import os
 import shutil
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -21,6 +21,8 @@ from fednnunet.parallel import run_per_case
 
 NNUNET_SPLIT_SEED = 12345
 NUM_FOLDS = 5
+#: a configuration's unlabelled cases: ``<data_identifier>_unlabelled`` in the site's folder
+UNLABELLED_SUFFIX = '_unlabelled'
 
 
 def site_splits(cases: Sequence[str], num_folds: int = NUM_FOLDS) -> List[Dict[str, List[str]]]:
@@ -39,8 +41,9 @@ def site_splits(cases: Sequence[str], num_folds: int = NUM_FOLDS) -> List[Dict[s
     return [base[i % len(base)] for i in range(num_folds)]
 
 
-def _preprocess_case(preprocessor_class_name: str, output_truncated: str, image_files: List[str], label_file: str,
-                     plans: dict, configuration: str, dataset_json: dict, site: str, case: str):
+def _preprocess_case(preprocessor_class_name: str, output_truncated: str, image_files: List[str],
+                     label_file: Optional[str], plans: dict, configuration: str, dataset_json: dict, site: str,
+                     case: str):
     plans_manager = PlansManager(plans)
     cm = plans_manager.get_configuration(configuration)
     try:
@@ -63,6 +66,25 @@ def _splits_cover(splits_file: str, cases: Sequence[str]) -> bool:
     return len(splits) > 0 and all(set(s['train']) | set(s['val']) == set(cases) for s in splits)
 
 
+def unlabelled_data_folder(site_folder: str, data_identifier: str) -> str:
+    """Where a site's preprocessed unlabelled cases of one configuration live (beside the labelled ones)."""
+    return os.path.join(site_folder, data_identifier + UNLABELLED_SUFFIX)
+
+
+def _preprocess_into(final: str, cases: Sequence[Tuple[str, List[str], Optional[str]]], preprocessor_name: str,
+                     plans: dict, configuration: str, dataset_json: dict, site: str, num_processes: int, what: str):
+    """(case, image files, label file or None) through nnU-Net's preprocessor into ``final``, written under a
+    ``.partial`` name and renamed when complete."""
+    partial = final + '.partial'
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    args = [(preprocessor_name, os.path.join(partial, case), images, label, plans, configuration, dataset_json, site,
+             case) for case, images, label in cases]
+    run_per_case(_preprocess_case, args, num_processes, f'[site {site}] {what}')
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+
+
 def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations: Sequence[str], out_folder: str,
                     num_processes: int = 1) -> dict:
     """Preprocesses the site's own cases for each configuration. Each output folder is written under a
@@ -79,15 +101,19 @@ def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations:
         final = server_input.inside(os.path.join(out_folder, server_input.identifier(
             cm.data_identifier, f'configurations.{c}.data_identifier', site.name)), out_folder, 'data_identifier',
             site.name)  # it is removed and replaced below
-        partial = final + '.partial'
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-        args = [(cm.preprocessor_name, os.path.join(partial, case), site.image_files(case), site.label_file(case),
-                 plans, c, dataset_json, site.name, case) for case in site.cases]
-        run_per_case(_preprocess_case, args, num_processes, f'[site {site.name}] preprocess {c}')
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        _preprocess_into(final, [(case, site.image_files(case), site.label_file(case)) for case in site.cases],
+                         cm.preprocessor_name, plans, c, dataset_json, site.name, num_processes, f'preprocess {c}')
         report['configurations'][c] = {'data_identifier': cm.data_identifier, 'num_cases': len(site.cases)}
+        if site.unlabelled:
+            # unlabelled cases: nnU-Net's preprocessor without a segmentation (as for its test cases), into a folder
+            # of their own beside the labelled one, so that nnU-Net's tools never mistake them for training cases
+            _preprocess_into(unlabelled_data_folder(out_folder, cm.data_identifier),
+                             [(case, site.unlabelled_image_files(case), None) for case in site.unlabelled],
+                             cm.preprocessor_name, plans, c, dataset_json, site.name, num_processes,
+                             f'preprocess {c} (unlabelled)')
+            report['configurations'][c]['num_unlabelled'] = len(site.unlabelled)
+        else:
+            shutil.rmtree(unlabelled_data_folder(out_folder, cm.data_identifier), ignore_errors=True)  # a stale one
 
     gt = os.path.join(out_folder, 'gt_segmentations')
     gt_partial = gt + '.partial'

@@ -101,6 +101,7 @@ class FederatedTrainer(nnUNetTrainer):
         self.plot_every = 10  # rounds between the site's progress.png (nnU-Net plots every epoch; plots cost ~1 s)
         self.num_sites = 1
         self.num_training_cases = None
+        self.dataloader_unlabelled = None  # built on demand by semi-supervised methods
 
     # ------------------------------------------------------------------ set-up
     def configure_federation(self, site_name: str, site_index: int, site_preprocessed_folder: str,
@@ -208,7 +209,19 @@ class FederatedTrainer(nnUNetTrainer):
         return any(dl is not None and hasattr(dl, '_finish') for dl in self._dataloaders())
 
     def _dataloaders(self) -> list:
-        return [dl for dl in (self.dataloader_train, self.dataloader_val) if dl is not None]
+        return [dl for dl in (self.dataloader_train, self.dataloader_val, self.dataloader_unlabelled)
+                if dl is not None]
+
+    def get_unlabelled_dataloader(self):
+        """Batches of the site's unlabelled cases, a weak and a strong view of each patch stacked on the channel
+        axis (see fednnunet.unlabelled_data); built once, stopped by :meth:`close` with nnU-Net's loaders."""
+        if self.dataloader_unlabelled is None:
+            from fednnunet.preprocessing import unlabelled_data_folder
+            from fednnunet.unlabelled_data import two_view_dataloader
+            folder = unlabelled_data_folder(self.preprocessed_dataset_folder_base,
+                                            self.configuration_manager.data_identifier)
+            self.dataloader_unlabelled = two_view_dataloader(self, folder, self.site_name)
+        return self.dataloader_unlabelled
 
     def pause_augmentation_workers(self) -> bool:
         """Stops nnU-Net's augmentation workers until :meth:`restart_dataloaders` (a site waiting for its turn,
@@ -229,7 +242,7 @@ class FederatedTrainer(nnUNetTrainer):
         for dl in loaders:
             if hasattr(dl, '_finish'):
                 dl._finish()
-        self.dataloader_train = self.dataloader_val = None
+        self.dataloader_train = self.dataloader_val = self.dataloader_unlabelled = None
 
     @classmethod
     def adapt_plans(cls, plans: dict, configuration: str, num_sites: int, site_index: int,

@@ -1,0 +1,122 @@
+"""A site's unlabelled cases: preprocessed by nnU-Net's preprocessor with the shared plans, outside the fingerprint,
+and loaded as a weak and a strong view of the same patch."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+from fednnunet.engines.simulation import SimulationEngine
+from fednnunet.federation import SITES_FILE, UNLABELLED_IMAGES_FOLDER, Federation, server_folder, site_folder
+from fednnunet.plan_and_preprocess import plan_and_preprocess
+from fednnunet.preprocessing import unlabelled_data_folder
+from fednnunet.trainers.fedavg import FedAvgTrainer
+from fednnunet.unlabelled_data import TwoViewTransform, split_views
+
+from conftest import DATASET_NAME
+
+SITE = 'A'
+
+
+@pytest.fixture
+def with_unlabelled(raw_copy):
+    """Site A gets two unlabelled cases: copies of two of its labelled cases' images under new identifiers
+    (so the preprocessed images can be compared with nnU-Net's preprocessing of the labelled ones)."""
+    with open(raw_copy / SITES_FILE) as f:
+        spec = json.load(f)
+    copies = {}
+    os.makedirs(raw_copy / UNLABELLED_IMAGES_FOLDER)
+    for case in spec['sites'][SITE]['cases'][:2]:
+        new = f'{case}_u'
+        for f in os.listdir(raw_copy / 'imagesTr'):
+            if f.startswith(case + '_'):
+                shutil.copy(raw_copy / 'imagesTr' / f, raw_copy / UNLABELLED_IMAGES_FOLDER / f.replace(case, new, 1))
+        copies[new] = case
+    spec['sites'][SITE]['unlabelled'] = sorted(copies)
+    with open(raw_copy / SITES_FILE, 'w') as f:
+        json.dump(spec, f)
+    federation = Federation.from_raw(DATASET_NAME)
+    plan_and_preprocess(SimulationEngine.for_federation(federation), DATASET_NAME, ['3d_fullres'], 'nnUNetPlannerCPU')
+    return federation, copies
+
+
+def test_unlabelled_cases_are_preprocessed_like_labelled_ones_and_stay_out_of_the_fingerprint(with_unlabelled):
+    federation, copies = with_unlabelled
+    folder = site_folder(DATASET_NAME, SITE)
+    labelled = os.path.join(folder, 'nnUNetCPUPlans_3d_fullres')
+    unlabelled = unlabelled_data_folder(folder, 'nnUNetCPUPlans_3d_fullres')
+    assert sorted(nnUNetDatasetBlosc2.get_identifiers(unlabelled)) == sorted(copies)
+    assert sorted(nnUNetDatasetBlosc2.get_identifiers(labelled)) == sorted(federation.sites[SITE].cases)
+    mine = nnUNetDatasetBlosc2(unlabelled, sorted(copies))
+    theirs = nnUNetDatasetBlosc2(labelled, sorted(copies.values()))
+    for new, case in copies.items():
+        d1, s1, _, p1 = mine.load_case(new)
+        d2, s2, _, p2 = theirs.load_case(case)
+        np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))  # same image, same plans: same voxels
+        assert set(np.unique(np.asarray(s1))) <= {-1, 0}  # no label: only nnU-Net's outside-the-brain mask
+        assert 'class_locations' not in p1
+        assert p1['bbox_used_for_cropping'] == p2['bbox_used_for_cropping']
+    # the fingerprint holds the labelled cases only (its foreground intensities need labels)
+    with open(os.path.join(server_folder(DATASET_NAME), 'dataset_fingerprint.json')) as f:
+        fingerprint = json.load(f)
+    assert len(fingerprint['spacings']) == sum(len(s.cases) for s in federation.sites.values())
+    # the other sites have none, and no folder for them
+    for other in federation.sites:
+        if other != SITE:
+            assert not os.path.exists(unlabelled_data_folder(site_folder(DATASET_NAME, other),
+                                                             'nnUNetCPUPlans_3d_fullres'))
+
+
+def test_the_unlabelled_loader_gives_two_aligned_views_of_a_patch(with_unlabelled):
+    federation, copies = with_unlabelled
+    folder = site_folder(DATASET_NAME, SITE)
+    with open(os.path.join(folder, 'nnUNetCPUPlans.json')) as f:
+        plans = json.load(f)
+    with open(os.path.join(folder, 'dataset.json')) as f:
+        dataset_json = json.load(f)
+    plans['continue_training'] = False  # nnU-Net 2.8.1's trainer reads it (fednnunet's site trainer sets it too)
+    trainer = FedAvgTrainer(plans, '3d_fullres', 0, dataset_json, torch.device('cpu'))
+    trainer.configure_federation(SITE, 0, folder, str(os.environ['nnUNet_results']), 2, 2, 1, 12345)
+    trainer.initialize()
+    try:
+        torch.manual_seed(0)
+        np.random.seed(0)
+        batch = next(trainer.get_unlabelled_dataloader())
+        channels = len(dataset_json['channel_names'])
+        patch = tuple(trainer.configuration_manager.patch_size)
+        assert batch['data'].shape == (trainer.batch_size, 2 * channels, *patch)
+        assert set(batch['keys']) <= set(copies)
+        weak, strong = split_views(batch['data'])
+        assert (weak - strong).abs().mean() > 0.05  # the strong view is another view
+        for b in range(trainer.batch_size):
+            w, s = weak[b].flatten(), strong[b].flatten()
+            aligned = torch.corrcoef(torch.stack([w, s]))[0, 1]
+            shifted = torch.corrcoef(torch.stack([w, strong[b].roll(patch[0] // 3, dims=1).flatten()]))[0, 1]
+            assert aligned > 0.5 and aligned > shifted + 0.2, (aligned, shifted)  # the same voxels, not a shift
+    finally:
+        trainer.close()
+    assert trainer.dataloader_unlabelled is None
+
+
+class _Times(BasicTransform):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def _apply_to_image(self, img, **params):
+        return img * self.factor
+
+
+def test_two_views_are_the_weak_transform_then_the_strong_one_on_a_copy():
+    image = torch.arange(2 * 4 * 4 * 4, dtype=torch.float32).reshape(2, 4, 4, 4)
+    out = TwoViewTransform(_Times(2.0), _Times(3.0))(image=image.clone(), segmentation=torch.zeros(1, 4, 4, 4))
+    weak, strong = split_views(out['image'][None])
+    torch.testing.assert_close(weak[0], 2 * image)
+    torch.testing.assert_close(strong[0], 6 * image)
+    with pytest.raises(ValueError, match='even number of channels'):
+        split_views(torch.zeros(1, 3, 2, 2))
