@@ -16,6 +16,7 @@ METHODS: Dict[str, tuple] = {
     'local': ('LocalTrainer', 'each site alone (baseline)'),
     'lcfed': ('LCFedTrainer', 'LC-Fed: PCS + contrastive term, local heads; head calibration'),
     'feddp': ('FedDPTrainer', 'FedDP: local attention queries; inter-site guided calibration'),
+    'fedfixmatch': ('FedFixMatchTrainer', 'semi-supervised FedAvg: FixMatch pseudo-labels on unlabelled cases'),
 }
 
 #: the pooled baseline: nnU-Net's trainer on every site's data in one place (simulation only)

@@ -23,9 +23,9 @@ NAMED_FLAGS = {
 def add_method_arguments(parser: argparse.ArgumentParser):
     for flag, (name, kind, text) in NAMED_FLAGS.items():
         parser.add_argument(flag, dest=name, type=kind, default=None, help=text)
-    parser.add_argument('--hp', nargs='+', default=[], metavar='KEY=VALUE',
+    parser.add_argument('--hp', nargs='+', action='extend', default=[], metavar='KEY=VALUE',
                         help='any hyper-parameter of the method (see its documentation page), e.g. '
-                             '--hp stage2_lr=0.001')
+                             '--hp stage2_lr=0.001 stage2_rounds=4 (or --hp given again)')
     parser.add_argument('--weighting', choices=['num_examples', 'uniform'], default='num_examples',
                         help='FedAvg weights: training cases per site (default) or uniform')
     from fednnunet.server_optimizers import SERVER_OPTIMIZERS

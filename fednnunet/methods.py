@@ -8,6 +8,7 @@ from fednnunet.trainers.base import FederatedTrainer
 from fednnunet.trainers.fedavg import FedAvgTrainer
 from fednnunet.trainers.fedbn import FedBNTrainer
 from fednnunet.trainers.feddp import FedDPTrainer
+from fednnunet.trainers.fedfixmatch import FedFixMatchTrainer
 from fednnunet.trainers.lcfed import LCFedTrainer
 from fednnunet.trainers.fedper import FedPerTrainer
 from fednnunet.trainers.fedprox import FedProxTrainer
@@ -37,6 +38,7 @@ _BUILT = {
     'local': (LocalTrainer, NoAggregation),
     'lcfed': (LCFedTrainer, TwoStageFedAvg),
     'feddp': (FedDPTrainer, TwoStageFedAvg),
+    'fedfixmatch': (FedFixMatchTrainer, FedAvg),
 }
 
 #: every method, with its summary from fednnunet.method_names (the light list the command lines check)

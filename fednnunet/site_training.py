@@ -29,6 +29,7 @@ from fednnunet import server_input
 from fednnunet.errors import FederationError
 from fednnunet.methods import get_method
 from fednnunet.parallel import close_pool
+from fednnunet.preprocessing import unlabelled_data_folder
 from fednnunet.trainers.base import FederatedTrainer, cpu_copy, to_plain
 from fednnunet.wire import Message
 
@@ -303,6 +304,15 @@ def check_training(worker, message: Message) -> Message:
         raise FederationError(f"configuration '{configuration}' is not preprocessed at this site ({len(absent)} of "
                               f"{len(worker.site.cases)} cases missing in {data}, e.g. {absent[0]}): run `{hint}`",
                               site=worker.site.name, field='-c')
+    num_unlabelled = 0
+    if get_method(config['method']).trainer.uses_unlabelled_data and worker.site.unlabelled:
+        unlabelled = unlabelled_data_folder(worker.folder, data_identifier)
+        absent = [c for c in worker.site.unlabelled if not os.path.isfile(join(unlabelled, c + '.pkl'))]
+        if absent:
+            raise FederationError(f"the site's unlabelled cases are not preprocessed for '{configuration}' "
+                                  f"({len(absent)} of {len(worker.site.unlabelled)} missing in {unlabelled}, e.g. "
+                                  f"{absent[0]}): run `{hint}`", site=worker.site.name, field='unlabelled')
+        num_unlabelled = len(worker.site.unlabelled)
     splits_file = join(worker.folder, 'splits_final.json')
     if config['fold'] != 'all' and (not os.path.isfile(splits_file) or
                                     int(config['fold']) >= len(load_json(splits_file))):
@@ -314,7 +324,7 @@ def check_training(worker, message: Message) -> Message:
         runs = earlier_runs(fold_folder, config['run_id'])
         if runs:
             raise earlier_run_error(worker, fold_folder, runs)
-    return Message('ready', {'num_training_cases': len(worker.site.cases)})
+    return Message('ready', {'num_training_cases': len(worker.site.cases), 'num_unlabelled_cases': num_unlabelled})
 
 
 def fit(worker, message: Message) -> Message:

@@ -284,6 +284,17 @@ class FederatedTraining:
         for site, reply in replies.items():
             now = reply.config.get('num_training_cases')
             self.declared_cases[site] = int(declared.get(site, {}).get('num_cases') or now or 0)
+        if self.method.trainer.uses_unlabelled_data:
+            counts = {s: r.config.get('num_unlabelled_cases') for s, r in replies.items()}
+            for s, n in counts.items():
+                if isinstance(n, bool) or not isinstance(n, int) or n < 0:  # a bad answer counts as none
+                    self.log(f'site {s}: num_unlabelled_cases {n!r} is not a count; taken as 0', console=True)
+                    counts[s] = 0
+            if not sum(counts.values()):
+                raise FederationError(f"{self.config.method} trains on unlabelled cases, and no site has any: list "
+                                      f"them as 'unlabelled' in sites.json (images in imagesTrUnlabelled/), then run "
+                                      f"fednnunet_plan_and_preprocess", field='unlabelled')
+            self.log('unlabelled cases: ' + ', '.join(f'{s} {n}' for s, n in sorted(counts.items())), console=True)
 
     # ------------------------------------------------------------------ the run
     def run(self, continue_training: bool = False, overwrite: bool = False) -> dict:

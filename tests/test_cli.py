@@ -598,3 +598,12 @@ def test_a_tls_folder_with_a_ca_private_key_is_refused(tmp_path):
     os.rename(certs / 'ca.key', certs / 'backup.pem')
     with pytest.raises(CliError, match=r'\(backup\.pem\)'):
         tls_files(str(certs), need_server=True)
+
+
+def test_hp_given_twice_keeps_both():
+    import argparse
+    from fednnunet.method_options import add_method_arguments, hyperparameters_from_args
+    parser = argparse.ArgumentParser()
+    add_method_arguments(parser)
+    args = parser.parse_args(['--hp', 'warmup_rounds=1', 'alpha=0.5', '--hp', 'confidence=0.5'])
+    assert hyperparameters_from_args(args) == {'warmup_rounds': 1, 'alpha': 0.5, 'confidence': 0.5}

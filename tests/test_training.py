@@ -64,7 +64,11 @@ def _engine(federation, cls=SimulationEngine, **kw):
                 for n, s in federation.sites.items()}, **kw)
 
 
-@pytest.mark.parametrize('method', sorted(METHODS) + ['centralized'])
+#: the supervised methods; the semi-supervised ones need unlabelled cases (tests/test_unlabelled_data.py)
+SUPERVISED = sorted(m for m, method in METHODS.items() if not method.trainer.uses_unlabelled_data)
+
+
+@pytest.mark.parametrize('method', SUPERVISED + ['centralized'])
 def test_every_method_trains_predicts_and_evaluates(planned, fresh_results, tmp_path, capsys, method):
     train_entry(['501', '3d_fullres', '0', '--method', method] + FAST)
     captured = capsys.readouterr()

@@ -2,6 +2,7 @@
 and loaded as a weak and a strong view of the same patch."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -11,11 +12,14 @@ import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
+from fednnunet.cli import train_entry
 from fednnunet.engines.simulation import SimulationEngine
+from fednnunet.errors import FederationError
 from fednnunet.federation import SITES_FILE, UNLABELLED_IMAGES_FOLDER, Federation, server_folder, site_folder
 from fednnunet.plan_and_preprocess import plan_and_preprocess
 from fednnunet.preprocessing import unlabelled_data_folder
 from fednnunet.trainers.fedavg import FedAvgTrainer
+from fednnunet.trainers.fedfixmatch import FedFixMatchTrainer
 from fednnunet.unlabelled_data import TwoViewTransform, split_views
 
 from conftest import DATASET_NAME
@@ -72,17 +76,24 @@ def test_unlabelled_cases_are_preprocessed_like_labelled_ones_and_stay_out_of_th
                                                              'nnUNetCPUPlans_3d_fullres'))
 
 
-def test_the_unlabelled_loader_gives_two_aligned_views_of_a_patch(with_unlabelled):
-    federation, copies = with_unlabelled
+def _site_trainer(trainer_class, hyperparameters=None):
+    """Site A's trainer (CPU, tiny plans), initialized as a site initializes it."""
     folder = site_folder(DATASET_NAME, SITE)
     with open(os.path.join(folder, 'nnUNetCPUPlans.json')) as f:
         plans = json.load(f)
     with open(os.path.join(folder, 'dataset.json')) as f:
         dataset_json = json.load(f)
     plans['continue_training'] = False  # nnU-Net 2.8.1's trainer reads it (fednnunet's site trainer sets it too)
-    trainer = FedAvgTrainer(plans, '3d_fullres', 0, dataset_json, torch.device('cpu'))
-    trainer.configure_federation(SITE, 0, folder, str(os.environ['nnUNet_results']), 2, 2, 1, 12345)
+    trainer = trainer_class(plans, '3d_fullres', 0, dataset_json, torch.device('cpu'))
+    trainer.configure_federation(SITE, 0, folder, str(os.environ['nnUNet_results']), 2, 2, 1, 12345,
+                                 hyperparameters)
     trainer.initialize()
+    return trainer, dataset_json
+
+
+def test_the_unlabelled_loader_gives_two_aligned_views_of_a_patch(with_unlabelled):
+    federation, copies = with_unlabelled
+    trainer, dataset_json = _site_trainer(FedAvgTrainer)
     try:
         torch.manual_seed(0)
         np.random.seed(0)
@@ -120,3 +131,75 @@ def test_two_views_are_the_weak_transform_then_the_strong_one_on_a_copy():
     torch.testing.assert_close(strong[0], 6 * image)
     with pytest.raises(ValueError, match='even number of channels'):
         split_views(torch.zeros(1, 3, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------- fedfixmatch
+def test_fedfixmatch_hyperparameters_resolve_and_refuse_what_cannot_work():
+    values, notes = FedFixMatchTrainer.resolve_hyperparameters({}, 20)
+    assert values['warmup_rounds'] == 2 and values['confidence'] == 0.95 and values['unlabelled_weight'] == 1.0
+    assert FedFixMatchTrainer.resolve_hyperparameters({'warmup_rounds': 0}, 20)[0]['warmup_rounds'] == 0
+    assert 'labelled cases only' in ' '.join(FedFixMatchTrainer.resolve_hyperparameters(
+        {'unlabelled_weight': 0}, 20)[1])
+    for bad, field in (({'warmup_rounds': 20}, 'warmup_rounds'), ({'confidence': 1.5}, 'confidence'),
+                       ({'unlabelled_weight': -1}, 'unlabelled_weight'), ({'warmup_fraction': 1}, 'warmup_fraction')):
+        with pytest.raises(FederationError) as e:
+            FedFixMatchTrainer.resolve_hyperparameters(bad, 20)
+        assert e.value.field == field
+
+
+def test_fedfixmatch_unlabelled_term_is_the_masked_cross_entropy_and_moves_the_weights(with_unlabelled):
+    trainer, _ = _site_trainer(FedFixMatchTrainer, {'warmup_rounds': 0, 'confidence': 0.0})
+    try:
+        torch.manual_seed(0)
+        np.random.seed(0)
+        data = next(trainer.get_unlabelled_dataloader())['data']
+        weak, strong = split_views(data)
+        net = trainer.network
+        # by hand: pseudo-label and confidence from the weak view, cross-entropy of the strong view where confident
+        with torch.no_grad():
+            p = torch.softmax(net(weak)[0].float(), 1)
+        confidence, pseudo = p.max(1)
+        logp = torch.log_softmax(net(strong)[0].float(), 1)
+        ce = -logp.gather(1, pseudo[:, None])[:, 0]
+        for threshold in (0.0, float(confidence.median()), 1.0):
+            trainer.confidence = threshold
+            mask = (confidence >= threshold).float()
+            net.zero_grad()
+            loss, share = trainer.unlabelled_loss(data)
+            assert share == pytest.approx(float(mask.mean()))
+            assert float(loss) == pytest.approx(float((ce * mask).mean()), rel=1e-5)
+            loss.backward()
+            grad = sum(float(q.grad.abs().sum()) for q in net.parameters() if q.grad is not None)
+            if threshold == 1.0 and share == 0:
+                assert float(loss) == 0 and grad == 0  # nothing confident: the term does nothing
+            else:
+                assert 0 < share and grad > 0  # confident voxels: the term moves the weights
+        assert 0.3 < float(confidence.ge(float(confidence.median())).float().mean()) < 0.7
+    finally:
+        trainer.close()
+
+
+def test_fedfixmatch_trains_on_the_unlabelled_cases_after_its_warm_up(with_unlabelled, capsys):
+    federation, copies = with_unlabelled
+    train_entry(['501', '3d_fullres', '0', '--method', 'fedfixmatch', '--rounds', '2', '--local-iterations', '3',
+                 '--val-iterations', '1', '-p', 'nnUNetCPUPlans', '-device', 'cpu', '--hp', 'warmup_rounds=1',
+                 '--hp', 'confidence=0.5'])
+    out = capsys.readouterr().out
+    assert 'unlabelled cases: A 2, B 0, C 0' in out
+    base = os.path.join(os.environ['nnUNet_results'], DATASET_NAME, 'FedFixMatchTrainer__nnUNetCPUPlans__3d_fullres')
+    log = open(os.path.join(base, 'sites', SITE, 'fold_0', 'training_log.txt')).read()
+    assert 'round 0: warm-up, no unlabelled term' in log
+    term = re.search(r'round 1: unlabelled term over 3 steps: loss ([0-9.]+), confident voxels ([0-9.]+)%', log)
+    assert term and float(term.group(2)) > 0, log[-2000:]
+    other = open(os.path.join(base, 'sites', 'B', 'fold_0', 'training_log.txt')).read()
+    assert 'unlabelled term' not in other and 'no unlabelled cases; labelled cases only' in other  # labels only
+    assert os.path.isfile(os.path.join(base, 'fold_0', 'checkpoint_final.pth'))  # one shared network
+    summary = json.load(open(os.path.join(base, 'fold_0', 'federated_summary.json')))
+    assert set(summary['final_validation']['per_site']) == set(federation.sites)
+
+
+def test_fedfixmatch_without_any_unlabelled_case_is_a_clear_error(planned, fresh_results):
+    with pytest.raises(SystemExit):
+        train_entry(['501', '3d_fullres', '0', '--method', 'fedfixmatch', '--rounds', '2', '--local-iterations', '1',
+                     '--val-iterations', '1', '-p', 'nnUNetCPUPlans', '-device', 'cpu'])
+    assert not os.listdir(fresh_results)  # nothing written

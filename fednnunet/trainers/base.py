@@ -83,6 +83,8 @@ class FederatedTrainer(nnUNetTrainer):
     has_local_parts: bool = False
     #: True when the method's network works through forward hooks (not torch.compile-able)
     uses_hooks: bool = False
+    #: True when the method trains on the sites' unlabelled cases too (semi-supervised)
+    uses_unlabelled_data: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -212,15 +214,25 @@ class FederatedTrainer(nnUNetTrainer):
         return [dl for dl in (self.dataloader_train, self.dataloader_val, self.dataloader_unlabelled)
                 if dl is not None]
 
+    @property
+    def unlabelled_data_folder(self) -> str:
+        from fednnunet.preprocessing import unlabelled_data_folder
+        return unlabelled_data_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
+
+    @property
+    def has_unlabelled_data(self) -> bool:
+        """The site has preprocessed unlabelled cases of this configuration (looked up once)."""
+        if getattr(self, '_has_unlabelled_data', None) is None:
+            folder = self.unlabelled_data_folder
+            self._has_unlabelled_data = os.path.isdir(folder) and any(f.endswith('.pkl') for f in os.listdir(folder))
+        return self._has_unlabelled_data
+
     def get_unlabelled_dataloader(self):
         """Batches of the site's unlabelled cases, a weak and a strong view of each patch stacked on the channel
         axis (see fednnunet.unlabelled_data); built once, stopped by :meth:`close` with nnU-Net's loaders."""
         if self.dataloader_unlabelled is None:
-            from fednnunet.preprocessing import unlabelled_data_folder
             from fednnunet.unlabelled_data import two_view_dataloader
-            folder = unlabelled_data_folder(self.preprocessed_dataset_folder_base,
-                                            self.configuration_manager.data_identifier)
-            self.dataloader_unlabelled = two_view_dataloader(self, folder, self.site_name)
+            self.dataloader_unlabelled = two_view_dataloader(self, self.unlabelled_data_folder, self.site_name)
         return self.dataloader_unlabelled
 
     def pause_augmentation_workers(self) -> bool:
