@@ -198,8 +198,10 @@ def test_fedfixmatch_trains_on_the_unlabelled_cases_after_its_warm_up(with_unlab
     assert set(summary['final_validation']['per_site']) == set(federation.sites)
 
 
-def test_fedfixmatch_without_any_unlabelled_case_is_a_clear_error(planned, fresh_results):
+def test_fedfixmatch_without_any_unlabelled_case_is_a_clear_error(planned, fresh_results, capsys):
     with pytest.raises(SystemExit):
         train_entry(['501', '3d_fullres', '0', '--method', 'fedfixmatch', '--rounds', '2', '--local-iterations', '1',
                      '--val-iterations', '1', '-p', 'nnUNetCPUPlans', '-device', 'cpu'])
+    err = capsys.readouterr().err
+    assert "field 'unlabelled'" in err and 'no site has any' in err, err
     assert not os.listdir(fresh_results)  # nothing written
