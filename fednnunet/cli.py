@@ -373,15 +373,23 @@ def demo_data_entry(argv=None):
     parser.add_argument('--lesion', action='store_true',
                         help='the demo with a small class: every subject also has one small white-matter lesion '
                              '(label 3, ~0.03-0.25 %% of the brain); dataset 503 FedBrainLesionDemo unless -d is given')
+    parser.add_argument('--labelled-per-site', type=int_at_least(1), default=None, metavar='N',
+                        help='semi-supervised demo: at every site only the first N cases keep their labels, the '
+                             'others become its unlabelled cases (imagesTrUnlabelled/); dataset 504 '
+                             'FedBrainSemiDemo unless -d is given')
     args = parser.parse_args(argv)
     from fednnunet import demo
     sites = demo.TEST_SITES if args.test_sites else demo.DEFAULT_SITES
+    if args.lesion and args.labelled_per_site:
+        _fail('--lesion and --labelled-per-site are two different demos; choose one')
     default_id, name = ((demo.LESION_DATASET_ID, demo.LESION_DATASET_NAME) if args.lesion else
-                        (demo.DEMO_DATASET_ID, demo.DEMO_DATASET_NAME))
+                        (demo.SEMI_SUPERVISED_DATASET_ID, demo.SEMI_SUPERVISED_DATASET_NAME)
+                        if args.labelled_per_site else (demo.DEMO_DATASET_ID, demo.DEMO_DATASET_NAME))
     try:
         folder = demo.build_demo_federation(args.d if args.d is not None else default_id, name=name, size=args.size,
                                             seed=args.seed, sites=sites, overwrite=args.overwrite,
-                                            only_site=args.site, lesion=args.lesion)
+                                            only_site=args.site, lesion=args.lesion,
+                                            labelled_per_site=args.labelled_per_site)
     except (FileExistsError, ValueError, FederationError) as e:
         _fail(str(e).replace('pass overwrite=True', 'pass --overwrite'))
     print(f'demo federation written to {folder}')

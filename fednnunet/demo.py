@@ -15,6 +15,10 @@ of either hemisphere (label 3, about 0.03-0.25 % of the brain voxels at size 64)
 federated method can fail to learn while the large tissue classes look fine. It is drawn from its own random
 stream, so the tissue, the transform and the scanner of every case are the same as without it.
 
+Semi-supervised (``labelled_per_site=N``, ``Dataset504_FedBrainSemiDemo``): the same cases, but at every site only
+the first N keep their labels; the others are listed as the site's ``unlabelled`` cases, with their images in
+``imagesTrUnlabelled/`` and no label anywhere in the dataset.
+
 Sites: each site samples its subjects on its own voxel grid (spacing, slice thickness: the image is
 the partial-volume average over the voxel) and adds its scanner's signature: gamma, a smooth
 multiplicative bias field, Rician noise and an intensity scale. Outside the brain the image is
@@ -47,6 +51,8 @@ CHANNEL_NAMES = {'0': 'T1'}
 LESION_DATASET_ID = 503  # 502 is the annotation-shift benchmark's copy of 501
 LESION_DATASET_NAME = 'FedBrainLesionDemo'
 LESION_LABEL = 3
+SEMI_SUPERVISED_DATASET_ID = 504
+SEMI_SUPERVISED_DATASET_NAME = 'FedBrainSemiDemo'
 FILE_ENDING = '.nii.gz'
 
 # Field of view shared by all sites, in MNI (RAS) mm: the template brain's bounding box
@@ -367,20 +373,26 @@ def _check_sites(sites: Iterable[SiteScanner]) -> Tuple[SiteScanner, ...]:
 def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DATASET_NAME,
                           raw_root: Optional[str] = None, size: int = 64, seed: int = 0,
                           sites: Sequence[SiteScanner] = DEFAULT_SITES, overwrite: bool = False,
-                          verbose: bool = True, only_site: Optional[str] = None, lesion: bool = False) -> str:
+                          verbose: bool = True, only_site: Optional[str] = None, lesion: bool = False,
+                          labelled_per_site: Optional[int] = None) -> str:
     """Writes ``<raw_root or $nnUNet_raw>/Dataset{id:03d}_{name}/`` with dataset.json, imagesTr/,
     labelsTr/ and sites.json. Returns the folder.
 
     ``only_site``: one hospital's own raw folder, as on its own machine in a real federation (its cases and a
     sites.json that lists only itself; the federation's dataset.json): the same cases as in the whole demo.
     ``lesion``: every case also has a small white-matter lesion (label 3; see the module's text).
+    ``labelled_per_site``: at every site only the first this many cases keep their labels; the others become the
+    site's unlabelled cases (images in imagesTrUnlabelled/, no label written).
 
     The folder is built under a hidden temporary sibling and renamed into place at the end, so an
     interrupted build never leaves a folder that looks complete. An existing folder raises
     FileExistsError unless ``overwrite=True``, which replaces it."""
-    from fednnunet.federation import Federation, write_sites_json
+    from fednnunet.federation import UNLABELLED_IMAGES_FOLDER, Federation, write_sites_json
 
     sites = _check_sites(sites)
+    if labelled_per_site is not None and labelled_per_site < 1:
+        raise ValueError(f'labelled_per_site must be at least 1 (every site needs a labelled case), not '
+                         f'{labelled_per_site}')
     if only_site is not None and only_site not in [s.name for s in sites]:
         raise ValueError(f"site {only_site!r} is not one of the demo's sites {[s.name for s in sites]}")
     if raw_root is None:
@@ -401,8 +413,11 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the dataset should look like any other folder
         images_dir = os.path.join(tmp, 'imagesTr')
         labels_dir = os.path.join(tmp, 'labelsTr')
+        unlabelled_dir = os.path.join(tmp, UNLABELLED_IMAGES_FOLDER)
         os.makedirs(images_dir)
         os.makedirs(labels_dir)
+        if labelled_per_site is not None:
+            os.makedirs(unlabelled_dir)
         assignment: Dict[str, dict] = {}
         t0 = time.perf_counter()
         _template(_work_spacing(size))
@@ -417,23 +432,33 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
             shape = site_shape(site, size)
             maps = _site_maps(size, spacing)
             origin = _grid_origin(spacing, shape)
-            for i, case in enumerate(site.case_ids()):
+            cases = list(site.case_ids())
+            keep = len(cases) if labelled_per_site is None else labelled_per_site
+            for i, case in enumerate(cases):
                 image, label, _ = generate_case(site, i, size, seed, _maps=maps, lesion=lesion)
-                _write_nifti(image, spacing, origin, os.path.join(images_dir, f'{case}_0000{FILE_ENDING}'))
-                _write_nifti(label, spacing, origin, os.path.join(labels_dir, f'{case}{FILE_ENDING}'))
-            assignment[site.name] = {'cases': list(site.case_ids())}
+                if i < keep:
+                    _write_nifti(image, spacing, origin, os.path.join(images_dir, f'{case}_0000{FILE_ENDING}'))
+                    _write_nifti(label, spacing, origin, os.path.join(labels_dir, f'{case}{FILE_ENDING}'))
+                else:
+                    _write_nifti(image, spacing, origin, os.path.join(unlabelled_dir, f'{case}_0000{FILE_ENDING}'))
+            assignment[site.name] = {'cases': cases[:keep]}
+            if cases[keep:]:
+                assignment[site.name]['unlabelled'] = cases[keep:]
             if verbose:
                 print(f'[demo] site {site.name}: {site.n_cases} cases, shape {shape} (x,y,z), spacing '
                       f'{tuple(round(s, 3) for s in spacing)} mm, {time.perf_counter() - t0:.1f} s', flush=True)
         n_cases = sum(s.n_cases for s in sites if only_site in (None, s.name))
+        semi = f', {labelled_per_site} labelled cases per site, the rest unlabelled' if labelled_per_site else ''
         dataset_json = {
             'channel_names': dict(CHANNEL_NAMES),
             'labels': dict(LABELS, lesion=LESION_LABEL) if lesion else dict(LABELS),
-            'numTraining': sum(s.n_cases for s in sites),  # the federation's, the same at every site
+            # the federation's labelled cases, the same at every site
+            'numTraining': sum(min(s.n_cases, labelled_per_site or s.n_cases) for s in sites),
             'file_ending': FILE_ENDING,
             'name': name,
             'description': (f'fednnunet demo federation: brain tissue segmentation'
-                            f'{" with one small white-matter lesion per subject" if lesion else ""}, '
+                            f'{" with one small white-matter lesion per subject" if lesion else ""}'
+                            f'{semi}, '
                             f'{len(sites)} sites '
                             f'({", ".join(f"{s.name}: {s.n_cases}" for s in sites)} cases), synthetic subjects '
                             f'from random deformations of the MNI ICBM152 2009a T1 template and its GM/WM '

@@ -207,3 +207,29 @@ def test_the_lesion_demo_adds_a_small_class_and_leaves_the_rest_of_every_case_as
             np.testing.assert_allclose(img[far], plain_img[far], rtol=0.01, atol=1e-3 * plain_img.max())
         # a different case of the site has its lesion elsewhere
         assert not np.array_equal(lesions[0], lesions[1]), site.name
+
+
+def test_the_semi_supervised_demo_withholds_labels_and_keeps_every_image(built, tmp_path, monkeypatch, capsys):
+    """fednnunet_demo_data --labelled-per-site 1: the first case of every site keeps its label; the others are the
+    site's unlabelled cases, with the plain demo's images and no label anywhere."""
+    from fednnunet.cli import demo_data_entry
+    monkeypatch.setenv('nnUNet_raw', str(tmp_path / 'raw'))
+    demo_data_entry(['--test-sites', '--size', str(SIZE), '--labelled-per-site', '1'])
+    folder = str(tmp_path / 'raw' / demo.dataset_folder_name(demo.SEMI_SUPERVISED_DATASET_ID,
+                                                             demo.SEMI_SUPERVISED_DATASET_NAME))
+    spec = json.load(open(os.path.join(folder, 'sites.json')))['sites']
+    for site in TEST_SITES:
+        cases = list(site.case_ids())
+        assert spec[site.name] == {'cases': cases[:1], 'unlabelled': cases[1:]}
+        for case in cases[1:]:
+            image = os.path.join(folder, 'imagesTrUnlabelled', f'{case}_0000.nii.gz')
+            np.testing.assert_array_equal(_read(image)[0], _read(_files(built, case)[0])[0])
+            assert not os.path.exists(_files(folder, case)[1]) and not os.path.exists(_files(folder, case)[0])
+    assert sorted(os.listdir(os.path.join(folder, 'labelsTr'))) == sorted(
+        f'{s.case_ids()[0]}.nii.gz' for s in TEST_SITES)
+    assert json.load(open(os.path.join(folder, 'dataset.json')))['numTraining'] == len(TEST_SITES)
+    federation = Federation.from_folder(folder)
+    assert {n: len(s.unlabelled) for n, s in federation.sites.items()} == {s.name: s.n_cases - 1 for s in TEST_SITES}
+    with pytest.raises(SystemExit):
+        demo_data_entry(['--test-sites', '--size', str(SIZE), '--labelled-per-site', '1', '--lesion'])
+    assert 'two different demos' in capsys.readouterr().err
