@@ -14,6 +14,7 @@ instantiates from the plans (``network_class_name`` and the ``_kw_requires_impor
 
 Every check raises :class:`fednnunet.errors.FederationError` naming the field.
 """
+import math
 import os
 import re
 from typing import Optional
@@ -185,9 +186,11 @@ def training_config(config, site: Optional[str] = None) -> dict:
     integer(config.get('seed'), 'seed', 0, 2 ** 63 - 1, site)
     hyper = config.get('hyperparameters') or {}
     if not isinstance(hyper, dict) or not all(isinstance(k, str) and (v is None or (isinstance(v, (int, float))
-                                                                                   and not isinstance(v, bool)))
+                                                                                   and not isinstance(v, bool)
+                                                                                   and math.isfinite(v)))
                                               for k, v in hyper.items()):
-        raise FederationError('hyper-parameters must be names with numbers', site=site, field='hyperparameters')
+        raise FederationError('hyper-parameters must be names with finite numbers', site=site,
+                              field='hyperparameters')
     for flag in ('overwrite', 'continue', 'validate'):
         if flag in config and not isinstance(config[flag], bool):
             raise FederationError(f'{config[flag]!r} is not true or false', site=site, field=flag)

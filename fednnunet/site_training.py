@@ -237,6 +237,7 @@ def build_site_trainer(worker, config: dict) -> FederatedTrainer:
         config['rounds'], config['local_iterations'], config['val_iterations'], config['seed'],
         config.get('hyperparameters') or {}, config['num_sites'])
     trainer.run_id = config.get('run_id')
+    trainer.unlabelled_cases = list(worker.site.unlabelled)  # only the cases sites.json lists now
     return trainer
 
 

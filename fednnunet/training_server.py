@@ -288,7 +288,7 @@ class FederatedTraining:
             counts = {s: r.config.get('num_unlabelled_cases') for s, r in replies.items()}
             for s, n in counts.items():
                 if isinstance(n, bool) or not isinstance(n, int) or n < 0:  # a bad answer counts as none
-                    self.log(f'site {s}: num_unlabelled_cases {n!r} is not a count; taken as 0', console=True)
+                    self.log(f'site {s}: num_unlabelled_cases {repr(n)[:40]} is not a count; taken as 0', console=True)
                     counts[s] = 0
             if not sum(counts.values()):
                 raise FederationError(f"{self.config.method} trains on unlabelled cases, and no site has any: list "

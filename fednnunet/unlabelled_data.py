@@ -10,11 +10,10 @@ are aligned voxel for voxel and a pseudo-label from one is a target for the othe
 Both views travel in one tensor, stacked on the channel axis (``data[:, :C]`` weak, ``data[:, C:]`` strong, see
 :func:`split_views`), so that nnU-Net's loader and its background augmentation workers carry them unchanged.
 """
+import os
 from typing import Tuple
 
 import torch
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgeneratorsv2.helpers.scalar_type import RandomScalar
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
@@ -25,9 +24,7 @@ from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransfo
 from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from fednnunet.errors import FederationError
 
@@ -82,9 +79,14 @@ class UnlabelledCases:
     class to oversample, so its properties say so (``class_locations`` empty; the loader never oversamples
     here)."""
 
-    def __init__(self, folder: str, site: str):
-        dataset_class = infer_dataset_class(folder)
-        self.identifiers = sorted(dataset_class.get_identifiers(folder))
+    def __init__(self, folder: str, site: str, cases=None):
+        dataset_class = infer_dataset_class(folder) if os.path.isdir(folder) else None
+        found = set(dataset_class.get_identifiers(folder)) if dataset_class is not None else set()
+        missing = sorted(set(cases or ()) - found)
+        if missing:
+            raise FederationError(f'{folder} lacks the preprocessed unlabelled case(s) {missing[:3]}: run '
+                                  f'fednnunet_plan_and_preprocess', site=site, field='unlabelled')
+        self.identifiers = sorted(cases if cases is not None else found)
         if not self.identifiers:
             raise FederationError(f'{folder} holds no preprocessed unlabelled case: run fednnunet_plan_and_preprocess',
                                   site=site, field='unlabelled')
@@ -99,24 +101,27 @@ class UnlabelledCases:
         return len(self.identifiers)
 
 
-def two_view_dataloader(trainer, folder: str, site: str, num_processes: int = None):
-    """Batches of a site's unlabelled cases with the trainer's own patch size, batch size and augmentation
-    (weak view) plus :func:`strong_intensity_transforms` (strong view), in nnU-Net's augmentation workers as
-    nnU-Net runs them (``nnUNet_n_proc_DA``; 0: in this process)."""
-    (rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size,
-     mirror_axes) = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-    lm = trainer.label_manager
-    weak = trainer.get_training_transforms(
-        trainer.configuration_manager.patch_size, rotation_for_DA, trainer._get_deep_supervision_scales(),
-        mirror_axes, do_dummy_2d_data_aug, use_mask_for_norm=trainer.configuration_manager.use_mask_for_norm,
-        is_cascaded=trainer.is_cascaded, foreground_labels=lm.foreground_labels,
-        regions=lm.foreground_regions if lm.has_regions else None, ignore_label=lm.ignore_label)
-    loader = nnUNetDataLoader(UnlabelledCases(folder, site), trainer.batch_size, initial_patch_size,
-                              trainer.configuration_manager.patch_size, lm, oversample_foreground_percent=0.0,
-                              transforms=TwoViewTransform(weak, strong_intensity_transforms()))
-    n = get_allowed_n_proc_DA() if num_processes is None else num_processes
-    if n == 0:
-        return SingleThreadedAugmenter(loader, None)
-    return NonDetMultiThreadedAugmenter(data_loader=loader, transform=None, num_processes=n,
-                                        num_cached=max(6, n // 2), seeds=None,
-                                        pin_memory=trainer.device.type == 'cuda', wait_time=0.002)
+def two_view_dataloader(trainer, folder: str, site: str, cases=None):
+    """Batches of a site's unlabelled cases from nnU-Net's own ``get_dataloaders`` of ``trainer`` (its patch size,
+    batch size, augmentation and augmentation workers, as nnU-Net runs them: ``nnUNet_n_proc_DA``), with the
+    unlabelled cases in place of the training split and :class:`TwoViewTransform` around nnU-Net's training
+    transforms (the weak view) adding :func:`strong_intensity_transforms` (the strong view). ``cases``: the
+    identifiers to load (default: every case in ``folder``). The validation loader that get_dataloaders also builds
+    is stopped at once. Unlabelled cases have no class locations, so every patch is drawn at random."""
+    if trainer.label_manager.has_ignore_label:
+        raise FederationError("semi-supervised training does not support datasets with an ignore label yet (nnU-Net's "
+                              "loader samples their patches from annotated voxels, which unlabelled cases lack)",
+                              site=site, field='labels')
+    unlabelled = UnlabelledCases(folder, site, cases)
+    weak_transforms = trainer.get_training_transforms
+    # nnU-Net's get_dataloaders, with the unlabelled cases as its data and the two views as its training transforms
+    trainer.get_tr_and_val_datasets = lambda: (unlabelled, unlabelled)
+    trainer.get_training_transforms = lambda *a, **kw: TwoViewTransform(weak_transforms(*a, **kw),
+                                                                        strong_intensity_transforms())
+    try:
+        train, val = trainer.get_dataloaders()
+    finally:
+        del trainer.get_tr_and_val_datasets, trainer.get_training_transforms  # the class's methods again
+    if hasattr(val, '_finish'):
+        val._finish()
+    return train

@@ -116,6 +116,8 @@ def _training_request(**change):
     ({'site_index': 3}, 'site_index'),
     ({'rounds': 0}, 'rounds'),
     ({'hyperparameters': {'mu': 'rm -rf'}}, 'hyperparameters'),
+    ({'hyperparameters': {'mu': float('nan')}}, 'hyperparameters'),
+    ({'hyperparameters': {'mu': float('inf')}}, 'hyperparameters'),
     ({'overwrite': 'yes'}, 'overwrite'),
 ])
 def test_training_requests_with_path_like_or_bad_values_are_refused(worker, fresh_results, kind, change, field):

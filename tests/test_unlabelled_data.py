@@ -114,6 +114,27 @@ def test_the_unlabelled_loader_gives_two_aligned_views_of_a_patch(with_unlabelle
     assert trainer.dataloader_unlabelled is None
 
 
+def test_the_unlabelled_loader_runs_in_nnunets_augmentation_workers_and_stops_with_the_trainer(with_unlabelled,
+                                                                                              monkeypatch):
+    monkeypatch.setenv('nnUNet_n_proc_DA', '1')  # as nnU-Net runs by default: background workers
+    trainer, dataset_json = _site_trainer(FedFixMatchTrainer)
+    try:
+        loader = trainer.get_unlabelled_dataloader()
+        workers = [p for p in getattr(loader, '_processes', [])]
+        assert workers and all(p.is_alive() for p in workers)
+        batch = next(loader)
+        assert batch['data'].shape[1] == 2 * len(dataset_json['channel_names'])
+        assert trainer.has_augmentation_workers
+        trainer.pause_augmentation_workers()
+        trainer.restart_dataloaders()
+        assert next(loader)['data'].shape == batch['data'].shape
+    finally:
+        trainer.close()
+    for p in workers:
+        p.join(timeout=10)
+    assert not any(p.is_alive() for p in workers) and trainer.dataloader_unlabelled is None
+
+
 class _Times(BasicTransform):
     def __init__(self, factor):
         super().__init__()
@@ -140,8 +161,11 @@ def test_fedfixmatch_hyperparameters_resolve_and_refuse_what_cannot_work():
     assert FedFixMatchTrainer.resolve_hyperparameters({'warmup_rounds': 0}, 20)[0]['warmup_rounds'] == 0
     assert 'labelled cases only' in ' '.join(FedFixMatchTrainer.resolve_hyperparameters(
         {'unlabelled_weight': 0}, 20)[1])
-    for bad, field in (({'warmup_rounds': 20}, 'warmup_rounds'), ({'confidence': 1.5}, 'confidence'),
-                       ({'unlabelled_weight': -1}, 'unlabelled_weight'), ({'warmup_fraction': 1}, 'warmup_fraction')):
+    for bad, field in (({'warmup_rounds': 20}, 'warmup_rounds'), ({'warmup_rounds': 2.5}, 'warmup_rounds'),
+                       ({'confidence': 1.5}, 'confidence'), ({'confidence': None}, 'confidence'),
+                       ({'unlabelled_weight': -1}, 'unlabelled_weight'),
+                       ({'unlabelled_weight': float('nan')}, 'unlabelled_weight'),
+                       ({'warmup_fraction': 1}, 'warmup_fraction')):
         with pytest.raises(FederationError) as e:
             FedFixMatchTrainer.resolve_hyperparameters(bad, 20)
         assert e.value.field == field
@@ -176,6 +200,33 @@ def test_fedfixmatch_unlabelled_term_is_the_masked_cross_entropy_and_moves_the_w
                 assert 0 < share and grad > 0  # confident voxels: the term moves the weights
         assert 0.3 < float(confidence.ge(float(confidence.median())).float().mean()) < 0.7
     finally:
+        trainer.close()
+
+
+def test_fedfixmatch_adds_its_term_to_nnunets_training_loss_only_after_the_warm_up(with_unlabelled):
+    trainer, _ = _site_trainer(FedFixMatchTrainer, {'warmup_rounds': 1, 'confidence': 0.0, 'unlabelled_weight': 0.7})
+    try:
+        torch.manual_seed(0)
+        np.random.seed(0)
+        fixed = next(trainer.get_unlabelled_dataloader())
+        trainer.dataloader_unlabelled = iter([fixed] * 4)  # the same unlabelled batch for every draw
+        trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()  # nnU-Net's labelled loaders
+        labelled = next(trainer.dataloader_train)
+        net = trainer.network
+        net.train()
+        out = net(labelled['data'])
+        nnunet = trainer.loss.loss(out, labelled['target'])  # nnU-Net's own loss, unwrapped
+        trainer.current_epoch = 0  # warm-up: nnU-Net's loss alone
+        assert float(trainer.loss(out, labelled['target'])) == pytest.approx(float(nnunet))
+        trainer.current_epoch = 1
+        total = trainer.loss(out, labelled['target'])
+        term, _ = trainer.unlabelled_loss(fixed['data'])
+        assert float(term) > 0
+        assert float(total) == pytest.approx(float(nnunet) + 0.7 * float(term), rel=1e-5)
+        net.eval()  # validation: nnU-Net's loss alone
+        assert float(trainer.loss(out, labelled['target'])) == pytest.approx(float(nnunet))
+    finally:
+        trainer.dataloader_unlabelled = None
         trainer.close()
 
 

@@ -104,6 +104,7 @@ class FederatedTrainer(nnUNetTrainer):
         self.num_sites = 1
         self.num_training_cases = None
         self.dataloader_unlabelled = None  # built on demand by semi-supervised methods
+        self.unlabelled_cases: Optional[List[str]] = None  # the site's (sites.json); None: every one in its folder
 
     # ------------------------------------------------------------------ set-up
     def configure_federation(self, site_name: str, site_index: int, site_preprocessed_folder: str,
@@ -221,18 +222,20 @@ class FederatedTrainer(nnUNetTrainer):
 
     @property
     def has_unlabelled_data(self) -> bool:
-        """The site has preprocessed unlabelled cases of this configuration (looked up once)."""
-        if getattr(self, '_has_unlabelled_data', None) is None:
-            folder = self.unlabelled_data_folder
-            self._has_unlabelled_data = os.path.isdir(folder) and any(f.endswith('.pkl') for f in os.listdir(folder))
-        return self._has_unlabelled_data
+        """The site has unlabelled cases: those sites.json lists (checked before training to be preprocessed), or
+        where no list was given, any preprocessed one of this configuration."""
+        if self.unlabelled_cases is not None:
+            return bool(self.unlabelled_cases)
+        folder = self.unlabelled_data_folder
+        return os.path.isdir(folder) and any(f.endswith('.pkl') for f in os.listdir(folder))
 
     def get_unlabelled_dataloader(self):
         """Batches of the site's unlabelled cases, a weak and a strong view of each patch stacked on the channel
         axis (see fednnunet.unlabelled_data); built once, stopped by :meth:`close` with nnU-Net's loaders."""
         if self.dataloader_unlabelled is None:
             from fednnunet.unlabelled_data import two_view_dataloader
-            self.dataloader_unlabelled = two_view_dataloader(self, self.unlabelled_data_folder, self.site_name)
+            self.dataloader_unlabelled = two_view_dataloader(self, self.unlabelled_data_folder, self.site_name,
+                                                             self.unlabelled_cases)
         return self.dataloader_unlabelled
 
     def pause_augmentation_workers(self) -> bool:
@@ -246,6 +249,15 @@ class FederatedTrainer(nnUNetTrainer):
         augmentation_workers.resume(self._dataloaders())
         if self.dataloader_train is None:
             self.dataloader_train, self.dataloader_val = self.get_dataloaders()
+
+    def on_train_end(self):
+        """nnU-Net's (final checkpoint, its two loaders stopped), and the unlabelled cases' loader stopped too."""
+        super().on_train_end()
+        if self.dataloader_unlabelled is not None:
+            augmentation_workers.resume([self.dataloader_unlabelled])
+            if hasattr(self.dataloader_unlabelled, '_finish'):
+                self.dataloader_unlabelled._finish()
+            self.dataloader_unlabelled = None
 
     def close(self):
         """Stops nnU-Net's background augmentation workers, if any."""

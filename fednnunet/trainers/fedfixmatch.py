@@ -15,6 +15,7 @@ that has learnt something. The weak-view pass runs without gradients; both passe
 output of nnU-Net's deep supervision. This is the homogeneous semi-supervised baseline of issue 13; HSSF's own
 pseudo-labelling (a confidence head, reliable pseudo-label generation, per-image gates) is not this.
 """
+import math
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -42,21 +43,27 @@ class FedFixMatchTrainer(FedAvgTrainer):
     @classmethod
     def resolve_hyperparameters(cls, given: dict, rounds: int) -> Tuple[dict, List[str]]:
         values, notes = super().resolve_hyperparameters(given, rounds)
+
+        def number(key: str, low: float, high: float) -> float:
+            v = values[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not low <= v <= high:
+                raise FederationError(f'{key} must be a number in [{low}, {high}], not {v!r}', field=key)
+            return float(v)
+
         if values['warmup_rounds'] is None:
-            fraction = float(values['warmup_fraction'])
-            if not 0 <= fraction < 1:
-                raise FederationError(f'warmup_fraction must be in [0, 1), not {fraction}', field='warmup_fraction')
-            values['warmup_rounds'] = int(np.floor(fraction * rounds + 0.5))
-        values['warmup_rounds'] = int(values['warmup_rounds'])
-        if not 0 <= values['warmup_rounds'] < rounds:
-            raise FederationError(f"warmup_rounds must be in [0, rounds): got {values['warmup_rounds']} of {rounds} "
-                                  f"rounds (no round would use the unlabelled cases)", field='warmup_rounds')
-        if not 0 <= float(values['confidence']) <= 1:
-            raise FederationError(f"confidence must be in [0, 1], not {values['confidence']}", field='confidence')
-        if float(values['unlabelled_weight']) < 0:
-            raise FederationError(f"unlabelled_weight must be >= 0, not {values['unlabelled_weight']}",
-                                  field='unlabelled_weight')
-        if float(values['unlabelled_weight']) == 0:
+            fraction = number('warmup_fraction', 0, 1)
+            if fraction == 1:
+                raise FederationError('warmup_fraction must be below 1 (no round would use the unlabelled cases)',
+                                      field='warmup_fraction')
+            values['warmup_rounds'] = int(math.floor(fraction * rounds + 0.5))
+        warmup = number('warmup_rounds', 0, rounds - 1)
+        if warmup != int(warmup):
+            raise FederationError(f"warmup_rounds must be a whole number of rounds, not {values['warmup_rounds']}",
+                                  field='warmup_rounds')
+        values['warmup_rounds'] = int(warmup)
+        values['confidence'] = number('confidence', 0, 1)
+        values['unlabelled_weight'] = number('unlabelled_weight', 0, 1e6)
+        if values['unlabelled_weight'] == 0:
             notes.append('fedfixmatch with unlabelled_weight 0 is FedAvg on the labelled cases only')
         return values, notes
 
@@ -66,13 +73,20 @@ class FedFixMatchTrainer(FedAvgTrainer):
     def unlabelled_loss(self, data: torch.Tensor) -> Tuple[torch.Tensor, float]:
         """(L_u, the share of confident voxels) for a two-view batch (weak and strong views on the channel axis)."""
         weak, strong = split_views(data)
-        with torch.no_grad():
-            teacher = self.network(weak)
-            teacher = teacher[0] if isinstance(teacher, (list, tuple)) else teacher
-            confidence, pseudo = torch.softmax(teacher.float(), 1).max(1)
-            mask = (confidence >= self.confidence).float()
-        student = self.network(strong)
-        student = student[0] if isinstance(student, (list, tuple)) else student
+        supervised = self.enable_deep_supervision
+        if supervised:  # only the full-resolution output is used: the lower ones are not computed (memory)
+            self.set_deep_supervision_enabled(False)
+        try:
+            with torch.no_grad():
+                teacher = self.network(weak)
+                teacher = teacher[0] if isinstance(teacher, (list, tuple)) else teacher
+                confidence, pseudo = torch.softmax(teacher.float(), 1).max(1)
+                mask = (confidence >= self.confidence).float()
+            student = self.network(strong)
+            student = student[0] if isinstance(student, (list, tuple)) else student
+        finally:
+            if supervised:
+                self.set_deep_supervision_enabled(True)
         ce = F.cross_entropy(student.float(), pseudo, reduction='none')
         return (ce * mask).mean(), float(mask.mean())
 
