@@ -45,7 +45,8 @@ def with_unlabelled(raw_copy):
     with open(raw_copy / SITES_FILE, 'w') as f:
         json.dump(spec, f)
     federation = Federation.from_raw(DATASET_NAME)
-    plan_and_preprocess(SimulationEngine.for_federation(federation), DATASET_NAME, ['3d_fullres'], 'nnUNetPlannerCPU')
+    plan_and_preprocess(SimulationEngine.for_federation(federation), DATASET_NAME, ['2d', '3d_fullres'],
+                        'nnUNetPlannerCPU')
     return federation, copies
 
 
@@ -55,6 +56,8 @@ def test_unlabelled_cases_are_preprocessed_like_labelled_ones_and_stay_out_of_th
     labelled = os.path.join(folder, 'nnUNetCPUPlans_3d_fullres')
     unlabelled = unlabelled_data_folder(folder, 'nnUNetCPUPlans_3d_fullres')
     assert sorted(nnUNetDatasetBlosc2.get_identifiers(unlabelled)) == sorted(copies)
+    assert sorted(nnUNetDatasetBlosc2.get_identifiers(unlabelled_data_folder(folder, 'nnUNetCPUPlans_2d'))) == \
+        sorted(copies)
     assert sorted(nnUNetDatasetBlosc2.get_identifiers(labelled)) == sorted(federation.sites[SITE].cases)
     mine = nnUNetDatasetBlosc2(unlabelled, sorted(copies))
     theirs = nnUNetDatasetBlosc2(labelled, sorted(copies.values()))
@@ -76,7 +79,7 @@ def test_unlabelled_cases_are_preprocessed_like_labelled_ones_and_stay_out_of_th
                                                              'nnUNetCPUPlans_3d_fullres'))
 
 
-def _site_trainer(trainer_class, hyperparameters=None):
+def _site_trainer(trainer_class, hyperparameters=None, configuration='3d_fullres'):
     """Site A's trainer (CPU, tiny plans), initialized as a site initializes it."""
     folder = site_folder(DATASET_NAME, SITE)
     with open(os.path.join(folder, 'nnUNetCPUPlans.json')) as f:
@@ -84,16 +87,17 @@ def _site_trainer(trainer_class, hyperparameters=None):
     with open(os.path.join(folder, 'dataset.json')) as f:
         dataset_json = json.load(f)
     plans['continue_training'] = False  # nnU-Net 2.8.1's trainer reads it (fednnunet's site trainer sets it too)
-    trainer = trainer_class(plans, '3d_fullres', 0, dataset_json, torch.device('cpu'))
+    trainer = trainer_class(plans, configuration, 0, dataset_json, torch.device('cpu'))
     trainer.configure_federation(SITE, 0, folder, str(os.environ['nnUNet_results']), 2, 2, 1, 12345,
                                  hyperparameters)
     trainer.initialize()
     return trainer, dataset_json
 
 
-def test_the_unlabelled_loader_gives_two_aligned_views_of_a_patch(with_unlabelled):
+@pytest.mark.parametrize('configuration', ['2d', '3d_fullres'])
+def test_the_unlabelled_loader_gives_two_aligned_views_of_a_patch(with_unlabelled, configuration):
     federation, copies = with_unlabelled
-    trainer, dataset_json = _site_trainer(FedAvgTrainer)
+    trainer, dataset_json = _site_trainer(FedAvgTrainer, configuration=configuration)
     try:
         torch.manual_seed(0)
         np.random.seed(0)
