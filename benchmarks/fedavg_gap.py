@@ -69,6 +69,8 @@ VARIANTS = {
     'centralized_b_2x': ('centralized nnU-Net (b), twice the epochs',
                          ['--method', 'centralized', '--rounds', '{r2}', '--local-iterations', '{i}',
                           '--centralized-iterations', '{i}']),
+    'local_2x': ('local training only, the second budget: twice the rounds',
+                 ['--method', 'local', '--rounds', '{r2}', '--local-iterations', '{i}']),
     'fedavg_2x_iterations': ('FedAvg, the second budget: twice the iterations per round',
                              ['--method', 'fedavg', '--rounds', '{r}', '--local-iterations', '{i2}']),
     'fedadam_lr0.1': ('FedAdam: server lr 0.1, beta1 0.9, beta2 0.99, tau 0.001',
@@ -80,7 +82,7 @@ VARIANTS = {
 }
 
 #: the variants of the second budget (twice the steps per site); their gaps are to the centralized runs of that budget
-SECOND_BUDGET = ('fedavg_2x', 'fedavg_2x_iterations', 'centralized_a_2x', 'centralized_b_2x')
+SECOND_BUDGET = ('fedavg_2x', 'fedavg_2x_iterations', 'local_2x', 'centralized_a_2x', 'centralized_b_2x')
 
 
 def reference_names(name: str) -> tuple:
