@@ -91,23 +91,29 @@ def reference_names(name: str) -> tuple:
 
 
 def run_variant(name: str, args, work: str, env: dict) -> float:
-    results = os.path.join(work, f'results_{name}')
-    if os.path.isfile(os.path.join(results, 'done')):
-        return json.load(open(os.path.join(results, 'done')))['seconds']
-    os.makedirs(results, exist_ok=True)
     fill = {'r': args.rounds, 'i': args.local_iterations, 'r2': 2 * args.rounds, 'i_half': args.local_iterations // 2,
             'r_half': max(1, args.rounds // 2), 'i2': 2 * args.local_iterations}
     argv = [a.format(**fill) for a in VARIANTS[name][1]]
     cmd = [os.path.join(os.path.dirname(sys.executable), 'fednnunet_train'), str(args.dataset), '3d_fullres', '0',
            '-p', 'nnUNetCPUPlans', '--val-iterations', str(args.val_iterations), '-device', args.device,
            '--overwrite', *argv]
+    return run_once(name, cmd, os.path.join(work, f'results_{name}'), env)
+
+
+def run_once(name: str, cmd: list, results: str, env: dict) -> float:
+    """Runs ``cmd`` with nnUNet_results=``results`` (its output in results/train.log) unless results/done says it
+    ran; returns its wall time in seconds."""
+    done = os.path.join(results, 'done')
+    if os.path.isfile(done):
+        return json.load(open(done))['seconds']
+    os.makedirs(results, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(results, 'train.log'), 'w') as log:
-        done = subprocess.run(cmd, env=dict(env, nnUNet_results=results), stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+        finished = subprocess.run(cmd, env=dict(env, nnUNet_results=results), stdout=log, stderr=subprocess.STDOUT)
+    if finished.returncode != 0:
         sys.exit(f'{name} failed; see {results}/train.log')
     seconds = time.time() - t0
-    json.dump({'seconds': seconds, 'command': cmd}, open(os.path.join(results, 'done'), 'w'))
+    json.dump({'seconds': seconds, 'command': cmd}, open(done, 'w'))
     return seconds
 
 

@@ -17,32 +17,19 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fedavg_gap import _fold, final_dice  # noqa: E402 - the same reading of a run's summary
+from fedavg_gap import _fold, final_dice, run_once  # noqa: E402 - the same runs and reading of their summaries
 
 from fednnunet.demo import SEMI_SUPERVISED_DATASET_ID  # noqa: E402
 
 
 def run(method: str, args, work: str, env: dict) -> float:
-    results = os.path.join(work, f'results_{method}')
-    done = os.path.join(results, 'done')
-    if os.path.isfile(done):
-        return json.load(open(done))['seconds']
-    os.makedirs(results, exist_ok=True)
     cmd = [os.path.join(os.path.dirname(sys.executable), 'fednnunet_train'), str(SEMI_SUPERVISED_DATASET_ID),
            '3d_fullres', '0', '--method', method, '-p', 'nnUNetCPUPlans', '--rounds', str(args.rounds),
            '--local-iterations', str(args.local_iterations), '--val-iterations', str(args.val_iterations),
            '-device', args.device, '--overwrite']
-    t0 = time.time()
-    with open(os.path.join(results, 'train.log'), 'w') as log:
-        if subprocess.run(cmd, env=dict(env, nnUNet_results=results), stdout=log,
-                          stderr=subprocess.STDOUT).returncode != 0:
-            sys.exit(f'{method} failed; see {results}/train.log')
-    seconds = time.time() - t0
-    json.dump({'seconds': seconds, 'command': cmd}, open(done, 'w'))
-    return seconds
+    return run_once(method, cmd, os.path.join(work, f'results_{method}'), env)
 
 
 def last_unlabelled_term(results: str) -> dict:

@@ -284,6 +284,11 @@ def started_trainer(worker, config: dict, round_index: int, kept: bool = False) 
     return trainer, rounds_done
 
 
+def _not_preprocessed(folder: str, cases) -> list:
+    """The cases without nnU-Net's preprocessed properties file in ``folder``."""
+    return [c for c in cases if not os.path.isfile(join(folder, c + '.pkl'))]
+
+
 def check_training(worker, message: Message) -> Message:
     """Before a run writes anything: the site has the plans, its preprocessed cases of the configuration and its
     splits, and (for a new run) no other run's state in its results folder unless the server overwrites. Reads
@@ -300,7 +305,7 @@ def check_training(worker, message: Message) -> Message:
     check_trainable(plans, plans_id, configuration)
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     data = join(worker.folder, data_identifier)
-    absent = [c for c in worker.site.cases if not os.path.isfile(join(data, c + '.pkl'))]
+    absent = _not_preprocessed(data, worker.site.cases)
     if absent:
         raise FederationError(f"configuration '{configuration}' is not preprocessed at this site ({len(absent)} of "
                               f"{len(worker.site.cases)} cases missing in {data}, e.g. {absent[0]}): run `{hint}`",
@@ -308,7 +313,7 @@ def check_training(worker, message: Message) -> Message:
     num_unlabelled = 0
     if get_method(config['method']).trainer.uses_unlabelled_data and worker.site.unlabelled:
         unlabelled = unlabelled_data_folder(worker.folder, data_identifier)
-        absent = [c for c in worker.site.unlabelled if not os.path.isfile(join(unlabelled, c + '.pkl'))]
+        absent = _not_preprocessed(unlabelled, worker.site.unlabelled)
         if absent:
             raise FederationError(f"the site's unlabelled cases are not preprocessed for '{configuration}' "
                                   f"({len(absent)} of {len(worker.site.unlabelled)} missing in {unlabelled}, e.g. "

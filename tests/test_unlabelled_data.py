@@ -260,3 +260,28 @@ def test_fedfixmatch_without_any_unlabelled_case_is_a_clear_error(planned, fresh
     err = capsys.readouterr().err
     assert "field 'unlabelled'" in err and 'no site has any' in err, err
     assert not os.listdir(fresh_results)  # nothing written
+
+
+class _LyingEngine(SimulationEngine):
+    """Site A answers the training check with a number of unlabelled cases that is not a count."""
+
+    def ask(self, requests):
+        replies = super().ask(requests)
+        for site, reply in replies.items():
+            if reply.kind == 'ready' and site == SITE:
+                reply.config['num_unlabelled_cases'] = '10**9'
+            elif reply.kind == 'ready':
+                reply.config['num_unlabelled_cases'] = 0
+        return replies
+
+
+def test_a_site_count_of_unlabelled_cases_that_is_not_a_number_counts_as_none(with_unlabelled):
+    from fednnunet.site_worker import SiteWorker
+    from fednnunet.training_server import FederatedTraining, TrainingConfig
+    federation, _ = with_unlabelled
+    engine = _LyingEngine({n: SiteWorker(s, federation.dataset_name, 1, device='cpu')
+                           for n, s in federation.sites.items()})
+    training = FederatedTraining(engine, TrainingConfig(DATASET_NAME, '3d_fullres', 0, 'fedfixmatch', 'nnUNetCPUPlans',
+                                                        rounds=2, local_iterations=1, val_iterations=1))
+    with pytest.raises(FederationError, match='no site has any'):
+        training.check_sites_ready()

@@ -253,19 +253,12 @@ class FederatedTrainer(nnUNetTrainer):
     def on_train_end(self):
         """nnU-Net's (final checkpoint, its two loaders stopped), and the unlabelled cases' loader stopped too."""
         super().on_train_end()
-        if self.dataloader_unlabelled is not None:
-            augmentation_workers.resume([self.dataloader_unlabelled])
-            if hasattr(self.dataloader_unlabelled, '_finish'):
-                self.dataloader_unlabelled._finish()
-            self.dataloader_unlabelled = None
+        _stop_loaders([self.dataloader_unlabelled])
+        self.dataloader_unlabelled = None
 
     def close(self):
         """Stops nnU-Net's background augmentation workers, if any."""
-        loaders = self._dataloaders()
-        augmentation_workers.resume(loaders)
-        for dl in loaders:
-            if hasattr(dl, '_finish'):
-                dl._finish()
+        _stop_loaders(self._dataloaders())
         self.dataloader_train = self.dataloader_val = self.dataloader_unlabelled = None
 
     @classmethod
@@ -483,6 +476,15 @@ def segmentation_head_keys(network: nn.Module) -> List[str]:
     if not keys:
         raise ValueError(f'{type(network).__name__} has no decoder.seg_layers: cannot tell its segmentation heads')
     return keys
+
+
+def _stop_loaders(loaders: list):
+    """Continues any paused augmentation workers of ``loaders`` and ends them (None entries are skipped)."""
+    loaders = [dl for dl in loaders if dl is not None]
+    augmentation_workers.resume(loaders)
+    for dl in loaders:
+        if hasattr(dl, '_finish'):
+            dl._finish()
 
 
 class LossWithMethodTerm(nn.Module):
