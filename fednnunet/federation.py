@@ -21,7 +21,7 @@ from fednnunet.errors import FederationError
 SITES_FILE = 'sites.json'
 UNLABELLED_IMAGES_FOLDER = 'imagesTrUnlabelled'
 _SITE_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
-_SITE_KEYS = {'cases', 'unlabelled', 'channels', 'gpu_memory_gb', 'raw_folder'}
+_SITE_KEYS = {'cases', 'unlabelled', 'validation', 'channels', 'gpu_memory_gb', 'raw_folder'}
 
 
 def dataset_name_from_id(dataset_name_or_id) -> str:
@@ -61,11 +61,13 @@ def load_json(path: str, site: Optional[str] = None, what: str = 'json') -> dict
 
 @dataclass(frozen=True)
 class Site:
-    """One hospital: a name, the nnU-Net raw folder holding its images, and its cases."""
+    """One hospital: a name, the nnU-Net raw folder holding its images, and its cases: labelled training cases
+    (``cases``), unlabelled ones (``unlabelled``) and labelled cases held out for validation only (``validation``)."""
     name: str
     raw_folder: str
     cases: Tuple[str, ...]
     unlabelled: Tuple[str, ...] = ()
+    validation: Tuple[str, ...] = ()
     channels: Optional[Tuple[str, ...]] = None
     gpu_memory_gb: Optional[float] = None
     _dataset_json: dict = field(default=None, repr=False, compare=False)
@@ -100,9 +102,14 @@ class Site:
             raise FederationError('this case does not belong to this site; a site only reads its own cases',
                                   site=self.name, case=case)
 
+    @property
+    def labelled(self) -> Tuple[str, ...]:
+        """Every labelled case of the site: its training cases, then its validation-only cases."""
+        return self.cases + self.validation
+
     def image_files(self, case: str) -> List[str]:
         """Paths of the case's channel files, following nnU-Net's naming (``case_XXXX.ending``)."""
-        self._check_own(case, self.cases)
+        self._check_own(case, self.labelled)
         explicit = self.dataset_json.get('dataset')
         if explicit is not None:
             try:
@@ -115,7 +122,7 @@ class Site:
                 for c in sorted(self.channel_names, key=int)]
 
     def label_file(self, case: str) -> str:
-        self._check_own(case, self.cases)
+        self._check_own(case, self.labelled)
         explicit = self.dataset_json.get('dataset')
         if explicit is not None:
             try:
@@ -136,7 +143,7 @@ class Site:
 
     def check_files_exist(self):
         """Every file of every own case exists (no reading): a missing file names site, case and field."""
-        for case in self.cases:
+        for case in self.labelled:
             for ch, f in zip(sorted(self.channel_names, key=int), self.image_files(case)):
                 if not os.path.isfile(f):
                     raise FederationError(f'image file {f} is missing', site=self.name, case=case,
@@ -189,20 +196,26 @@ class Federation:
         return federation
 
     def validate_assignment(self):
-        """The sites.json contract: every case at exactly one site, no site without a labelled case. Reads
-        no image: only sites.json, dataset.json and the names in the pooled labelsTr (if there is one)."""
+        """The sites.json contract: every case at exactly one site and in one of its lists, every site with a training
+        case (labelled, or unlabelled for semi-supervised methods: the training check refuses an unlabelled-only site
+        for the others), some site with a labelled training case. Reads no image: only sites.json, dataset.json and
+        the names in the pooled labelsTr (if there is one)."""
         owner: Dict[str, str] = {}
         for site in self.sites.values():
-            for case in site.cases + site.unlabelled:
+            for case in site.cases + site.unlabelled + site.validation:
                 if case in owner and owner[case] != site.name:
                     raise FederationError(f"case is assigned to two sites: '{owner[case]}' and '{site.name}'",
                                           case=case, field=SITES_FILE)
                 if case in owner:
                     raise FederationError('case is listed twice', site=site.name, case=case, field=SITES_FILE)
                 owner[case] = site.name
-            if len(site.cases) == 0:
-                raise FederationError('site has no labelled training case; every site needs at least one',
-                                      site=site.name, field='cases')
+            if not site.cases and not site.unlabelled:
+                raise FederationError("site has no training case: list its labelled cases as 'cases' (or, for a "
+                                      "semi-supervised method, its unlabelled ones as 'unlabelled')", site=site.name,
+                                      field='cases')
+        if not any(site.cases for site in self.sites.values()):
+            raise FederationError('no site has a labelled training case; nnU-Net plans from labelled cases, so at '
+                                  'least one site needs some', field='cases')
         pooled_labels = os.path.join(self.raw_folder, 'labelsTr')
         pooled_json = os.path.join(self.raw_folder, 'dataset.json')
         if os.path.isdir(pooled_labels) and os.path.isfile(pooled_json):
@@ -235,6 +248,9 @@ def parse_sites(spec: dict, raw_folder: str) -> Dict[str, Site]:
         unlabelled = entry.get('unlabelled', [])
         if not isinstance(unlabelled, list) or not all(isinstance(c, str) for c in unlabelled):
             raise FederationError("'unlabelled' must be a list of case identifiers", site=name, field='unlabelled')
+        validation = entry.get('validation', [])
+        if not isinstance(validation, list) or not all(isinstance(c, str) for c in validation):
+            raise FederationError("'validation' must be a list of case identifiers", site=name, field='validation')
         channels = entry.get('channels')
         if channels is not None and (not isinstance(channels, list) or not all(isinstance(c, str) for c in channels)):
             raise FederationError("'channels' must be a list of channel names", site=name, field='channels')
@@ -245,7 +261,7 @@ def parse_sites(spec: dict, raw_folder: str) -> Dict[str, Site]:
         if not os.path.isabs(site_raw):
             site_raw = os.path.join(raw_folder, site_raw)
         sites[name] = Site(name=name, raw_folder=os.path.abspath(site_raw), cases=tuple(sorted(cases)),
-                           unlabelled=tuple(sorted(unlabelled)),
+                           unlabelled=tuple(sorted(unlabelled)), validation=tuple(sorted(validation)),
                            channels=tuple(channels) if channels is not None else None,
                            gpu_memory_gb=float(memory) if memory is not None else None)
     return sites

@@ -159,8 +159,10 @@ def fingerprint_site(site: Site, reader_name: str, num_samples: int, private_fol
     has_empty_case = False
     for c in range(n_channels):
         has_empty_case |= any(r[2][c][0].size == 0 for r in results)
-        values, inverse = np.unique(np.concatenate([r[2][c][0] for r in results]), return_inverse=True)
-        counts = np.bincount(inverse, weights=np.concatenate([r[2][c][1] for r in results]),
+        # a site without labelled training cases (semi-supervised) contributes no case and an empty sample
+        values, inverse = np.unique(np.concatenate([r[2][c][0] for r in results] + [np.zeros(0, np.float32)]),
+                                    return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate([r[2][c][1] for r in results] + [np.zeros(0)]),
                              minlength=values.size).astype(np.int64)
         values_file, cumulative_file = _private_files(private_folder, c)
         _save_private(values_file, values)

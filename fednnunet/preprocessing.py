@@ -25,14 +25,23 @@ NUM_FOLDS = 5
 UNLABELLED_SUFFIX = '_unlabelled'
 
 
-def site_splits(cases: Sequence[str], num_folds: int = NUM_FOLDS) -> List[Dict[str, List[str]]]:
+def site_splits(cases: Sequence[str], num_folds: int = NUM_FOLDS,
+                validation: Sequence[str] = ()) -> List[Dict[str, List[str]]]:
     """nnU-Net's seeded 5-fold split of one site's cases, valid for every fold 0..4 whatever the site size.
 
     5 or more cases: exactly nnU-Net's ``generate_crossval_split``. 2-4 cases: a leave-one-out split
     (nnU-Net's KFold with n folds) repeated to fill 5 folds. 1 case: it trains and validates on it (nnU-Net
     does the same for fold 'all'); the site's validation score is then not a held-out estimate.
+
+    A site that holds out validation cases of its own (sites.json ``validation``) trains on all its cases in every
+    fold and validates on those (no cross-validation: the held-out set is the site's choice). A site without
+    labelled training cases (unlabelled only) then has folds with an empty training split.
     """
+    if validation:
+        return [{'train': sorted(cases), 'val': sorted(validation)} for _ in range(num_folds)]
     keys = sorted(cases)
+    if not keys:  # unlabelled cases only, no validation case: nothing to split
+        return [{'train': [], 'val': []} for _ in range(num_folds)]
     if len(keys) >= num_folds:
         return generate_crossval_split(keys, seed=NNUNET_SPLIT_SEED, n_splits=num_folds)
     if len(keys) == 1:
@@ -56,13 +65,16 @@ def _preprocess_case(preprocessor_class_name: str, output_truncated: str, image_
                               field=configuration) from e
 
 
-def _splits_cover(splits_file: str, cases: Sequence[str]) -> bool:
+def _splits_cover(splits_file: str, cases: Sequence[str], validation: Sequence[str] = ()) -> bool:
     """An existing splits_final.json is kept (as nnU-Net does) only if every fold covers exactly this
-    site's cases; a stale one from another case list is replaced."""
+    site's cases (and validates on its validation cases, where it has some); a stale one from another case list
+    is replaced."""
     if not os.path.isfile(splits_file):
         return False
     with open(splits_file) as f:
         splits = json.load(f)
+    if validation:
+        return splits == site_splits(cases, validation=validation)
     return len(splits) > 0 and all(set(s['train']) | set(s['val']) == set(cases) for s in splits)
 
 
@@ -101,9 +113,12 @@ def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations:
         final = server_input.inside(os.path.join(out_folder, server_input.identifier(
             cm.data_identifier, f'configurations.{c}.data_identifier', site.name)), out_folder, 'data_identifier',
             site.name)  # it is removed and replaced below
-        _preprocess_into(final, [(case, site.image_files(case), site.label_file(case)) for case in site.cases],
+        # the labelled cases, training and validation-only ones, as nnU-Net's training cases (the splits say which
+        # is which); a site with unlabelled cases only gets an empty folder of them
+        _preprocess_into(final, [(case, site.image_files(case), site.label_file(case)) for case in site.labelled],
                          cm.preprocessor_name, plans, c, dataset_json, site.name, num_processes, f'preprocess {c}')
-        report['configurations'][c] = {'data_identifier': cm.data_identifier, 'num_cases': len(site.cases)}
+        report['configurations'][c] = {'data_identifier': cm.data_identifier, 'num_cases': len(site.cases),
+                                       'num_validation': len(site.validation)}
         if site.unlabelled:
             # unlabelled cases: nnU-Net's preprocessor without a segmentation (as for its test cases), into a folder
             # of their own beside the labelled one, so that nnU-Net's tools never mistake them for training cases
@@ -119,7 +134,7 @@ def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations:
     gt_partial = gt + '.partial'
     shutil.rmtree(gt_partial, ignore_errors=True)
     os.makedirs(gt_partial)
-    for case in site.cases:
+    for case in site.labelled:
         shutil.copyfile(site.label_file(case), os.path.join(gt_partial, case + dataset_json['file_ending']))
     shutil.rmtree(gt, ignore_errors=True)
     os.replace(gt_partial, gt)
@@ -128,7 +143,7 @@ def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations:
     write_json(server_input.inside(os.path.join(out_folder, server_input.identifier(
         plans['plans_name'], 'plans_name', site.name) + '.json'), out_folder, 'plans_name', site.name), plans)
     splits_file = os.path.join(out_folder, 'splits_final.json')
-    if not _splits_cover(splits_file, site.cases):
-        write_json(splits_file, site_splits(site.cases))
+    if not _splits_cover(splits_file, site.cases, site.validation):
+        write_json(splits_file, site_splits(site.cases, validation=site.validation))
     report['num_cases'] = len(site.cases)
     return report

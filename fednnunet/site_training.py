@@ -238,6 +238,7 @@ def build_site_trainer(worker, config: dict) -> FederatedTrainer:
         config.get('hyperparameters') or {}, config['num_sites'])
     trainer.run_id = config.get('run_id')
     trainer.unlabelled_cases = list(worker.site.unlabelled)  # only the cases sites.json lists now
+    trainer.validation_cases = list(worker.site.validation)
     return trainer
 
 
@@ -304,14 +305,20 @@ def check_training(worker, message: Message) -> Message:
     plans = server_input.plans(load_json(plans_file), worker.site.name)
     check_trainable(plans, plans_id, configuration)
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+    semi_supervised = get_method(config['method']).trainer.uses_unlabelled_data
+    if not worker.site.cases and not semi_supervised:
+        raise FederationError(f"the site has no labelled training case (sites.json lists only unlabelled ones for "
+                              f"it), and {config['method']} trains on labelled cases; a site with unlabelled cases "
+                              f"only takes part in a semi-supervised method ({', '.join(semi_supervised_methods())}) "
+                              f"or is left out with --sites", site=worker.site.name, field='cases')
     data = join(worker.folder, data_identifier)
-    absent = _not_preprocessed(data, worker.site.cases)
+    absent = _not_preprocessed(data, worker.site.labelled)
     if absent:
         raise FederationError(f"configuration '{configuration}' is not preprocessed at this site ({len(absent)} of "
-                              f"{len(worker.site.cases)} cases missing in {data}, e.g. {absent[0]}): run `{hint}`",
+                              f"{len(worker.site.labelled)} cases missing in {data}, e.g. {absent[0]}): run `{hint}`",
                               site=worker.site.name, field='-c')
     num_unlabelled = 0
-    if get_method(config['method']).trainer.uses_unlabelled_data and worker.site.unlabelled:
+    if semi_supervised and worker.site.unlabelled:
         unlabelled = unlabelled_data_folder(worker.folder, data_identifier)
         absent = _not_preprocessed(unlabelled, worker.site.unlabelled)
         if absent:
@@ -330,7 +337,13 @@ def check_training(worker, message: Message) -> Message:
         runs = earlier_runs(fold_folder, config['run_id'])
         if runs:
             raise earlier_run_error(worker, fold_folder, runs)
-    return Message('ready', {'num_training_cases': len(worker.site.cases), 'num_unlabelled_cases': num_unlabelled})
+    return Message('ready', {'num_training_cases': len(worker.site.cases) + num_unlabelled,
+                             'num_unlabelled_cases': num_unlabelled})
+
+
+def semi_supervised_methods() -> list:
+    from fednnunet.methods import METHODS
+    return sorted(name for name, m in METHODS.items() if m.trainer.uses_unlabelled_data)
 
 
 def fit(worker, message: Message) -> Message:
@@ -376,7 +389,10 @@ def finish(worker, message: Message) -> Message:
         if rounds_done < rounds:  # the site missed the last round(s), so its last round did not plot
             trainer.logger.plot_progress_png(trainer.output_folder, now=True)
         summary = None
-        if config.get('validate', True):
+        if config.get('validate', True) and not validation_cases(worker, config['fold']):
+            trainer.print_to_log_file('final validation: this site has no validation case (no labelled case in its '
+                                      'validation split); nothing to validate')
+        elif config.get('validate', True):
             summary = evaluate_model(worker, config, trainer.output_folder_base, 'checkpoint_final.pth',
                                      join(trainer.output_folder, 'validation'))
     finally:
@@ -391,7 +407,7 @@ def finish(worker, message: Message) -> Message:
 def validation_cases(worker, fold) -> list:
     """The site's validation cases of ``fold`` (its own splits_final.json; fold 'all': every case)."""
     if fold == 'all':
-        return list(worker.site.cases)
+        return list(worker.site.validation or worker.site.cases)
     splits = load_json(join(worker.folder, 'splits_final.json'))
     return list(splits[int(fold)]['val'])
 
@@ -404,6 +420,10 @@ def evaluate_model(worker, config: dict, model_folder: str, checkpoint: str, out
     from fednnunet.inference import load_predictor
     predictor = load_predictor(model_folder, config['fold'], checkpoint, worker.device, verbose=worker.verbose)
     cases = validation_cases(worker, config['fold'])
+    if not cases:
+        raise FederationError(f"the site has no validation case in fold {config['fold']} (no labelled case to "
+                              f"measure: list some as 'validation' in sites.json)", site=worker.site.name,
+                              field='validation')
     summary = evaluate_cases(predictor, cases, {c: worker.site.image_files(c) for c in cases},
                              {c: worker.site.label_file(c) for c in cases}, output_folder,
                              num_processes=worker.num_processes if worker.num_processes > 1 else 0,

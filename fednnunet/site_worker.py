@@ -150,7 +150,11 @@ class SiteWorker:
         fp = fingerprint_site(self.site, reader, samples, self.private_folder, self.num_processes)
         # the site's own fingerprint in nnU-Net's format, merged from its part alone; it stays at the site (nnU-Net
         # copies a fingerprint next to every trained model)
-        own = merge_site_fingerprints([fp], lambda thresholds: count_values_leq(self.private_folder, thresholds))
+        if fp['cases']:
+            own = merge_site_fingerprints([fp], lambda thresholds: count_values_leq(self.private_folder, thresholds))
+        else:  # a site with unlabelled cases only: no labelled case to fingerprint (nnU-Net's format, empty)
+            own = {'spacings': [], 'shapes_after_crop': [], 'foreground_intensity_properties_per_channel': {},
+                   'median_relative_size_after_cropping': None}
         write_json(os.path.join(self.folder, 'dataset_fingerprint.json'), own)
         return Message('site_fingerprint', fp)
 

@@ -46,6 +46,10 @@ class Strategy:
         return notes
 
     def weight(self, update: 'SiteUpdate') -> float:
+        """An update's weight in a mean. 0 for a site that trained on nothing this round (num_examples 0: a site
+        with unlabelled cases only, in a semi-supervised method's warm-up), whatever the weighting."""
+        if update.num_examples == 0:
+            return 0.0
         return 1.0 if self.weighting == 'uniform' else float(update.num_examples)
 
     def setup(self, rounds: int, site_indices: Dict[str, int], hyperparameters: dict):
@@ -123,8 +127,11 @@ class FedAvg(Strategy):
                 merged[k] = arrays[0]
                 continue
             weights = [self.weight(u) for u in senders]
-            if sum(weights) <= 0:
-                raise ValueError(f'sites that sent {k} report no training case')
+            if sum(weights) <= 0:  # only sites that trained on nothing this round sent it: it keeps its value
+                if k not in global_state:
+                    raise ValueError(f'the sites that sent {k} trained on nothing, and it has no previous value')
+                merged[k] = global_state[k]
+                continue
             merged[k] = weighted_mean(arrays, weights)
             if self.optimizer is not None and k in global_state:
                 merged[k] = self.optimizer.step(k, global_state[k], merged[k])

@@ -281,9 +281,15 @@ class FederatedTraining:
         planned = join(server_folder(self.config.dataset_name), 'federation',
                        f'negotiation_{self.config.plans_identifier}.json')
         declared = load_json(planned).get('sites', {}) if os.path.isfile(planned) else {}
+        semi_supervised = self.method.trainer.uses_unlabelled_data
         for site, reply in replies.items():
             now = reply.config.get('num_training_cases')
-            self.declared_cases[site] = int(declared.get(site, {}).get('num_cases') or now or 0)
+            at_planning = declared.get(site, {})
+            planned = at_planning.get('num_cases', 0) + (at_planning.get('num_unlabelled', 0) if semi_supervised
+                                                         else 0)  # counts checked at planning
+            if isinstance(now, bool) or not isinstance(now, int):
+                now = 0
+            self.declared_cases[site] = int(planned or now or 0)
         if self.method.trainer.uses_unlabelled_data:
             counts = {s: r.config.get('num_unlabelled_cases') for s, r in replies.items()}
             for s, n in counts.items():
@@ -396,9 +402,8 @@ class FederatedTraining:
         mean_pooled = float(np.nanmean(pooled)) if pooled else float('nan')
         self.logger.log('epoch_start_timestamps', t0, r)
         self.logger.log('lrs', float(updates[0].metrics['lr']), r)
-        self.logger.log('train_losses', float(np.average([u.metrics['train_loss'] for u in updates],
-                                                         weights=weights)), r)
-        self.logger.log('val_losses', float(np.average([u.metrics['val_loss'] for u in updates], weights=weights)), r)
+        self.logger.log('train_losses', mean_of_measured([u.metrics['train_loss'] for u in updates], weights), r)
+        self.logger.log('val_losses', mean_of_measured([u.metrics['val_loss'] for u in updates], weights), r)
         self.logger.log('mean_fg_dice', mean_pooled, r)
         self.logger.log('dice_per_class_or_region', pooled, r)
         self.logger.log('epoch_end_timestamps', time.time(), r)
@@ -441,8 +446,23 @@ class FederatedTraining:
         return result
 
 
-#: metrics a site reports every round, and whether they may be NaN (a validation without any foreground)
-_ROUND_METRICS = {'pseudo_dice': True, 'ema_pseudo_dice': True, 'train_loss': False, 'val_loss': False, 'lr': False,
+def mean_of_measured(values: List[float], weights: np.ndarray) -> float:
+    """The case-weighted mean of the sites' losses over the sites that measured one (a site without validation cases
+    reports no validation loss, a site that had nothing to train on in a round no training loss) and trained this
+    round; over all that measured one if none trained; NaN if none measured one."""
+    values, weights = np.asarray(values, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    measured = np.isfinite(values)
+    if not measured.any():
+        return float('nan')
+    weighed = measured & (weights > 0)
+    if not weighed.any():
+        return float(np.mean(values[measured]))
+    return float(np.average(values[weighed], weights=weights[weighed]))
+
+
+#: metrics a site reports every round, and whether they may be NaN (pseudo Dice: a validation without any
+#: foreground; the validation loss: a site without validation cases; the training loss: a round without local steps)
+_ROUND_METRICS = {'pseudo_dice': True, 'ema_pseudo_dice': True, 'train_loss': True, 'val_loss': True, 'lr': False,
                   'seconds': False}
 
 
@@ -459,15 +479,16 @@ def update_problem(reply: Message, expected_keys: set, spec: Dict[str, tuple], d
             return f'{k} has shape {tuple(a.shape)} and dtype {a.dtype}, the network {shape} and {dtype}'
         if a.dtype.kind == 'f' and not np.isfinite(a).all():
             return f'{k} holds NaN or infinite values'
-    n = reply.config.get('num_examples')
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max(declared_cases, 1):
-        return f'num_examples {n!r} is not between 1 and the {declared_cases} training cases the site declared'
+    n = reply.config.get('num_examples')  # 0: the site had nothing to train on this round (its update weighs 0)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= max(declared_cases, 1):
+        return f'num_examples {n!r} is not between 0 and the {declared_cases} training cases the site declared'
     metrics = reply.config.get('metrics')
     if not isinstance(metrics, dict):
         return 'no metrics'
     for key, nan_ok in _ROUND_METRICS.items():
         v = metrics.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (not nan_ok and not np.isfinite(v)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (not nan_ok and not np.isfinite(v)) or (
+                key == 'train_loss' and n > 0 and not np.isfinite(v)) or (np.isinf(v)):
             return f'metric {key} is {v!r}'
     if not all(isinstance(metrics.get(k), int) or (k == 'state_from_round' and metrics.get(k) is None)
                for k in ('num_training_cases', 'state_from_round')):

@@ -25,6 +25,7 @@ from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from fednnunet.errors import FederationError
 
@@ -119,7 +120,7 @@ def two_view_dataloader(trainer, folder: str, site: str, cases=None):
     trainer.get_training_transforms = lambda *a, **kw: TwoViewTransform(weak_transforms(*a, **kw),
                                                                         strong_intensity_transforms())
     try:
-        train, val = trainer.get_dataloaders()
+        train, val = nnUNetTrainer.get_dataloaders(trainer)  # nnU-Net's, not a federated trainer's override
     finally:
         del trainer.get_tr_and_val_datasets, trainer.get_training_transforms  # the class's methods again
     if hasattr(val, '_finish'):

@@ -113,7 +113,7 @@ def test_site_with_zero_cases(raw_copy):
     spec = _sites(raw_copy)
     spec['sites']['D'] = {'cases': []}
     _write_sites(raw_copy, spec)
-    with pytest.raises(FederationError, match=r"site 'D', field 'cases'.*no labelled training case"):
+    with pytest.raises(FederationError, match=r"site 'D', field 'cases'.*no training case"):
         Federation.from_folder(str(raw_copy))
 
 

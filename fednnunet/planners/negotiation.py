@@ -29,13 +29,19 @@ from fednnunet.jsonio import write_json
 AGREED_FIELDS = ('fednnunet_version', 'nnunetv2_version', 'labels', 'channel_names', 'file_ending',
                  'regions_class_order', 'reader_writer')
 NNUNET_DEFAULT_GPU_MEMORY_GB = 8.0
+#: the most cases a site may declare of each kind (a count beyond it is not a count a site can hold)
+MAX_CASES_PER_SITE = 10 ** 7
 
 
 def describe_site(site: Site) -> dict:
     """What a site tells the server before planning: its dataset.json view, reader and constraints."""
     dj = site.dataset_json
-    first_case = site.cases[0]
-    example = site.image_files(first_case)[0]
+    if site.labelled:
+        first_case = site.labelled[0]
+        example = site.image_files(first_case)[0]
+    else:  # a site with unlabelled cases only
+        first_case = site.unlabelled[0]
+        example = site.unlabelled_image_files(first_case)[0]
     try:
         reader = determine_reader_writer_from_dataset_json(dj, example, verbose=False)
     except RuntimeError as e:
@@ -49,6 +55,7 @@ def describe_site(site: Site) -> dict:
         'nnunetv2_version': nnunetv2_version(),
         'num_cases': len(site.cases),
         'num_unlabelled': len(site.unlabelled),
+        'num_validation': len(site.validation),
         'labels': dj.get('labels'),
         'channel_names': site.channel_names,
         'declared_channels': list(site.channels) if site.channels is not None else None,
@@ -71,6 +78,11 @@ def negotiate(descriptions: Sequence[dict], gpu_memory_gb: Optional[float] = Non
     The plan uses the smallest device memory any site declares (and the command line's, if given)."""
     if not descriptions:
         raise FederationError('no site to plan for')
+    for d in descriptions:
+        for f in ('num_cases', 'num_unlabelled', 'num_validation'):
+            n = d.get(f, 0)
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_CASES_PER_SITE:
+                raise FederationError(f'{f} {repr(n)[:40]} is not a count of cases', site=d.get('site'), field=f)
     ref = descriptions[0]
     for d in descriptions[1:]:
         for f in AGREED_FIELDS:
@@ -83,8 +95,9 @@ def negotiate(descriptions: Sequence[dict], gpu_memory_gb: Optional[float] = Non
             raise FederationError(f"site declares channels {d['declared_channels']} but dataset.json has "
                                   f"{channel_list}; sites with missing channels are not supported by nnU-Net "
                                   f"planning", site=d['site'], field='channels')
-        if d['num_cases'] == 0:
-            raise FederationError('site has no labelled training case', site=d['site'], field='cases')
+    if not any(d['num_cases'] for d in descriptions):
+        raise FederationError('no site has a labelled training case; nnU-Net plans from labelled cases, so at least '
+                              'one site needs some', field='cases')
     declared_memory = [d['gpu_memory_gb'] for d in descriptions if d['gpu_memory_gb'] is not None]
     if gpu_memory_gb is not None:
         declared_memory.append(gpu_memory_gb)
@@ -95,7 +108,8 @@ def negotiate(descriptions: Sequence[dict], gpu_memory_gb: Optional[float] = Non
         'dataset_json': dataset_json,
         'reader_writer': ref['reader_writer'],
         'gpu_memory_target_gb': memory,
-        'sites': {d['site']: {'num_cases': d['num_cases'], 'gpu_memory_gb': d['gpu_memory_gb']}
+        'sites': {d['site']: {'num_cases': d['num_cases'], 'num_unlabelled': d.get('num_unlabelled', 0),
+                              'num_validation': d.get('num_validation', 0), 'gpu_memory_gb': d['gpu_memory_gb']}
                   for d in descriptions},
     }
 

@@ -31,6 +31,7 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
 from fednnunet import augmentation_workers
+from fednnunet.errors import FederationError
 
 
 def round_seed(seed: int, site_index: int, round_index: int) -> int:
@@ -105,6 +106,7 @@ class FederatedTrainer(nnUNetTrainer):
         self.num_training_cases = None
         self.dataloader_unlabelled = None  # built on demand by semi-supervised methods
         self.unlabelled_cases: Optional[List[str]] = None  # the site's (sites.json); None: every one in its folder
+        self.validation_cases: Optional[List[str]] = None  # the site's validation-only cases (sites.json), if any
 
     # ------------------------------------------------------------------ set-up
     def configure_federation(self, site_name: str, site_index: int, site_preprocessed_folder: str,
@@ -192,7 +194,66 @@ class FederatedTrainer(nnUNetTrainer):
         seed_everything(initial_weights_seed(self.seed))  # the same initial weights at every site
         with contextlib.redirect_stdout(io.StringIO()) if not self.verbose else contextlib.nullcontext():
             self.on_train_start()
-        self.num_training_cases = len(self.do_split()[0])
+        self.num_training_cases = self.count_training_cases()
+
+    def initialize(self):
+        """nnU-Net's. It infers the dataset format from the labelled cases' folder; at a site with unlabelled cases
+        only (that folder holds none) it infers it from the unlabelled ones (the same preprocessor wrote both)."""
+        labelled = self.preprocessed_dataset_folder
+        empty = os.path.isdir(labelled) and not any(f.endswith('.pkl') for f in os.listdir(labelled))
+        if empty and os.path.isdir(self.unlabelled_data_folder):
+            self.preprocessed_dataset_folder = self.unlabelled_data_folder
+        try:
+            super().initialize()
+        finally:
+            self.preprocessed_dataset_folder = labelled
+
+    def do_split(self):
+        """nnU-Net's split (the site's splits_final.json). Fold 'all' trains on every preprocessed case in nnU-Net;
+        here it keeps the site's validation-only cases (sites.json ``validation``) out of training and validates on
+        them."""
+        tr_keys, val_keys = super().do_split()
+        if self.fold == 'all' and self.validation_cases:
+            held_out = set(self.validation_cases)
+            tr_keys, val_keys = [k for k in tr_keys if k not in held_out], sorted(held_out)
+        return tr_keys, val_keys
+
+    def count_training_cases(self) -> int:
+        """The cases this site trains on, the weight of its update in case-weighted merges: its labelled training
+        cases, and for a semi-supervised method its unlabelled ones too."""
+        n = len(self.do_split()[0])
+        if self.uses_unlabelled_data and self.has_unlabelled_data:
+            n += len(self.unlabelled_cases) if self.unlabelled_cases is not None else len(
+                [f for f in os.listdir(self.unlabelled_data_folder) if f.endswith('.pkl')])
+        return n
+
+    @property
+    def has_validation_data(self) -> bool:
+        return self.dataloader_val is not None
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders. A site without labelled training cases (a semi-supervised method at a site with
+        unlabelled cases only) has no training loader; its validation loader (where it has validation cases) is
+        nnU-Net's, built by nnU-Net's get_dataloaders over the validation cases, whose training loader is stopped at
+        once. Without validation cases either, there is no loader: the site trains on its unlabelled cases
+        (:meth:`unlabelled_step`) and reports no validation."""
+        tr_keys, val_keys = self.do_split()
+        if tr_keys:
+            return super().get_dataloaders()
+        if not self.uses_unlabelled_data:
+            raise FederationError(f"the site has no labelled training case in fold {self.fold}, and {self.method_name} "
+                                  f"trains on labelled cases only (a site with unlabelled cases only needs a "
+                                  f"semi-supervised method)", site=self.site_name, field='cases')
+        if not val_keys:
+            return None, None
+        own = type(self).get_tr_and_val_datasets  # nnU-Net's datasets; the (empty) training one is not used
+        self.get_tr_and_val_datasets = lambda: (own(self)[1],) * 2
+        try:
+            unused, val = super().get_dataloaders()
+        finally:
+            del self.get_tr_and_val_datasets
+        _stop_loaders([unused])
+        return None, val
 
     def build_without_data(self):
         """The network (nnU-Net's build_network_architecture) and the optimizer, without nnU-Net's initialize(),
@@ -247,7 +308,7 @@ class FederatedTrainer(nnUNetTrainer):
         """nnU-Net's data loaders (and their augmentation workers) again, after close() or a pause, for a trainer
         that kept everything else (network, optimizer, logs) between rounds."""
         augmentation_workers.resume(self._dataloaders())
-        if self.dataloader_train is None:
+        if self.dataloader_train is None and self.dataloader_val is None:
             self.dataloader_train, self.dataloader_val = self.get_dataloaders()
 
     def on_train_end(self):
@@ -273,6 +334,28 @@ class FederatedTrainer(nnUNetTrainer):
         """Hook: a term added to nnU-Net's loss during training (FedProx's proximal term, LC-Fed's contrastive
         term, FedDP's calibration term). None: nothing."""
         return None
+
+    #: True during an :meth:`unlabelled_step`: the training loss is the method's term alone (there is no label)
+    unlabelled_only = False
+
+    def local_step(self) -> dict:
+        """One local iteration: nnU-Net's train_step on a batch of labelled cases; at a site without labelled
+        training cases, the method's :meth:`unlabelled_step`."""
+        if self.dataloader_train is not None:
+            return self.train_step(next(self.dataloader_train))
+        return self.unlabelled_step()
+
+    def can_train_this_round(self) -> bool:
+        """Whether the site has something to train on this round. Only a site without labelled training cases can
+        lack it: a semi-supervised method says when it uses the unlabelled cases (not during its warm-up)."""
+        return self.dataloader_train is not None
+
+    def unlabelled_step(self) -> dict:
+        """Hook of semi-supervised methods: one local iteration on unlabelled cases only (returns train_step's
+        {'loss': ...}). Implementations run nnU-Net's train_step with :attr:`unlabelled_only` set, so its AMP,
+        gradient clipping and optimizer step are nnU-Net's."""
+        raise FederationError(f'{self.method_name} cannot train a site without labelled training cases',
+                              site=self.site_name, field='cases')
 
     def _build_loss(self):
         return LossWithMethodTerm(super()._build_loss(), self)
@@ -324,6 +407,8 @@ class FederatedTrainer(nnUNetTrainer):
     def validate(self) -> dict:
         """nnU-Net's online validation (pseudo Dice on random validation patches) of the current model, through
         its hooks; returns the summed TP/FP/FN and the logged numbers."""
+        if not self.has_validation_data:
+            return self.no_validation()
         with torch.no_grad():
             self.on_validation_epoch_start()
             outputs = [self.validation_step(next(self.dataloader_val))
@@ -336,9 +421,27 @@ class FederatedTrainer(nnUNetTrainer):
                 'pseudo_dice': float(self.logger.get_value('mean_fg_dice', step=-1)),
                 'ema_pseudo_dice': float(self.logger.get_value('ema_fg_dice', step=-1))}
 
+    def no_validation(self) -> dict:
+        """A site without validation cases (unlabelled training cases only, no ``validation`` in sites.json): its
+        logs get NaN where nnU-Net logs the validation, its metrics say it measured nothing (TP/FP/FN 0, pseudo
+        Dice NaN), and it keeps no best checkpoint."""
+        if self.current_epoch == 0 or not self.logger.get_value('val_losses', step=None):
+            self.print_to_log_file('this site has no validation case (sites.json lists no labelled case for it to '
+                                   'validate on): it reports no validation, and keeps no best checkpoint')
+        n = len(self.label_manager.foreground_regions if self.label_manager.has_regions else
+                self.label_manager.foreground_labels)
+        self.logger.log('mean_fg_dice', float('nan'), self.current_epoch)
+        self.logger.log('dice_per_class_or_region', [float('nan')] * n, self.current_epoch)
+        self.logger.log('val_losses', float('nan'), self.current_epoch)
+        return {'tp': [0] * n, 'fp': [0] * n, 'fn': [0] * n, 'val_loss': float('nan'), 'pseudo_dice': float('nan'),
+                'ema_pseudo_dice': float('nan'), 'validated': False}
+
     def keep_best_received(self, val: dict):
         """nnU-Net's best-EMA checkpoint, of the model that was validated (the one the site received). Saved here,
         before local training; nnU-Net's on_epoch_end then finds no better EMA and does not save it again."""
+        if val.get('validated') is False:
+            self._best_ema = float('nan')  # never better: nnU-Net's on_epoch_end saves no best checkpoint either
+            return
         ema = self.logger.local_logger.my_fantastic_logging['ema_fg_dice']
         if np.isnan(ema[-1]):  # first validation after joining late: the average starts here
             ema[-1] = val['ema_pseudo_dice'] = val['pseudo_dice']
@@ -391,19 +494,26 @@ class FederatedTrainer(nnUNetTrainer):
         self.keep_best_received(val)
         self.on_train_epoch_start()
         self.before_local_training(shared_state or {})
+        trains = self.can_train_this_round()
         outputs = []
-        for step in range(self.num_iterations_per_epoch):
+        for step in range(self.num_iterations_per_epoch if trains else 0):
             self.before_train_step(step)
-            outputs.append(self.train_step(next(self.dataloader_train)))
+            outputs.append(self.local_step())
         self.after_local_training()
-        self.on_train_epoch_end(outputs)
+        if trains:
+            self.on_train_epoch_end(outputs)
+        else:
+            self.logger.log('train_losses', float('nan'), self.current_epoch)
+            self.print_to_log_file(f'round {round_index}: nothing to train on in this round (no labelled training '
+                                   f'case, and {self.method_name} does not use the unlabelled ones yet): no local '
+                                   f'step; the update repeats the received model and weighs 0 in the merge')
         self.print_to_log_file(f'round {round_index}: validation (before local training) measured the received '
                                f'model')
         self.on_epoch_end()  # nnU-Net's: losses to the log, periodic checkpoint, progress plot, current_epoch + 1
         metrics = dict(val)
         metrics.update({'train_loss': float(self.logger.get_value('train_losses', step=-1)),
                         'lr': float(self.optimizer.param_groups[0]['lr']),
-                        'num_training_cases': self.num_training_cases,
+                        'num_training_cases': self.num_training_cases if trains else 0,
                         'seconds': float(self.logger.get_value('epoch_end_timestamps', -1) -
                                          self.logger.get_value('epoch_start_timestamps', -1))})
         return self.update_arrays(round_index), metrics
@@ -497,6 +607,8 @@ class LossWithMethodTerm(nn.Module):
         self.trainer = trainer
 
     def forward(self, output, target):
+        if self.trainer.unlabelled_only and self.trainer.network.training:
+            return self.trainer.extra_loss(output, target)  # a batch without labels: the method's term alone
         loss = self.loss(output, target)
         if self.trainer.network.training:
             extra = self.trainer.extra_loss(output, target)

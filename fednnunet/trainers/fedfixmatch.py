@@ -39,6 +39,7 @@ class FedFixMatchTrainer(FedAvgTrainer):
             raise FederationError('fedfixmatch pseudo-labels with a softmax over labels; this dataset trains regions '
                                   '(sigmoid outputs), which it does not support', field='method')
         self._unlabelled_stats: List[Tuple[float, float]] = []
+        self._strong_view: Optional[torch.Tensor] = None
 
     @classmethod
     def resolve_hyperparameters(cls, given: dict, rounds: int) -> Tuple[dict, List[str]]:
@@ -70,31 +71,57 @@ class FedFixMatchTrainer(FedAvgTrainer):
     def uses_unlabelled_this_round(self) -> bool:
         return self.current_epoch >= self.warmup_rounds and self.unlabelled_weight > 0 and self.has_unlabelled_data
 
-    def unlabelled_loss(self, data: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        """(L_u, the share of confident voxels) for a two-view batch (weak and strong views on the channel axis)."""
-        weak, strong = split_views(data)
+    def can_train_this_round(self) -> bool:
+        return super().can_train_this_round() or self.uses_unlabelled_this_round()
+
+    def full_resolution_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's highest-resolution output (deep supervision's lower ones are not computed: memory)."""
         supervised = self.enable_deep_supervision
-        if supervised:  # only the full-resolution output is used: the lower ones are not computed (memory)
+        if supervised:
             self.set_deep_supervision_enabled(False)
         try:
-            with torch.no_grad():
-                teacher = self.network(weak)
-                teacher = teacher[0] if isinstance(teacher, (list, tuple)) else teacher
-                confidence, pseudo = torch.softmax(teacher.float(), 1).max(1)
-                mask = (confidence >= self.confidence).float()
-            student = self.network(strong)
-            student = student[0] if isinstance(student, (list, tuple)) else student
+            out = self.network(x)
         finally:
             if supervised:
                 self.set_deep_supervision_enabled(True)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def pseudo_label_loss(self, teacher: torch.Tensor, strong: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """(L_u, the share of confident voxels): the strong view trained to the pseudo-labels of the weak view's
+        logits ``teacher`` (no gradient through them)."""
+        confidence, pseudo = torch.softmax(teacher.detach().float(), 1).max(1)
+        mask = (confidence >= self.confidence).float()
+        student = self.full_resolution_output(strong)
         ce = F.cross_entropy(student.float(), pseudo, reduction='none')
         return (ce * mask).mean(), float(mask.mean())
 
-    def extra_loss(self, output, target):
-        if not self.uses_unlabelled_this_round():
-            return None
+    def unlabelled_loss(self, data: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """(L_u, the share of confident voxels) for a two-view batch (weak and strong views on the channel axis)."""
+        weak, strong = split_views(data)
+        with torch.no_grad():
+            teacher = self.full_resolution_output(weak)
+        return self.pseudo_label_loss(teacher, strong)
+
+    def unlabelled_step(self) -> dict:
+        """A local iteration at a site without labelled training cases: nnU-Net's train_step on the weak view of an
+        unlabelled batch, whose loss is L_u alone (the weak view's output, detached, is the pseudo-label source)."""
         batch = next(self.get_unlabelled_dataloader())
-        loss, share = self.unlabelled_loss(batch['data'].to(self.device, non_blocking=True))
+        weak, self._strong_view = split_views(batch['data'])
+        self.unlabelled_only = True
+        try:
+            return self.train_step({'data': weak, 'target': batch['target']})
+        finally:
+            self.unlabelled_only, self._strong_view = False, None
+
+    def extra_loss(self, output, target):
+        if self.unlabelled_only:  # output: the weak view's (unlabelled_step)
+            teacher = output[0] if isinstance(output, (list, tuple)) else output
+            loss, share = self.pseudo_label_loss(teacher, self._strong_view.to(self.device, non_blocking=True))
+        elif self.uses_unlabelled_this_round():
+            batch = next(self.get_unlabelled_dataloader())
+            loss, share = self.unlabelled_loss(batch['data'].to(self.device, non_blocking=True))
+        else:
+            return None
         self._unlabelled_stats.append((float(loss.detach()), share))
         return self.unlabelled_weight * loss
 
