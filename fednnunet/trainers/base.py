@@ -200,8 +200,7 @@ class FederatedTrainer(nnUNetTrainer):
         """nnU-Net's. It infers the dataset format from the labelled cases' folder; at a site with unlabelled cases
         only (that folder holds none) it infers it from the unlabelled ones (the same preprocessor wrote both)."""
         labelled = self.preprocessed_dataset_folder
-        empty = os.path.isdir(labelled) and not any(f.endswith('.pkl') for f in os.listdir(labelled))
-        if empty and os.path.isdir(self.unlabelled_data_folder):
+        if os.path.isdir(labelled) and not preprocessed_cases(labelled) and os.path.isdir(self.unlabelled_data_folder):
             self.preprocessed_dataset_folder = self.unlabelled_data_folder
         try:
             super().initialize()
@@ -223,8 +222,8 @@ class FederatedTrainer(nnUNetTrainer):
         cases, and for a semi-supervised method its unlabelled ones too."""
         n = len(self.do_split()[0])
         if self.uses_unlabelled_data and self.has_unlabelled_data:
-            n += len(self.unlabelled_cases) if self.unlabelled_cases is not None else len(
-                [f for f in os.listdir(self.unlabelled_data_folder) if f.endswith('.pkl')])
+            n += len(self.unlabelled_cases if self.unlabelled_cases is not None else
+                     preprocessed_cases(self.unlabelled_data_folder))
         return n
 
     @property
@@ -287,8 +286,7 @@ class FederatedTrainer(nnUNetTrainer):
         where no list was given, any preprocessed one of this configuration."""
         if self.unlabelled_cases is not None:
             return bool(self.unlabelled_cases)
-        folder = self.unlabelled_data_folder
-        return os.path.isdir(folder) and any(f.endswith('.pkl') for f in os.listdir(folder))
+        return bool(preprocessed_cases(self.unlabelled_data_folder))
 
     def get_unlabelled_dataloader(self):
         """Batches of the site's unlabelled cases, a weak and a strong view of each patch stacked on the channel
@@ -586,6 +584,11 @@ def segmentation_head_keys(network: nn.Module) -> List[str]:
     if not keys:
         raise ValueError(f'{type(network).__name__} has no decoder.seg_layers: cannot tell its segmentation heads')
     return keys
+
+
+def preprocessed_cases(folder: str) -> List[str]:
+    """The cases with nnU-Net's preprocessed properties file (``<case>.pkl``) in ``folder`` (none if it is absent)."""
+    return [f[:-4] for f in os.listdir(folder) if f.endswith('.pkl')] if os.path.isdir(folder) else []
 
 
 def _stop_loaders(loaders: list):
