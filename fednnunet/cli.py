@@ -53,12 +53,14 @@ def plan_and_preprocess_entry(argv=None):
     from fednnunet.engines.simulation import SimulationEngine
     from fednnunet.federation import Federation
     from fednnunet.plan_and_preprocess import plan_and_preprocess
+    from fednnunet.server_data import planning_engine
 
     num_processes = args.np if args.np is not None else _default_num_processes()
     try:
         for d in args.d:
             federation = Federation.from_raw(d, args.sites)
-            engine = SimulationEngine.for_federation(federation, num_processes)
+            engine = planning_engine(SimulationEngine.for_federation(federation, num_processes), federation,
+                                     num_processes)
             t0 = time.time()
             summary = plan_and_preprocess(engine, federation.dataset_name, args.c, args.pl, args.gpu_memory_target,
                                           args.overwrite_plans_name, args.overwrite_target_spacing,
@@ -463,14 +465,15 @@ def demo_entry(argv=None):
     from fednnunet.engines.simulation import SimulationEngine
     from fednnunet.federation import Federation
     from fednnunet.plan_and_preprocess import plan_and_preprocess
+    from fednnunet.server_data import planning_engine
 
     t0 = time.time()
     try:
         folder = demo.build_demo_federation(demo.DEMO_DATASET_ID, size=args.size, seed=args.seed, overwrite=True)
         print(f'[demo] federation written to {folder} ({time.time() - t0:.1f} s)')
         federation = Federation.from_folder(folder)
-        summary = plan_and_preprocess(SimulationEngine.for_federation(federation, args.np), federation.dataset_name,
-                                      [args.c], 'nnUNetPlannerCPU')
+        summary = plan_and_preprocess(planning_engine(SimulationEngine.for_federation(federation, args.np), federation,
+                                                      args.np), federation.dataset_name, [args.c], 'nnUNetPlannerCPU')
     except (FederationError, FileExistsError, ValueError) as e:
         _fail(e)
     print(f"[demo] plans '{summary['plans_identifier']}' negotiated by sites {list(summary['sites'])} and "

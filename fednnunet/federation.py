@@ -22,6 +22,9 @@ SITES_FILE = 'sites.json'
 UNLABELLED_IMAGES_FOLDER = 'imagesTrUnlabelled'
 _SITE_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
 _SITE_KEYS = {'cases', 'unlabelled', 'validation', 'channels', 'gpu_memory_gb', 'raw_folder'}
+#: the name under which the server's own labelled public set takes part (sites.json ``server``); no site may take it
+SERVER_DATA = 'server'
+_SERVER_KEYS = {'cases', 'gpu_memory_gb', 'raw_folder'}
 
 
 def dataset_name_from_id(dataset_name_or_id) -> str:
@@ -45,7 +48,8 @@ def site_folder(dataset_name: str, site_name: str) -> str:
     """A site's own nnU-Net preprocessed dataset folder (plans, splits, preprocessed cases).
 
     On a real federation this folder lives on the site's machine; in simulation all sites share one
-    disk, each under its own folder."""
+    disk, each under its own folder. The server's public set (:data:`SERVER_DATA`) has its folder beside the sites'
+    (``sites/server/``), on the server's disk."""
     return os.path.join(server_folder(dataset_name), 'sites', site_name)
 
 
@@ -160,10 +164,12 @@ class Site:
 
 @dataclass
 class Federation:
-    """All sites of one dataset, as described by ``sites.json`` in the pooled raw folder."""
+    """All sites of one dataset, as described by ``sites.json`` in the pooled raw folder; ``server``: the server's own
+    labelled public set (sites.json ``server``), as a :class:`Site` named :data:`SERVER_DATA`, or None."""
     dataset_name: str
     raw_folder: str
     sites: Dict[str, Site]
+    server: Optional[Site] = None
 
     @property
     def site_names(self) -> List[str]:
@@ -184,7 +190,7 @@ class Federation:
                                   f'training case to one site (documentation/data_contract.md)', field=SITES_FILE)
         spec = load_json(sites_file, what=SITES_FILE)
         sites = parse_sites(spec, raw_folder)
-        federation = cls(os.path.basename(raw_folder), raw_folder, sites)
+        federation = cls(os.path.basename(raw_folder), raw_folder, sites, parse_server_data(spec, raw_folder))
         federation.validate_assignment()
         if only_sites:
             unknown = [s for s in only_sites if s not in sites]
@@ -193,6 +199,8 @@ class Federation:
             federation.sites = {s: sites[s] for s in only_sites}
         for site in federation.sites.values():
             site.check_files_exist()
+        if federation.server is not None:
+            federation.server.check_files_exist()
         return federation
 
     def validate_assignment(self):
@@ -201,7 +209,7 @@ class Federation:
         for the others), some site with a labelled training case. Reads no image: only sites.json, dataset.json and
         the names in the pooled labelsTr (if there is one)."""
         owner: Dict[str, str] = {}
-        for site in self.sites.values():
+        for site in list(self.sites.values()) + ([self.server] if self.server is not None else []):
             for case in site.cases + site.unlabelled + site.validation:
                 if case in owner and owner[case] != site.name:
                     raise FederationError(f"case is assigned to two sites: '{owner[case]}' and '{site.name}'",
@@ -209,7 +217,7 @@ class Federation:
                 if case in owner:
                     raise FederationError('case is listed twice', site=site.name, case=case, field=SITES_FILE)
                 owner[case] = site.name
-            if not site.cases and not site.unlabelled:
+            if site.name != SERVER_DATA and not site.cases and not site.unlabelled:
                 raise FederationError("site has no training case: list its labelled cases as 'cases' (or, for a "
                                       "semi-supervised method, its unlabelled ones as 'unlabelled')", site=site.name,
                                       field='cases')
@@ -232,10 +240,13 @@ def parse_sites(spec: dict, raw_folder: str) -> Dict[str, Site]:
     if not isinstance(spec, dict) or not isinstance(spec.get('sites'), dict) or not spec['sites']:
         raise FederationError("sites.json must be an object with a non-empty 'sites' object "
                               "(site name -> {'cases': [...]})", field=SITES_FILE)
+    unknown = set(spec) - {'sites', 'server'}
+    if unknown:
+        raise FederationError(f"unknown top-level key(s) {sorted(unknown)}; sites.json has 'sites' and, optionally, "
+                              f"'server'", field=SITES_FILE)
     sites = {}
     for name, entry in spec['sites'].items():
-        if not _SITE_NAME.match(name):
-            raise FederationError('site names may hold letters, digits, _ . - only', site=name, field='name')
+        check_site_name(name)
         if not isinstance(entry, dict):
             raise FederationError('a site entry must be an object', site=name, field=SITES_FILE)
         unknown = set(entry) - _SITE_KEYS
@@ -267,7 +278,49 @@ def parse_sites(spec: dict, raw_folder: str) -> Dict[str, Site]:
     return sites
 
 
-def write_sites_json(raw_folder: str, assignment: Dict[str, dict]):
-    """Writes sites.json ({site: {'cases': [...], ...}})."""
+def check_site_name(name) -> str:
+    """A site's name: letters, digits, ``_ . -`` (it names folders), and not the server's (:data:`SERVER_DATA`)."""
+    if not isinstance(name, str) or len(name) > 100 or not _SITE_NAME.match(name):
+        raise FederationError('site names may hold letters, digits, _ . - only (at most 100 characters)',
+                              site=str(name)[:100], field='name')
+    if name == SERVER_DATA:
+        raise FederationError(f"'{SERVER_DATA}' is the name of the server's public set (sites.json 'server'); a site "
+                              f"needs another name", site=name, field='name')
+    return name
+
+
+def parse_server_data(spec: dict, raw_folder: str) -> Optional[Site]:
+    """sites.json ``server``: the server's own labelled public set ({'cases': [...], 'raw_folder': ...,
+    'gpu_memory_gb': ...}), files laid out as a site's (imagesTr, labelsTr); None without it."""
+    entry = spec.get('server') if isinstance(spec, dict) else None
+    if entry is None:
+        return None
+    if not isinstance(entry, dict):
+        raise FederationError("'server' must be an object ({'cases': [...]})", site=SERVER_DATA, field=SITES_FILE)
+    unknown = set(entry) - _SERVER_KEYS
+    if unknown:
+        raise FederationError(f'unknown key(s) {sorted(unknown)}; allowed: {sorted(_SERVER_KEYS)}', site=SERVER_DATA,
+                              field=SITES_FILE)
+    cases = entry.get('cases')
+    if not isinstance(cases, list) or not cases or not all(isinstance(c, str) for c in cases):
+        raise FederationError("'cases' must be a non-empty list of the public set's labelled case identifiers",
+                              site=SERVER_DATA, field='cases')
+    memory = entry.get('gpu_memory_gb')
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
+        raise FederationError("'gpu_memory_gb' must be a positive number", site=SERVER_DATA, field='gpu_memory_gb')
+    server_raw = entry.get('raw_folder', raw_folder)
+    if not isinstance(server_raw, str):
+        raise FederationError("'raw_folder' must be a path", site=SERVER_DATA, field='raw_folder')
+    if not os.path.isabs(server_raw):
+        server_raw = os.path.join(raw_folder, server_raw)
+    return Site(name=SERVER_DATA, raw_folder=os.path.abspath(server_raw), cases=tuple(sorted(cases)),
+                gpu_memory_gb=float(memory) if memory is not None else None)
+
+
+def write_sites_json(raw_folder: str, assignment: Dict[str, dict], server: Optional[dict] = None):
+    """Writes sites.json ({site: {'cases': [...], ...}}, and the server's public set if given)."""
+    spec = {'sites': assignment}
+    if server is not None:
+        spec['server'] = server
     with open(os.path.join(raw_folder, SITES_FILE), 'w') as f:
-        json.dump({'sites': assignment}, f, indent=2)
+        json.dump(spec, f, indent=2)

@@ -59,7 +59,8 @@ def federated_fingerprint(engine, gpu_memory_gb: Optional[float] = None, log: Ca
     """Phases 1-3. Returns {'negotiation', 'fingerprint', 'site_fingerprints', 'count_rounds'}."""
     t0 = time.time()
     descriptions = ask_every_site(engine, Message('describe'))
-    negotiation = negotiate([descriptions[s].config for s in engine.site_names], gpu_memory_gb)
+    # a description names its site as the engine knows it (a site cannot speak for another, or for the server)
+    negotiation = negotiate([{**descriptions[s].config, 'site': s} for s in engine.site_names], gpu_memory_gb)
     n_total = negotiation['dataset_json']['numTraining']
     log(f'planning: {len(descriptions)} site(s) agree on the dataset ({n_total} cases in all); every site '
         f'fingerprints its own cases')

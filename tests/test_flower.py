@@ -303,6 +303,20 @@ def test_a_site_with_other_versions_is_a_clear_error(demo_raw, task_identity):
     assert "site 'B'" in str(e.value) and 'flwr 1.0.0' in str(e.value) and f'flwr {mine}' in str(e.value)
 
 
+def test_a_node_with_a_name_no_site_may_have_is_refused_and_the_others_go_on(demo_raw, task_identity):
+    """'server' (the server's public set) or a path as a site name: the node is refused, named in the log; the
+    federation starts with the others."""
+    federation = Federation.from_raw(DATASET_ID)
+    workers = _workers(federation)
+    grid = InProcessGrid({1: site_node(workers['A'], 'A'), 2: site_node(workers['B'], 'B', versions={'site': 'server'}),
+                          3: site_node(workers['C'], 'C', versions={'site': '../C'})})
+    logged = []
+    engine = FlowerEngine(grid, log=logged.append)
+    assert engine.connect() == ['A']
+    assert sorted(engine.refused) == [2, 3] and "'server' is the name of the server's public set" in engine.refused[2]
+    assert any('SECURITY' in line and 'SuperNode 3' in line for line in logged)
+
+
 def test_site_errors_timeouts_and_lost_nodes_are_missing_with_the_reason(demo_raw, task_identity):
     from fednnunet.plan_and_preprocess import ask_every_site
     federation = Federation.from_raw(DATASET_ID)

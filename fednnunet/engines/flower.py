@@ -39,6 +39,7 @@ from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_t
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message as FlowerMessage, RecordDict
 
 from fednnunet.errors import FederationError
+from fednnunet.federation import check_site_name
 from fednnunet.site_worker import MESSAGE_KINDS, software_versions
 from fednnunet.wire import Message, WireError, checked_arrays, decode, encode, encoded_size
 
@@ -136,7 +137,7 @@ _ABSOLUTE_PATH = re.compile(r'(?<![\w.])(?:[A-Za-z]:)?[/\\](?:[^\s/\\\'"(),:;]+[
 
 
 class ImpostorNode(FederationError):
-    """A SuperNode that claims a site whose key it does not hold."""
+    """A SuperNode that claims a site whose key it does not hold, or a name no site may have."""
 
 
 def public_key_digest(public_key: bytes) -> str:
@@ -451,6 +452,10 @@ class FlowerEngine:
         site = identity.get('site')
         if not site:
             raise FederationError(f'SuperNode {node} did not name its site', field='site-id')
+        try:  # a name names folders and log entries, and the server's public set's name is no site's: refused, and
+            check_site_name(site)  # never a reason to stop the federation
+        except FederationError as e:
+            raise ImpostorNode(f'SuperNode {node}: {e}', site=str(site)[:100], field='site-id') from None
         wrong = [k for k in CHECKED_VERSIONS if identity.get(k) != self.versions.get(k)]
         if wrong:
             raise FederationError(

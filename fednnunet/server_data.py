@@ -1,0 +1,71 @@
+"""The server's own labelled public set (sites.json ``server``), as one more participant in planning.
+
+The public set is the server's data: it is fingerprinted, planned and preprocessed exactly as a site's (the server
+answers the same messages through its own :class:`~fednnunet.site_worker.SiteWorker`, in the server's process, on the
+server's disk), and it is pooled into the merged fingerprint like a site's cases: nnU-Net plans from every labelled
+training case of a dataset, and the server trains on this set with the same plans. Its preprocessed folder is
+``<preprocessed>/DatasetXXX/sites/server/`` (no site may be named ``server``).
+
+:class:`WithServerData` wraps an engine (simulation or Flower) for planning: every request to "all sites" also goes
+to the server's worker, so the planning code needs no special case. Training does not use it: the server's public set
+is no site of the federation's rounds; a method that trains on it gets it through the training server (see
+:class:`fednnunet.training_server.FederatedTraining`).
+"""
+from typing import Dict, List
+
+from fednnunet.errors import FederationError
+from fednnunet.federation import SERVER_DATA
+from fednnunet.wire import Message, decode, encode
+
+
+class WithServerData:
+    """An engine whose participants are the wrapped engine's sites and the server's public set (named
+    :data:`~fednnunet.federation.SERVER_DATA`). Messages to the public set cross the wire encoding too, so it sees
+    what a site would see; its errors raise (it is the server's own data)."""
+
+    def __init__(self, engine, server_worker):
+        if SERVER_DATA in engine.site_names:
+            raise FederationError(f"a site calls itself '{SERVER_DATA}', the name of the server's public set",
+                                  site=SERVER_DATA, field='name')
+        self.engine = engine
+        self.server_worker = server_worker
+        self.bytes_sent = engine.bytes_sent
+        self.bytes_received = engine.bytes_received
+        self.bytes_sent.setdefault(SERVER_DATA, 0)
+        self.bytes_received.setdefault(SERVER_DATA, 0)
+
+    @property
+    def site_names(self) -> List[str]:
+        return list(self.engine.site_names) + [SERVER_DATA]
+
+    @property
+    def missing(self) -> Dict[str, str]:
+        return self.engine.missing
+
+    def ask(self, requests: Dict[str, Message]) -> Dict[str, Message]:
+        own = requests.get(SERVER_DATA)
+        replies = self.engine.ask({s: m for s, m in requests.items() if s != SERVER_DATA})
+        if own is not None:
+            wire_out = encode(own)
+            self.bytes_sent[SERVER_DATA] += len(wire_out)
+            wire_back = encode(self.server_worker.handle(decode(wire_out)))
+            self.bytes_received[SERVER_DATA] += len(wire_back)
+            replies[SERVER_DATA] = decode(wire_back)
+        return replies
+
+    def ask_all(self, message: Message) -> Dict[str, Message]:
+        return self.ask({s: message for s in self.site_names})
+
+    def close(self):
+        self.server_worker.close()
+        close = getattr(self.engine, 'close', None)
+        if close is not None:
+            close()
+
+
+def planning_engine(engine, federation, num_processes: int = 1):
+    """``engine``, with the server's public set as a participant when sites.json gives the server one."""
+    if federation.server is None:
+        return engine
+    from fednnunet.site_worker import SiteWorker
+    return WithServerData(engine, SiteWorker(federation.server, federation.dataset_name, num_processes))
