@@ -219,8 +219,11 @@ def train_entry(argv=None):
             config = TrainingConfig(federation.dataset_name, args.configuration, _fold(args.fold), args.method, args.p,
                                     args.rounds, args.local_iterations, args.val_iterations, args.seed,
                                     hyperparameters, strategy_options, validate=not args.no_val)
-            result = FederatedTraining(engine, config).run(continue_training=args.continue_training,
-                                                           overwrite=args.overwrite)
+            from fednnunet.server_data import server_trainer_worker
+            server_data = server_trainer_worker(federation, args.np, device=device_name(args.device),
+                                                verbose=args.verbose)
+            result = FederatedTraining(engine, config, server_data=server_data).run(
+                continue_training=args.continue_training, overwrite=args.overwrite)
     except (FederationError, NotImplementedError, ValueError, FileNotFoundError) as e:
         _fail(e)
     finally:

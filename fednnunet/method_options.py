@@ -39,11 +39,16 @@ def add_method_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--server-beta2', type=fraction, default=None, help='adam/yogi: beta2, in [0, 1) (0.99)')
     parser.add_argument('--server-tau', type=positive_number, default=None,
                         help='adam/yogi: adaptivity tau, > 0 (0.001)')
+    parser.add_argument('--server-iterations', type=int_at_least(0), default=None,
+                        help='after every merge, train the merged model this many iterations on the server\'s '
+                             'labelled public set (sites.json "server"; fedavg-family methods; default 0: off); see '
+                             'documentation/methods/server_training.md')
 
 
 #: the strategy options the command lines set (TrainingConfig.strategy_options; the Flower run config's
 #: 'server-optimizer' holds all but weighting as JSON)
-SERVER_OPTIMIZER_OPTIONS = ('server_optimizer', 'server_lr', 'server_momentum', 'server_beta2', 'server_tau')
+SERVER_OPTIMIZER_OPTIONS = ('server_optimizer', 'server_lr', 'server_momentum', 'server_beta2', 'server_tau',
+                            'server_iterations')
 
 
 def strategy_options_from_args(args, method: Optional[str] = None) -> dict:

@@ -69,3 +69,68 @@ def planning_engine(engine, federation, num_processes: int = 1):
         return engine
     from fednnunet.site_worker import SiteWorker
     return WithServerData(engine, SiteWorker(federation.server, federation.dataset_name, num_processes))
+
+
+class ServerTrainer:
+    """The server's trainer on its public set, for a strategy's :meth:`~fednnunet.strategies.Strategy.server_step`:
+    the method's trainer at a site worker of the public set, in the server's process, on the server's device. It is
+    asked exactly as a site is (``check_training``, ``fit``, ``finish`` through the wire encoding), so it keeps its
+    optimizer and logs across rounds, resumes with ``--continue`` and writes its own nnU-Net model folder
+    (``sites/server/`` of the results), as a site does.
+
+    ``config_for(**extra)``: the training server's request config for the public set; ``screen(reply)``: why a
+    reply cannot be used (None: it can)."""
+
+    def __init__(self, worker, config_for, screen):
+        self.worker = worker
+        self.config_for = config_for
+        self.screen = screen
+        self.bytes = 0  # what a message to and from the public set's worker would weigh on a wire (never sent)
+        self.last_update = None  # the latest round's (for the server's round log)
+
+    @property
+    def device(self):
+        """The device the server trains on (the public set's worker's)."""
+        return self.worker.device
+
+    @property
+    def num_cases(self) -> int:
+        return len(self.worker.site.cases)
+
+    def ask(self, message: Message) -> Message:
+        wire_out = encode(message)
+        wire_back = encode(self.worker.handle(decode(wire_out)))
+        self.bytes += len(wire_out) + len(wire_back)
+        return decode(wire_back)
+
+    def check_training(self):
+        self.ask(Message('check_training', self.config_for(round=0)))
+
+    def fit(self, round_index: int, arrays: dict):
+        """One round of the method's local training on the public set (the strategy's iterations), from ``arrays``;
+        returns the :class:`~fednnunet.strategies.SiteUpdate` (its metrics: the received model validated on the
+        public set's validation split first, as a site validates)."""
+        from fednnunet.strategies import SiteUpdate
+        reply = self.ask(Message('fit', self.config_for(round=round_index), arrays=arrays))
+        why = self.screen(reply)
+        if why:
+            raise FederationError(f'the server step on the public set gave an unusable update: {why}',
+                                  site=SERVER_DATA, field='server step')
+        self.last_update = SiteUpdate(SERVER_DATA, dict(reply.arrays), int(reply.config['num_examples']),
+                                      reply.config['metrics'])
+        return self.last_update
+
+    def finish(self, arrays: dict, validate: bool) -> Message:
+        """The final model stored in the public set's model folder, and validated on its validation split."""
+        return self.ask(Message('finish', self.config_for(validate=validate), arrays=arrays))
+
+    def close(self):
+        self.worker.close()
+
+
+def server_trainer_worker(federation, num_processes: int = 1, **worker_options):
+    """The site worker of the server's public set for training (None without one)."""
+    if federation.server is None:
+        return None
+    from fednnunet.site_worker import SiteWorker
+    return SiteWorker(federation.server, federation.dataset_name, num_processes, **worker_options)

@@ -7,7 +7,8 @@ The API is built for what the methods need:
 - sites with different architectures exchanging predictions instead of weights: updates are arbitrary named
   arrays, and :meth:`Strategy.configure_fit` decides per site what is sent, so a strategy can distribute
   predictions (or other sites' heads, read-only) instead of weights;
-- a training step on server-held data: :meth:`Strategy.server_step` runs after every merge.
+- a training step on server-held data: :meth:`Strategy.server_step` runs after every merge, with the server's
+  trainer on its public set (sites.json ``server``; :class:`fednnunet.server_data.ServerTrainer`).
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -30,6 +31,13 @@ class Strategy:
     or 'uniform' (as the lab's public code does)."""
     #: False when the server merges no model (then no method using it has a global model)
     produces_global_model = True
+    #: local iterations per round of the server's trainer on its public set (0: the strategy does not train there)
+    server_iterations = 0
+
+    @property
+    def uses_server_data(self) -> bool:
+        """True when :meth:`server_step` trains on the server's public set (the run then needs one)."""
+        return self.server_iterations > 0
 
     def __init__(self, weighting: str = 'num_examples'):
         if weighting not in ('num_examples', 'uniform'):
@@ -71,9 +79,10 @@ class Strategy:
                   global_state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def server_step(self, round_index: int, global_state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        """Training on server-held data after the merge (e.g. HSSF's calibration on a public set). Default:
-        none."""
+    def server_step(self, round_index: int, global_state: Dict[str, np.ndarray], server=None) -> Dict[str, np.ndarray]:
+        """Training on server-held data after the merge. ``server``: the server's trainer on its public set
+        (:class:`fednnunet.server_data.ServerTrainer`: ``fit(round, arrays)``, ``device``), when
+        :attr:`uses_server_data`; else None. Default: none."""
         return global_state
 
     def state(self) -> dict:
@@ -99,15 +108,27 @@ class FedAvg(Strategy):
     its previous value. Integer arrays (counters) must agree and are kept.
 
     ``server_optimizer`` ('momentum', 'adam', 'yogi'; fednnunet.server_optimizers): the server steps from the
-    global model towards that mean with server momentum (FedAvgM) or FedAdam / FedYogi instead of taking it."""
+    global model towards that mean with server momentum (FedAvgM) or FedAdam / FedYogi instead of taking it.
+
+    ``server_iterations`` N > 0: after every merge the server trains the merged model for N iterations of the
+    method's local training on its labelled public set (sites.json ``server``), and that is the round's global model
+    (server-side training on a public set, as in Zhao et al., 2018, who share such a set to counter non-IID sites;
+    documentation/methods/server_training.md)."""
 
     def __init__(self, weighting: str = 'num_examples', server_optimizer: Optional[str] = None,
                  server_lr: Optional[float] = None, server_momentum: Optional[float] = None,
-                 server_beta2: Optional[float] = None, server_tau: Optional[float] = None):
+                 server_beta2: Optional[float] = None, server_tau: Optional[float] = None,
+                 server_iterations: Optional[int] = None):
         super().__init__(weighting)
         from fednnunet.server_optimizers import server_optimizer as make_optimizer
         self.optimizer = make_optimizer(server_optimizer, lr=server_lr, beta1=server_momentum, beta2=server_beta2,
                                         tau=server_tau)
+        if server_iterations is not None and (isinstance(server_iterations, bool) or
+                                              not isinstance(server_iterations, int) or
+                                              not 0 <= server_iterations <= 10 ** 6):
+            raise ValueError(f'server_iterations must be a whole number of iterations in [0, 1e6], not '
+                             f'{server_iterations!r}')
+        self.server_iterations = int(server_iterations or 0)
 
     def aggregate(self, round_index, updates, global_state):
         if not updates:
@@ -137,6 +158,13 @@ class FedAvg(Strategy):
                 merged[k] = self.optimizer.step(k, global_state[k], merged[k])
         return merged
 
+    def server_step(self, round_index, global_state, server=None):
+        """With ``server_iterations``: the merged model trained on the server's public set becomes the global
+        model (every key the method shares; the rest keeps the merge's value)."""
+        if not self.uses_server_data:
+            return global_state
+        return {**global_state, **server.fit(round_index, global_state).arrays}
+
     def state(self):
         return {'server_optimizer': self.optimizer.state()} if self.optimizer is not None else {}
 
@@ -154,6 +182,9 @@ class TwoStageFedAvg(FedAvg):
     READONLY = 'readonly/'
 
     def __init__(self, weighting: str = 'num_examples', **server_optimizer):
+        if server_optimizer.get('server_iterations'):
+            raise ValueError('server iterations train a whole merged model on the public set; a two-stage method '
+                             'merges only its shared part and, in its second stage, nothing')
         super().__init__(weighting, **server_optimizer)
         self.readonly: Dict[str, Dict[str, np.ndarray]] = {}
         self.handed_over: List[str] = []  # sites that have received the read-only parts
@@ -219,7 +250,10 @@ class NoAggregation(Strategy):
 
     def __init__(self, weighting: str = 'num_examples', server_optimizer: Optional[str] = None, **settings):
         super().__init__(weighting)
-        if server_optimizer not in (None, 'none') or any(v is not None for v in settings.values()):
+        if settings.get('server_iterations'):
+            raise ValueError('server iterations train the merged model; the local baseline merges nothing')
+        if server_optimizer not in (None, 'none') or any(v is not None for k, v in settings.items()
+                                                         if k != 'server_iterations'):
             raise ValueError('a server optimizer needs a merge: the local baseline merges nothing')
 
     def setup(self, rounds: int, site_indices: Dict[str, int], hyperparameters: dict):

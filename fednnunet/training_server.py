@@ -38,6 +38,7 @@ from fednnunet.jsonio import write_json
 from fednnunet.log_lines import round_line, stamped
 from fednnunet.methods import get_method
 from fednnunet.progress import plot_federated_progress
+from fednnunet.server_data import ServerTrainer
 from fednnunet.site_training import results_folder
 from fednnunet.strategies import SiteUpdate, pooled_dice
 from fednnunet.trainers.two_stage import READONLY
@@ -46,6 +47,9 @@ from fednnunet.trainers.base import (canonical_keys, canonical_state, expand_ali
 from fednnunet.wire import Message
 
 SERVER_CHECKPOINT = 'federated_round_latest.pth'
+#: what federation_log.json keeps of every site's round metrics (and of the server's step on its public set)
+ROUND_LOG_METRICS = ('pseudo_dice', 'train_loss', 'val_loss', 'seconds', 'lr', 'num_training_cases',
+                     'state_from_round')
 #: files in a results fold folder that show an earlier run (a new run refuses the folder unless asked to overwrite)
 RUN_FILES = (SERVER_CHECKPOINT, 'federation_log.json', 'federated_summary.json', 'checkpoint_final.pth',
              'checkpoint_best.pth')
@@ -115,8 +119,12 @@ def json_digest(obj) -> str:
 
 
 class FederatedTraining:
-    def __init__(self, engine, config: TrainingConfig):
+    def __init__(self, engine, config: TrainingConfig, server_data=None):
+        """``server_data``: the site worker of the server's public set (fednnunet.server_data.server_trainer_worker),
+        for strategies that train on it; None without one."""
         self.engine = engine
+        self.server_data = server_data
+        self.server: Optional[ServerTrainer] = None
         self.method = get_method(config.method)
         # every hyper-parameter with its value for this run (e.g. the second stage's share of the rounds): the sites
         # get the resolved values, and --continue compares them
@@ -160,6 +168,31 @@ class FederatedTraining:
                 'val_iterations': c.val_iterations, 'seed': c.seed, 'hyperparameters': c.hyperparameters,
                 'site_index': self.site_indices[site], 'num_sites': len(self.site_indices), 'run_id': self.run_id,
                 'overwrite': self.overwrite, 'continue': self.continue_training, **extra}
+
+    def server_data_config(self, **extra) -> dict:
+        """The request config of the server's public set: a site's, with the index after the sites' (its own random
+        streams) and the strategy's server iterations per round."""
+        any_site = sorted(self.site_indices)[0]
+        return self.site_config(any_site, site_index=len(self.site_indices), num_sites=len(self.site_indices) + 1,
+                                local_iterations=int(self.strategy.server_iterations), **extra)
+
+    def setup_server_training(self):
+        """The server's trainer on its public set, for a strategy that trains on it (checked like a site before
+        anything is written); a public set that the method does not use is said."""
+        if not self.strategy.uses_server_data:
+            if self.server_data is not None:
+                self.log(f"note: sites.json gives the server a public set; {self.config.method} does not train on it "
+                         f"with these options", console=True)
+            return
+        if self.server_data is None:
+            raise FederationError(f"{self.config.method} with server iterations trains at the server on its labelled "
+                                  f"public set, and sites.json gives the server none: add \"server\": {{\"cases\": "
+                                  f"[...]}} and run fednnunet_plan_and_preprocess", field='server')
+        self.server = ServerTrainer(
+            self.server_data, self.server_data_config,
+            lambda reply: update_problem(reply, set(self.shared_keys), self.array_spec, len(self.server_data.site.cases),
+                                         self.num_foreground))
+        self.server.check_training()
 
     def checkpoint_trainer(self):
         """The method's nnU-Net trainer on the server, without data: it builds the initial network (seeded as the
@@ -311,6 +344,8 @@ class FederatedTraining:
         try:
             return self._run(continue_training, overwrite)
         finally:
+            if self.server_data is not None:
+                self.server_data.close()
             close = getattr(self.engine, 'close', None)
             if close is not None:
                 close()
@@ -328,8 +363,9 @@ class FederatedTraining:
         self.check_sites_ready()
         for note in self.notes:
             self.log(f'note: {note}', console=True)
-        self.write_model_folder()
         network_state = self.initial_network_state()
+        self.setup_server_training()
+        self.write_model_folder()
         if continue_training:
             self.log(f'continuing at round {start} of 0-{c.rounds - 1} ({start} round(s) were completed)', console=True)
         else:
@@ -351,7 +387,7 @@ class FederatedTraining:
             received = global_state  # the model the sites just validated
             t_merge = time.time()
             global_state = self.strategy.aggregate(r, updates, global_state)
-            global_state = self.strategy.server_step(r, global_state)
+            global_state = self.strategy.server_step(r, global_state, self.server)
             t_merge = time.time() - t_merge
             for note in self.strategy.take_notes():
                 self.log(f'round {r}: {note}', console=True)
@@ -419,10 +455,16 @@ class FederatedTraining:
             'round': r, 'pooled_pseudo_dice': pooled, 'mean_pooled_pseudo_dice': mean_pooled, 'ema': ema,
             'seconds': seconds, 'merge_seconds': t_merge, 'missing_sites': missing,
             'bytes_to_sites': {s: self.engine.bytes_sent[s] - sent_before.get(s, 0) for s in metrics},
-            'sites': {s: {k: m[k] for k in ('pseudo_dice', 'train_loss', 'val_loss', 'seconds', 'lr',
-                                             'num_training_cases', 'state_from_round')} for s, m in metrics.items()},
+            'sites': {s: {k: m[k] for k in ROUND_LOG_METRICS} for s, m in metrics.items()},
+            **({'server': {k: self.server.last_update.metrics[k] for k in ROUND_LOG_METRICS}}
+               if self.server is not None and self.server.last_update is not None else {}),
         }))
         self.log(round_line(r, self.config.rounds, seconds, mean_pooled, ema, metrics, missing), console=True)
+        if self.server is not None and self.server.last_update is not None:
+            m = self.server.last_update.metrics
+            self.log(f"round {r}: server step on the public set ({self.strategy.server_iterations} iterations): the "
+                     f"merged model's pseudo Dice there {m['pseudo_dice']:.4f}, training loss {m['train_loss']:.4f}",
+                     console=True)
 
     def finish(self, global_state: Dict[str, np.ndarray]) -> dict:
         """Sites store their final models and validate them; the server stores the global model."""
@@ -441,6 +483,8 @@ class FederatedTraining:
         result = {'method': c.method, 'results_folder': self.results_base, 'fold': c.fold,
                   'global_model': self.has_global_model,
                   'final_validation': pooled_summary(summaries) if c.validate else None}
+        if self.server is not None:  # the final model measured on the public set's validation split too
+            result['server_validation'] = self.server.finish(global_state, c.validate).config['validation_summary']
         write_json(join(self.output_folder, 'federated_summary.json'), to_plain(result))
         self.log('training done', console=False)
         return result

@@ -484,7 +484,7 @@ def test_tables_name_labels_and_regions():
 class _FakeTraining:
     calls = []
 
-    def __init__(self, engine, config):
+    def __init__(self, engine, config, server_data=None):
         self.config = config
         self.output_folder = None
 

@@ -3,6 +3,7 @@ fingerprint, preprocessed with the shared plans on the server's disk."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from fednnunet.engines.simulation import SimulationEngine
@@ -90,3 +91,58 @@ def test_a_site_cannot_speak_for_the_server_or_another_site(raw_copy):
     with pytest.raises(FederationError, match="calls itself 'server'"):
         WithServerData(type('E', (), {'site_names': ['A', SERVER_DATA], 'bytes_sent': {}, 'bytes_received': {}})(),
                        None)
+
+
+TRAIN = ['501', '3d_fullres', '0', '--rounds', '2', '--local-iterations', '2', '--val-iterations', '1', '-p',
+         'nnUNetCPUPlans', '-device', 'cpu']
+
+
+def _final_weights(folder):
+    import torch
+    return torch.load(os.path.join(folder, 'fold_0', 'checkpoint_final.pth'), map_location='cpu',
+                      weights_only=True)['network_weights']
+
+
+def test_server_iterations_train_the_merged_model_on_the_public_set(server_holds_c):
+    """fedavg --server-iterations: every round's global model is the merge trained on the server's public set (the
+    server's own nnU-Net model folder holds the same final model); without them the same seeded run differs."""
+    import torch
+    from fednnunet.cli import train_entry
+    from fednnunet.site_training import results_folder
+    from fednnunet.trainers.fedavg import FedAvgTrainer
+    base = results_folder(DATASET_NAME, FedAvgTrainer, 'nnUNetCPUPlans', '3d_fullres')
+    train_entry(TRAIN + ['--method', 'fedavg', '--server-iterations', '3'])
+    log = json.load(open(os.path.join(base, 'fold_0', 'federation_log.json')))
+    assert [sorted(r['sites']) for r in log] == [['A', 'B']] * 2
+    for r in log:
+        assert np.isfinite(r['server']['train_loss']) and r['server']['num_training_cases'] > 0
+    server_log = open(os.path.join(base, 'sites', SERVER_DATA, 'fold_0', 'training_log.txt')).read()
+    assert server_log.count('validation (before local training) measured the received model') == 2
+    with_server = _final_weights(base)
+    server_own = _final_weights(os.path.join(base, 'sites', SERVER_DATA))
+    assert all(torch.equal(with_server[k], server_own[k]) for k in with_server)
+    summary = json.load(open(os.path.join(base, 'fold_0', 'federated_summary.json')))
+    assert summary['server_validation'] is not None
+
+    train_entry(TRAIN + ['--method', 'fedavg', '--overwrite'])
+    without = _final_weights(base)
+    assert any(not torch.equal(with_server[k], without[k]) for k in with_server)
+
+
+def test_server_iterations_need_a_public_set_and_a_merged_model(planned, fresh_results):
+    from fednnunet.method_options import check_strategy_options
+    from fednnunet.training_server import FederatedTraining, TrainingConfig
+    with pytest.raises(SystemExit):  # the command line names the problem and stops (no public set in sites.json)
+        from fednnunet.cli import train_entry
+        train_entry(TRAIN + ['--method', 'fedavg', '--server-iterations', '2'])
+    federation = Federation.from_raw(DATASET_NAME)
+    config = TrainingConfig(DATASET_NAME, '3d_fullres', 0, 'fedavg', 'nnUNetCPUPlans', 1, 1, 1,
+                            strategy_options={'server_iterations': 2})
+    with pytest.raises(FederationError) as e:
+        FederatedTraining(SimulationEngine.for_federation(federation, device='cpu'), config).run()
+    assert e.value.field == 'server'
+    for method in ('lcfed', 'local'):
+        with pytest.raises(ValueError, match='server iterations'):
+            check_strategy_options({'weighting': 'num_examples', 'server_iterations': 2}, method)
+    with pytest.raises(ValueError, match='whole number'):
+        check_strategy_options({'weighting': 'num_examples', 'server_iterations': 1.5}, 'fedavg')
