@@ -17,14 +17,15 @@ from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
 from fednnunet.errors import FederationError
+from fednnunet.planners.site_networks import check_network
 
 SITES_FILE = 'sites.json'
 UNLABELLED_IMAGES_FOLDER = 'imagesTrUnlabelled'
 _SITE_NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')
-_SITE_KEYS = {'cases', 'unlabelled', 'validation', 'channels', 'gpu_memory_gb', 'raw_folder'}
+_SITE_KEYS = {'cases', 'unlabelled', 'validation', 'channels', 'gpu_memory_gb', 'raw_folder', 'network'}
 #: the name under which the server's own labelled public set takes part (sites.json ``server``); no site may take it
 SERVER_DATA = 'server'
-_SERVER_KEYS = {'cases', 'gpu_memory_gb', 'raw_folder'}
+_SERVER_KEYS = {'cases', 'gpu_memory_gb', 'raw_folder', 'network'}
 
 
 def dataset_name_from_id(dataset_name_or_id) -> str:
@@ -74,6 +75,8 @@ class Site:
     validation: Tuple[str, ...] = ()
     channels: Optional[Tuple[str, ...]] = None
     gpu_memory_gb: Optional[float] = None
+    #: the network it trains in model-heterogeneous methods (fednnunet.planners.site_networks), None: the shared one
+    network: Optional[str] = None
     _dataset_json: dict = field(default=None, repr=False, compare=False)
 
     @property
@@ -274,7 +277,8 @@ def parse_sites(spec: dict, raw_folder: str) -> Dict[str, Site]:
         sites[name] = Site(name=name, raw_folder=os.path.abspath(site_raw), cases=tuple(sorted(cases)),
                            unlabelled=tuple(sorted(unlabelled)), validation=tuple(sorted(validation)),
                            channels=tuple(channels) if channels is not None else None,
-                           gpu_memory_gb=float(memory) if memory is not None else None)
+                           gpu_memory_gb=float(memory) if memory is not None else None,
+                           network=check_network(entry.get('network'), name))
     return sites
 
 
@@ -314,7 +318,8 @@ def parse_server_data(spec: dict, raw_folder: str) -> Optional[Site]:
     if not os.path.isabs(server_raw):
         server_raw = os.path.join(raw_folder, server_raw)
     return Site(name=SERVER_DATA, raw_folder=os.path.abspath(server_raw), cases=tuple(sorted(cases)),
-                gpu_memory_gb=float(memory) if memory is not None else None)
+                gpu_memory_gb=float(memory) if memory is not None else None,
+                network=check_network(entry.get('network'), SERVER_DATA))
 
 
 def write_sites_json(raw_folder: str, assignment: Dict[str, dict], server: Optional[dict] = None):

@@ -27,6 +27,7 @@ from fednnunet.jsonio import write_json
 from fednnunet.log_lines import stamped
 from fednnunet.parallel import close_pool
 from fednnunet.planners.negotiation import negotiate, plan_federation
+from fednnunet.planners.site_networks import add_site_networks
 from fednnunet.wire import Message
 
 NNUNET_DEFAULT_CONFIGURATIONS = ('2d', '3d_fullres', '3d_lowres')
@@ -104,12 +105,22 @@ def plan_and_preprocess(engine, dataset_name: str, configurations: Sequence[str]
     plans_file = os.path.join(server_folder(dataset_name), plans_identifier + '.json')
     with open(plans_file) as f:
         plans = json.load(f)  # exactly what nnU-Net wrote, JSON-clean
+    networks = None
+    wishes = {s: {'network': d.get('network'), 'gpu_memory_gb': d.get('gpu_memory_gb')}
+              for s, d in fp['negotiation']['sites'].items()}
+    if any(w['network'] is not None for w in wishes.values()):
+        # per-site networks: one configuration per capacity, inheriting from the negotiated one (nnU-Net's format)
+        plans, networks = add_site_networks(plans, fp['negotiation']['dataset_json'], wishes)
+        write_json(plans_file, plans, indent=4)
+        log('planning: per-site networks: ' + '; '.join(
+            f"{s} {', '.join(sorted(set(c.values())))}" for s, c in sorted(networks.items())))
 
     summary = {
         'dataset_name': dataset_name, 'planner': planner_name, 'plans_identifier': plans_identifier,
         'sites': fp['negotiation']['sites'], 'gpu_memory_target_gb': fp['negotiation']['gpu_memory_target_gb'],
         'reader_writer': fp['negotiation']['reader_writer'], 'order_statistic_rounds': fp['count_rounds'],
         'seconds': {'fingerprint': t_fingerprint, 'plan': t_plan}, 'preprocessed': {},
+        'networks': networks,
     }
     if preprocess:
         wanted = [c for c in configurations if c in plans['configurations']]

@@ -24,6 +24,7 @@ import fednnunet
 from fednnunet.errors import FederationError
 from fednnunet.federation import Site, server_folder
 from fednnunet.jsonio import write_json
+from fednnunet.planners.site_networks import check_network
 
 # What every site must agree on. A mismatch names the site and the field.
 AGREED_FIELDS = ('fednnunet_version', 'nnunetv2_version', 'labels', 'channel_names', 'file_ending',
@@ -63,6 +64,7 @@ def describe_site(site: Site) -> dict:
         'regions_class_order': dj.get('regions_class_order'),
         'reader_writer': reader.__name__,
         'gpu_memory_gb': site.gpu_memory_gb,
+        'network': site.network,
         'dataset_json': declared,
     }
 
@@ -83,6 +85,13 @@ def negotiate(descriptions: Sequence[dict], gpu_memory_gb: Optional[float] = Non
             n = d.get(f, 0)
             if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_CASES_PER_SITE:
                 raise FederationError(f'{f} {repr(n)[:40]} is not a count of cases', site=d.get('site'), field=f)
+    for d in descriptions:
+        memory = d.get('gpu_memory_gb')
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or
+                                   not 0 < memory < 1e6):
+            raise FederationError(f'gpu_memory_gb {repr(memory)[:40]} is not a memory size in GB', site=d.get('site'),
+                                  field='gpu_memory_gb')
+        check_network(d.get('network'), d.get('site'))
     ref = descriptions[0]
     for d in descriptions[1:]:
         for f in AGREED_FIELDS:
@@ -109,7 +118,8 @@ def negotiate(descriptions: Sequence[dict], gpu_memory_gb: Optional[float] = Non
         'reader_writer': ref['reader_writer'],
         'gpu_memory_target_gb': memory,
         'sites': {d['site']: {'num_cases': d['num_cases'], 'num_unlabelled': d.get('num_unlabelled', 0),
-                              'num_validation': d.get('num_validation', 0), 'gpu_memory_gb': d['gpu_memory_gb']}
+                              'num_validation': d.get('num_validation', 0), 'gpu_memory_gb': d['gpu_memory_gb'],
+                              **({'network': d['network']} if d.get('network') is not None else {})}
                   for d in descriptions},
     }
 
