@@ -97,3 +97,55 @@ def test_feature_perturbation_consistency_weighs_classes_by_the_perturbed_probab
     expected = (p0 * 1.0 + (1 - p0) * 0.0) / 2
     assert float(L.feature_perturbation_loss(clean, perturbed)) == pytest.approx(expected, rel=1e-6)
     assert float(L.feature_perturbation_loss(clean, clean)) == 0
+
+
+@pytest.mark.parametrize('configuration, network', [('3d_fullres', 'plain'), ('2d', 'plain'),
+                                                    ('3d_fullres', 'resenc')])
+def test_the_self_assessment_head_reads_the_unets_last_layer_and_learns_where_it_is_wrong(planned, configuration,
+                                                                                         network):
+    """On nnU-Net's own networks: one confidence logit per voxel, the U-Net's state dict unchanged (its checkpoint
+    stays nnU-Net's), the confidence loss trains the head and the U-Net, and a few steps on a fixed batch lower it."""
+    import json
+    import os
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from fednnunet.federation import server_folder
+    from fednnunet.networks.self_assessment import SelfAssessment
+    from fednnunet.planners.site_networks import add_site_networks, network_configuration
+    from conftest import DATASET_NAME
+    folder = server_folder(DATASET_NAME)
+    plans = json.load(open(os.path.join(folder, 'nnUNetCPUPlans.json')))
+    dataset_json = json.load(open(os.path.join(folder, 'dataset.json')))
+    plans, _ = add_site_networks(plans, dataset_json, {'x': {'network': network}})
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(network_configuration(configuration, network))
+    torch.manual_seed(0)
+    net = nnUNetTrainer.build_network_architecture(pm, cm, 1, 3, True)
+    keys = set(net.state_dict())
+    sa = SelfAssessment(net, 3)
+    assert set(net.state_dict()) == keys
+    x = torch.randn(2, 1, *cm.patch_size)
+    labels = torch.randint(0, 3, (2, *cm.patch_size))
+    out = net(x)[0]
+    a = sa.confidence_logits()
+    assert a.shape == (2, 1, *cm.patch_size)
+    L.confidence_loss(a, out, labels).backward()
+    assert sa.head.out.weight.grad.abs().sum() > 0
+    assert net.decoder.seg_layers[-1].weight.grad.abs().sum() > 0  # F and z are not detached
+    optimizer = torch.optim.Adam(sa.head.parameters(), 1e-2)
+    with torch.no_grad():
+        fixed = net(x)[0]
+    # the prediction is right where the input is positive, wrong elsewhere: something the head can learn to see
+    top2 = fixed.topk(2, 1).indices
+    labels = torch.where(x[:, 0] > 0, top2[:, 0], top2[:, 1])
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        with torch.no_grad():
+            net(x)
+        loss = L.confidence_loss(sa.confidence_logits(), fixed, labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.7 * losses[0], losses
+    sa.detach()
