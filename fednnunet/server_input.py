@@ -174,6 +174,8 @@ def training_config(config, site: Optional[str] = None) -> dict:
                               site=site, field='method')
     identifier(config.get('plans_identifier'), 'plans_identifier', site)
     identifier(config.get('configuration'), 'configuration', site)
+    if 'network_configuration' in config:
+        identifier(config['network_configuration'], 'network_configuration', site)
     fold(config.get('fold'), site)
     if not isinstance(config.get('run_id'), str) or not RUN_ID.match(config['run_id']):
         raise FederationError(f"{config.get('run_id')!r} is not a run id (32 hex digits)", site=site, field='run_id')

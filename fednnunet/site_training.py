@@ -229,7 +229,8 @@ def build_site_trainer(worker, config: dict) -> FederatedTrainer:
                                        config['configuration'], config['num_sites'], config['site_index'],
                                        config.get('hyperparameters') or {}, dataset_json)
     plans['continue_training'] = False
-    trainer = method.trainer(plans, config['configuration'], config['fold'], dataset_json, worker.device)
+    trainer = method.trainer(plans, trained_configuration(plans, config, worker.site.name), config['fold'],
+                             dataset_json, worker.device)
     trainer.verbose = worker.verbose
     trainer.configure_federation(
         worker.site.name, config['site_index'], worker.folder,
@@ -240,6 +241,22 @@ def build_site_trainer(worker, config: dict) -> FederatedTrainer:
     trainer.unlabelled_cases = list(worker.site.unlabelled)  # only the cases sites.json lists now
     trainer.validation_cases = list(worker.site.validation)
     return trainer
+
+
+def trained_configuration(plans: dict, config: dict, site: str) -> str:
+    """The configuration the site trains: the run's, or its own network's (``network_configuration``, planned per site:
+    fednnunet.planners.site_networks), which must be in its plans and inherit from the run's."""
+    own = config.get('network_configuration')
+    if own is None or own == config['configuration']:
+        return config['configuration']
+    entry = plans['configurations'].get(own)
+    if not isinstance(entry, dict) or entry.get('inherits_from') != config['configuration']:
+        raise FederationError(f"'{own}' is not a network configuration of '{config['configuration']}' in the site's "
+                              f"plans", site=site, field='network_configuration')
+    if get_method(config['method']).trainer.trains_site_networks is False:
+        raise FederationError(f"{config['method']} merges weights: every site trains '{config['configuration']}', "
+                              f"not a network of its own", site=site, field='network_configuration')
+    return own
 
 
 def round_trainer(worker, config: dict, round_index: int) -> Tuple[FederatedTrainer, Optional[int]]:
@@ -304,6 +321,7 @@ def check_training(worker, message: Message) -> Message:
                               site=worker.site.name, field='-p')
     plans = server_input.plans(load_json(plans_file), worker.site.name)
     check_trainable(plans, plans_id, configuration)
+    trained_configuration(plans, config, worker.site.name)
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     semi_supervised = get_method(config['method']).trainer.uses_unlabelled_data
     if not worker.site.cases and not semi_supervised:

@@ -33,7 +33,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from fednnunet.errors import FederationError
 from fednnunet.evaluation import pooled_summary
-from fednnunet.federation import server_folder
+from fednnunet.federation import SERVER_DATA, server_folder
 from fednnunet.jsonio import write_json
 from fednnunet.log_lines import round_line, stamped
 from fednnunet.methods import get_method
@@ -149,9 +149,25 @@ class FederatedTraining:
         self.continue_training = self.overwrite = False
         self._checkpoint_trainer = None
         self.declared_cases: Dict[str, int] = {}
+        self.site_networks = self.planned_site_networks()
         lm = PlansManager(self.plans).get_label_manager(self.dataset_json)
         #: how many classes (or regions) the sites' online validation counts TP/FP/FN for
         self.num_foreground = len(lm.foreground_regions if lm.has_regions else lm.foreground_labels)
+
+    def planned_site_networks(self) -> Dict[str, str]:
+        """{site: the configuration of its own network} where the planning gave it one (sites.json ``network``) and the
+        method trains per-site networks; a method that merges weights trains the shared network everywhere (said)."""
+        c = self.config
+        record = join(server_folder(c.dataset_name), 'federation', f'negotiation_{c.plans_identifier}.json')
+        networks = (load_json(record).get('networks') or {}) if os.path.isfile(record) else {}
+        own = {s: n[c.configuration] for s, n in networks.items()
+               if isinstance(n, dict) and n.get(c.configuration) not in (None, c.configuration)
+               and n[c.configuration] in self.plans['configurations']}
+        if own and not self.method.trainer.trains_site_networks:
+            self.notes.append(f"the planning gave {', '.join(sorted(own))} networks of their own; {c.method} merges "
+                              f"weights, so every site trains '{c.configuration}'")
+            return {}
+        return own
 
     # ------------------------------------------------------------------ helpers
     def log(self, text: str, console: bool = False):
@@ -167,14 +183,20 @@ class FederatedTraining:
                 'plans_identifier': c.plans_identifier, 'rounds': c.rounds, 'local_iterations': c.local_iterations,
                 'val_iterations': c.val_iterations, 'seed': c.seed, 'hyperparameters': c.hyperparameters,
                 'site_index': self.site_indices[site], 'num_sites': len(self.site_indices), 'run_id': self.run_id,
-                'overwrite': self.overwrite, 'continue': self.continue_training, **extra}
+                'overwrite': self.overwrite, 'continue': self.continue_training,
+                **({'network_configuration': self.site_networks[site]} if site in self.site_networks else {}),
+                **extra}
 
     def server_data_config(self, **extra) -> dict:
         """The request config of the server's public set: a site's, with the index after the sites' (its own random
         streams) and the strategy's server iterations per round."""
         any_site = sorted(self.site_indices)[0]
-        return self.site_config(any_site, site_index=len(self.site_indices), num_sites=len(self.site_indices) + 1,
-                                local_iterations=int(self.strategy.server_iterations), **extra)
+        config = self.site_config(any_site, site_index=len(self.site_indices), num_sites=len(self.site_indices) + 1,
+                                  local_iterations=int(self.strategy.server_iterations), **extra)
+        config.pop('network_configuration', None)
+        if SERVER_DATA in self.site_networks:
+            config['network_configuration'] = self.site_networks[SERVER_DATA]
+        return config
 
     def setup_server_training(self):
         """The server's trainer on its public set, for a strategy that trains on it (checked like a site before

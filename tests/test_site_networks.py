@@ -116,3 +116,53 @@ def test_an_unknown_network_is_refused_by_name(raw_copy):
     with pytest.raises(FederationError) as e:
         Federation.from_raw(DATASET_NAME)
     assert (e.value.site, e.value.field) == ('B', 'network')
+
+
+TRAIN = ['501', '3d_fullres', '0', '--rounds', '1', '--local-iterations', '1', '--val-iterations', '1', '-p', PLANS,
+         '-device', 'cpu']
+
+
+def test_local_training_gives_each_site_its_planned_network_and_merging_methods_the_shared_one(raw_copy, capsys):
+    """Site B plans a residual-encoder network: with --method local it trains it (its checkpoint is that network, and
+    its final validation ran it through nnU-Net's predictor); fedavg, which averages weights, trains the shared
+    network at every site and says so."""
+    from fednnunet.cli import train_entry
+    from fednnunet.site_training import results_folder
+    from fednnunet.trainers.fedavg import FedAvgTrainer
+    from fednnunet.trainers.local import LocalTrainer
+    spec = json.load(open(raw_copy / SITES_FILE))
+    spec['sites']['B']['network'] = 'resenc'
+    json.dump(spec, open(raw_copy / SITES_FILE, 'w'))
+    federation = Federation.from_raw(DATASET_NAME)
+    plan_and_preprocess(SimulationEngine.for_federation(federation), DATASET_NAME, ['3d_fullres'], 'nnUNetPlannerCPU')
+    train_entry(TRAIN + ['--method', 'local'])
+    base = results_folder(DATASET_NAME, LocalTrainer, PLANS, '3d_fullres')
+    trained = {}
+    for site in ('A', 'B', 'C'):
+        ck = torch.load(os.path.join(base, 'sites', site, 'fold_0', 'checkpoint_final.pth'), map_location='cpu',
+                        weights_only=True)
+        trained[site] = ck['init_args']['configuration']
+        assert os.path.isfile(os.path.join(base, 'sites', site, 'fold_0', 'validation', 'summary.json'))
+    assert trained == {'A': '3d_fullres', 'B': '3d_fullres_resenc', 'C': '3d_fullres'}
+    train_entry(TRAIN + ['--method', 'fedavg', '--no-val'])
+    assert "fedavg merges weights, so every site trains '3d_fullres'" in capsys.readouterr().out
+    base = results_folder(DATASET_NAME, FedAvgTrainer, PLANS, '3d_fullres')
+    ck = torch.load(os.path.join(base, 'sites', 'B', 'fold_0', 'checkpoint_final.pth'), map_location='cpu',
+                    weights_only=True)
+    assert ck['init_args']['configuration'] == '3d_fullres'
+
+
+def test_a_site_refuses_a_network_configuration_that_is_not_its_runs(planned):
+    from fednnunet.site_training import trained_configuration
+    plans, _ = _plans_and_dataset_json()
+    plans, _ = add_site_networks(plans, {'channel_names': {'0': 'T1'}, 'labels': {'a': 0, 'b': 1, 'c': 2}},
+                                 {'B': {'network': 'resenc'}})
+    config = {'configuration': '3d_fullres', 'method': 'local'}
+    assert trained_configuration(plans, {**config, 'network_configuration': '3d_fullres_resenc'}, 'B') == \
+        '3d_fullres_resenc'
+    for bad in ('2d', '3d_fullres_other'):
+        with pytest.raises(FederationError) as e:
+            trained_configuration(plans, {**config, 'network_configuration': bad}, 'B')
+        assert e.value.field == 'network_configuration'
+    with pytest.raises(FederationError, match='merges weights'):
+        trained_configuration(plans, {**config, 'method': 'fedavg', 'network_configuration': '3d_fullres_resenc'}, 'B')

@@ -86,6 +86,8 @@ class FederatedTrainer(nnUNetTrainer):
     uses_hooks: bool = False
     #: True when the method trains on the sites' unlabelled cases too (semi-supervised)
     uses_unlabelled_data: bool = False
+    #: True when each site may train its own planned network (sites.json ``network``; the method merges no weights)
+    trains_site_networks: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):

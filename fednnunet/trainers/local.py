@@ -5,6 +5,7 @@ from fednnunet.trainers.base import FederatedTrainer
 class LocalTrainer(FederatedTrainer):
     method_name = 'local'
     has_local_parts = True
+    trains_site_networks = True  # nothing is merged: each site may train the network planned for it
 
     @classmethod
     def local_keys(cls, network):
