@@ -61,3 +61,29 @@ def test_a_tampered_header_is_refused_by_the_dtype_guard_not_by_accident():
             decode(_with_header(bad, body))
     assert decode(_with_header({'kind': 'x', 'config': {}, 'arrays': [dict(entry, dtype='<i8')]}, body)).arrays[
         'a'].tolist() == [0, 1]
+
+
+def test_predictions_travel_as_checked_float16_and_bad_ones_are_named():
+    from fednnunet.errors import FederationError
+    from fednnunet.knowledge import CONFIDENCE, PROBABILITIES, check_predictions, encode_predictions, \
+        prediction_bytes
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 4, 5, 6, 7))
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    confidence = rng.uniform(size=(3, 1, 5, 6, 7))
+    arrays = encode_predictions(probabilities, confidence)
+    message = decode(encode(Message('predictions', arrays=arrays)))
+    p, c = check_predictions(message.arrays, 3, 4, (5, 6, 7), 'A')
+    np.testing.assert_allclose(p, probabilities, atol=1e-3)
+    np.testing.assert_allclose(c, confidence, atol=1e-3)
+    assert sum(a.nbytes for a in arrays.values()) == prediction_bytes(3, 4, (5, 6, 7))
+    nan = dict(arrays, **{CONFIDENCE: arrays[CONFIDENCE].copy()})
+    nan[CONFIDENCE][0, 0, 0, 0, 0] = np.nan
+    above = dict(arrays, **{PROBABILITIES: arrays[PROBABILITIES] * np.float16(1.5)})
+    bad = {'dtype': dict(arrays, **{PROBABILITIES: arrays[PROBABILITIES].astype(np.float32)}),
+           'shape': dict(arrays, **{CONFIDENCE: arrays[CONFIDENCE][:2]}), 'nan': nan, 'sum': above,
+           'keys': dict(arrays, extra=arrays[CONFIDENCE])}
+    for why, a in bad.items():
+        with pytest.raises(FederationError) as e:
+            check_predictions(a, 3, 4, (5, 6, 7), 'B')
+        assert e.value.site == 'B', why
