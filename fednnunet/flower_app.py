@@ -89,6 +89,7 @@ RUN_CONFIG_DEFAULTS = {
     'identify-timeout': 300.0,
     'wait-for-sites': 600.0,
     'settle-seconds': 15.0,
+    'server-data': '',                 # a sites.json on the server's disk whose 'server' entry is its public set
 }
 
 APP_NAME = 'fednnunet-flower'
@@ -264,10 +265,16 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
     engine.connect()
     dataset_name = engine.dataset_name
     plans_identifier = str(cfg['plans'])
+    public_set = server_public_set(str(cfg['server-data']))
     if phase in ('plan', 'all'):
         from fednnunet.plan_and_preprocess import plan_and_preprocess
         configurations = str(cfg['configurations']).split() or [str(cfg['configuration'])]
-        summary = plan_and_preprocess(engine, dataset_name, configurations, str(cfg['planner']),
+        planning = engine
+        if public_set is not None:
+            from fednnunet.server_data import WithServerData
+            from fednnunet.site_worker import SiteWorker
+            planning = WithServerData(engine, SiteWorker(public_set, dataset_name))
+        summary = plan_and_preprocess(planning, dataset_name, configurations, str(cfg['planner']),
                                       float(cfg['gpu-memory-target']) or None, str(cfg['plans-name']) or None,
                                       log=_log)
         plans_identifier = summary['plans_identifier']
@@ -290,7 +297,11 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
             min_sites=min_sites)
         if cfg['continue']:
             _members_from_checkpoint(engine, config)
-        training = FederatedTraining(engine, config)
+        server_data = None
+        if public_set is not None:
+            from fednnunet.site_worker import SiteWorker
+            server_data = SiteWorker(public_set, dataset_name)  # the server's device: CUDA if it has one, else CPU
+        training = FederatedTraining(engine, config, server_data=server_data)
         result['training'] = training.run(continue_training=bool(cfg['continue']), overwrite=bool(cfg['overwrite']))
         write_json(os.path.join(training.output_folder, 'flower_messages.json'), _engine_report(engine), indent=1)
         if result['training'].get('final_validation'):
@@ -303,6 +314,23 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
          ', '.join(f'{s} {engine.bytes_sent.get(s, 0) / 1e6:.1f}/{engine.bytes_received.get(s, 0) / 1e6:.1f} MB'
                    for s in engine.site_names))
     return result
+
+
+def server_public_set(path: str):
+    """The server's labelled public set from the run config's ``server-data`` (a sites.json on the server's disk, or
+    the raw folder holding one; only its ``server`` entry is read), checked like a federation's; None if not given."""
+    if not path:
+        return None
+    from fednnunet.errors import FederationError
+    from fednnunet.federation import SITES_FILE, SERVER_DATA, load_json, parse_server_data
+    sites_file = os.path.join(path, SITES_FILE) if os.path.isdir(path) else path
+    site = parse_server_data(load_json(sites_file, SERVER_DATA, 'server-data'), os.path.dirname(os.path.abspath(
+        sites_file)))
+    if site is None:
+        raise FederationError(f"{sites_file} has no 'server' entry (the server's public set)", site=SERVER_DATA,
+                              field='server-data')
+    site.check_files_exist()
+    return site
 
 
 def _members_from_checkpoint(engine: FlowerEngine, config):

@@ -211,6 +211,10 @@ def server_parser() -> argparse.ArgumentParser:
     add_schedule_arguments(p)
     add_method_arguments(p)
     p.add_argument('--no-val', action='store_true', help='skip the final validation at every site')
+    p.add_argument('--server-data', default=None, metavar='SITES_JSON',
+                   help="the server's labelled public set: a sites.json (or the raw folder holding one) on the "
+                        "server's disk whose 'server' entry lists it; planned as one more participant, and trained on "
+                        "with --server-iterations (documentation/methods/server_training.md)")
     add_run_start_arguments(p, "resume after the last completed round (federated_round_latest.pth); nnU-Net's --c "
                                "works too")
     p.add_argument('--sites', nargs='+', default=None,
@@ -274,6 +278,7 @@ def run_config_from_args(args) -> dict:
         'identify-timeout': float(args.identify_timeout), 'wait-for-sites': float(args.wait_for_sites),
         'settle-seconds': float(args.settle_seconds),
         'site-keys': json.dumps(keys['digests']),
+        'server-data': os.path.abspath(args.server_data) if args.server_data else '',
     }
     if args.auth_keys and args.sites:
         unkeyed = sorted(set(args.sites) - set(keys['paths']))

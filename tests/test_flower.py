@@ -953,3 +953,25 @@ def test_a_poisoning_site_a_straggler_and_an_impostor_with_a_registered_key_do_n
     assert all(np.isfinite(t.numpy()).all() for t in final.values())
     assert set(final) == set(_weights(os.path.join(os.path.dirname(fold), 'sites', 'A', 'fold_0',
                                                    'checkpoint_final.pth')))
+
+
+def test_the_flower_server_plans_and_trains_with_its_public_set(raw_copy, task_identity):
+    """run config server-data: the server's public set (site C's cases) is planned as a participant and, with
+    server_iterations, trained on after every merge, as in simulation."""
+    from fednnunet.flower_app import run_server
+    from fednnunet.federation import SERVER_DATA, site_folder
+    spec = json.load(open(raw_copy / 'sites.json'))
+    spec['server'] = {'cases': spec['sites'].pop('C')['cases']}
+    json.dump(spec, open(raw_copy / 'sites.json', 'w'))
+    federation = Federation.from_raw(DATASET_ID)
+    workers = _workers(federation)
+    grid = InProcessGrid({1: site_node(workers['A'], 'A'), 2: site_node(workers['B'], 'B')})
+    engine = FlowerEngine(grid, sites=['A', 'B'], dataset=DATASET_ID, log=lambda t: None)
+    result = run_server(grid, {'dataset': str(DATASET_ID), 'planner': 'nnUNetPlannerCPU', 'rounds': 1,
+                               'local-iterations': 1, 'val-iterations': 1, 'validate': False,
+                               'server-optimizer': json.dumps({'server_iterations': 2}),
+                               'server-data': str(raw_copy / 'sites.json'), 'sites': 'A B'}, engine=engine)
+    assert result['planning']['sites'][SERVER_DATA]['num_cases'] == 2
+    assert os.path.isfile(os.path.join(site_folder(DATASET_NAME, SERVER_DATA), 'splits_final.json'))
+    log = json.load(open(os.path.join(result['training']['results_folder'], 'fold_0', 'federation_log.json')))
+    assert np.isfinite(log[0]['server']['train_loss']) and sorted(log[0]['sites']) == ['A', 'B']
