@@ -146,3 +146,19 @@ def test_server_iterations_need_a_public_set_and_a_merged_model(planned, fresh_r
             check_strategy_options({'weighting': 'num_examples', 'server_iterations': 2}, method)
     with pytest.raises(ValueError, match='whole number'):
         check_strategy_options({'weighting': 'num_examples', 'server_iterations': 1.5}, 'fedavg')
+
+
+@pytest.mark.parametrize('field, value', [('num_cases', -1), ('num_cases', 10 ** 9), ('num_cases', True),
+                                          ('num_unlabelled', 2.5), ('num_validation', '3'),
+                                          ('gpu_memory_gb', float('nan')), ('gpu_memory_gb', -4),
+                                          ('network', '../../x')])
+def test_negotiation_refuses_a_description_that_lies_about_its_counts_or_device(planned, field, value):
+    """A site's description is data from the network: counts that are no counts, a memory that is no memory and a
+    network no planner knows stop the planning with the site and the field named."""
+    from fednnunet.planners.negotiation import describe_site, negotiate
+    federation = Federation.from_raw(DATASET_NAME)
+    descriptions = [describe_site(s) for s in federation.sites.values()]
+    descriptions[1][field] = value
+    with pytest.raises(FederationError) as e:
+        negotiate(descriptions)
+    assert (e.value.site, e.value.field) == (descriptions[1]['site'], field)
