@@ -247,39 +247,40 @@ def parse_sites(spec: dict, raw_folder: str) -> Dict[str, Site]:
     if unknown:
         raise FederationError(f"unknown top-level key(s) {sorted(unknown)}; sites.json has 'sites' and, optionally, "
                               f"'server'", field=SITES_FILE)
-    sites = {}
-    for name, entry in spec['sites'].items():
-        check_site_name(name)
-        if not isinstance(entry, dict):
-            raise FederationError('a site entry must be an object', site=name, field=SITES_FILE)
-        unknown = set(entry) - _SITE_KEYS
-        if unknown:
-            raise FederationError(f'unknown key(s) {sorted(unknown)}; allowed: {sorted(_SITE_KEYS)}', site=name,
-                                  field=SITES_FILE)
-        cases = entry.get('cases', [])
-        if not isinstance(cases, list) or not all(isinstance(c, str) for c in cases):
-            raise FederationError("'cases' must be a list of case identifiers", site=name, field='cases')
-        unlabelled = entry.get('unlabelled', [])
-        if not isinstance(unlabelled, list) or not all(isinstance(c, str) for c in unlabelled):
-            raise FederationError("'unlabelled' must be a list of case identifiers", site=name, field='unlabelled')
-        validation = entry.get('validation', [])
-        if not isinstance(validation, list) or not all(isinstance(c, str) for c in validation):
-            raise FederationError("'validation' must be a list of case identifiers", site=name, field='validation')
-        channels = entry.get('channels')
-        if channels is not None and (not isinstance(channels, list) or not all(isinstance(c, str) for c in channels)):
-            raise FederationError("'channels' must be a list of channel names", site=name, field='channels')
-        memory = entry.get('gpu_memory_gb')
-        if memory is not None and (not isinstance(memory, (int, float)) or memory <= 0):
-            raise FederationError("'gpu_memory_gb' must be a positive number", site=name, field='gpu_memory_gb')
-        site_raw = entry.get('raw_folder', raw_folder)
-        if not os.path.isabs(site_raw):
-            site_raw = os.path.join(raw_folder, site_raw)
-        sites[name] = Site(name=name, raw_folder=os.path.abspath(site_raw), cases=tuple(sorted(cases)),
-                           unlabelled=tuple(sorted(unlabelled)), validation=tuple(sorted(validation)),
-                           channels=tuple(channels) if channels is not None else None,
-                           gpu_memory_gb=float(memory) if memory is not None else None,
-                           network=check_network(entry.get('network'), name))
-    return sites
+    return {name: _parse_entry(check_site_name(name), entry, raw_folder, _SITE_KEYS) for name, entry in
+            spec['sites'].items()}
+
+
+def _parse_entry(name: str, entry, raw_folder: str, allowed: set) -> Site:
+    """One participant's entry of sites.json (a site's, or the server's public set's) as a :class:`Site`."""
+    if not isinstance(entry, dict):
+        raise FederationError("the entry must be an object ({'cases': [...]})", site=name, field=SITES_FILE)
+    unknown = set(entry) - allowed
+    if unknown:
+        raise FederationError(f'unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}', site=name,
+                              field=SITES_FILE)
+
+    def names(key: str, what: str) -> Tuple[str, ...]:
+        values = entry.get(key, [])
+        if not isinstance(values, list) or not all(isinstance(c, str) for c in values):
+            raise FederationError(f"'{key}' must be a list of {what}", site=name, field=key)
+        return tuple(values)
+
+    channels = names('channels', 'channel names') if entry.get('channels') is not None else None
+    memory = entry.get('gpu_memory_gb')
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or
+                               not 0 < memory < 1e6):
+        raise FederationError("'gpu_memory_gb' must be a positive number (GB)", site=name, field='gpu_memory_gb')
+    folder = entry.get('raw_folder', raw_folder)
+    if not isinstance(folder, str):
+        raise FederationError("'raw_folder' must be a path", site=name, field='raw_folder')
+    if not os.path.isabs(folder):
+        folder = os.path.join(raw_folder, folder)
+    return Site(name=name, raw_folder=os.path.abspath(folder), cases=tuple(sorted(names('cases', 'case identifiers'))),
+                unlabelled=tuple(sorted(names('unlabelled', 'case identifiers'))),
+                validation=tuple(sorted(names('validation', 'case identifiers'))), channels=channels,
+                gpu_memory_gb=float(memory) if memory is not None else None,
+                network=check_network(entry.get('network'), name))
 
 
 def check_site_name(name) -> str:
@@ -295,31 +296,18 @@ def check_site_name(name) -> str:
 
 def parse_server_data(spec: dict, raw_folder: str) -> Optional[Site]:
     """sites.json ``server``: the server's own labelled public set ({'cases': [...], 'raw_folder': ...,
-    'gpu_memory_gb': ...}), files laid out as a site's (imagesTr, labelsTr); None without it."""
+    'gpu_memory_gb': ..., 'network': ...}), files laid out as a site's (imagesTr, labelsTr); None without it."""
     entry = spec.get('server') if isinstance(spec, dict) else None
     if entry is None:
         return None
-    if not isinstance(entry, dict):
-        raise FederationError("'server' must be an object ({'cases': [...]})", site=SERVER_DATA, field=SITES_FILE)
-    unknown = set(entry) - _SERVER_KEYS
-    if unknown:
-        raise FederationError(f'unknown key(s) {sorted(unknown)}; allowed: {sorted(_SERVER_KEYS)}', site=SERVER_DATA,
-                              field=SITES_FILE)
-    cases = entry.get('cases')
-    if not isinstance(cases, list) or not cases or not all(isinstance(c, str) for c in cases):
+    site = _parse_entry(SERVER_DATA, entry, raw_folder, _SERVER_KEYS)
+    if not site.cases:
         raise FederationError("'cases' must be a non-empty list of the public set's labelled case identifiers",
                               site=SERVER_DATA, field='cases')
-    memory = entry.get('gpu_memory_gb')
-    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
-        raise FederationError("'gpu_memory_gb' must be a positive number", site=SERVER_DATA, field='gpu_memory_gb')
-    server_raw = entry.get('raw_folder', raw_folder)
-    if not isinstance(server_raw, str):
-        raise FederationError("'raw_folder' must be a path", site=SERVER_DATA, field='raw_folder')
-    if not os.path.isabs(server_raw):
-        server_raw = os.path.join(raw_folder, server_raw)
-    return Site(name=SERVER_DATA, raw_folder=os.path.abspath(server_raw), cases=tuple(sorted(cases)),
-                gpu_memory_gb=float(memory) if memory is not None else None,
-                network=check_network(entry.get('network'), SERVER_DATA))
+    if len(set(site.cases)) != len(site.cases):
+        twice = sorted({c for c in site.cases if site.cases.count(c) > 1})
+        raise FederationError('case is listed twice', site=SERVER_DATA, case=twice[0], field='cases')
+    return site
 
 
 def write_sites_json(raw_folder: str, assignment: Dict[str, dict], server: Optional[dict] = None):

@@ -262,19 +262,15 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
     from fednnunet.jsonio import write_json
     result = {}
     t0 = time.time()
+    public_set = server_public_set(str(cfg['server-data']))  # checked before waiting for any site
     engine.connect()
     dataset_name = engine.dataset_name
     plans_identifier = str(cfg['plans'])
-    public_set = server_public_set(str(cfg['server-data']))
     if phase in ('plan', 'all'):
         from fednnunet.plan_and_preprocess import plan_and_preprocess
         configurations = str(cfg['configurations']).split() or [str(cfg['configuration'])]
-        planning = engine
-        if public_set is not None:
-            from fednnunet.server_data import WithServerData
-            from fednnunet.site_worker import SiteWorker
-            planning = WithServerData(engine, SiteWorker(public_set, dataset_name))
-        summary = plan_and_preprocess(planning, dataset_name, configurations, str(cfg['planner']),
+        from fednnunet.server_data import with_server_data
+        summary = plan_and_preprocess(with_server_data(engine, public_set, dataset_name), dataset_name, configurations, str(cfg['planner']),
                                       float(cfg['gpu-memory-target']) or None, str(cfg['plans-name']) or None,
                                       log=_log)
         plans_identifier = summary['plans_identifier']
@@ -297,11 +293,9 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
             min_sites=min_sites)
         if cfg['continue']:
             _members_from_checkpoint(engine, config)
-        server_data = None
-        if public_set is not None:
-            from fednnunet.site_worker import SiteWorker
-            server_data = SiteWorker(public_set, dataset_name)  # the server's device: CUDA if it has one, else CPU
-        training = FederatedTraining(engine, config, server_data=server_data)
+        from fednnunet.server_data import public_set_worker
+        # the server trains on its device: CUDA if it has one, else the CPU
+        training = FederatedTraining(engine, config, server_data=public_set_worker(public_set, dataset_name))
         result['training'] = training.run(continue_training=bool(cfg['continue']), overwrite=bool(cfg['overwrite']))
         write_json(os.path.join(training.output_folder, 'flower_messages.json'), _engine_report(engine), indent=1)
         if result['training'].get('final_validation'):

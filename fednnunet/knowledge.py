@@ -37,11 +37,15 @@ def check_predictions(arrays: Dict[str, np.ndarray], num_patches: int, num_class
     out = {}
     for key, shape in expected.items():
         a = arrays[key]
+        if not isinstance(a, np.ndarray):
+            raise FederationError(f'{key} is not an array', site=sender, field=key)
         if a.dtype != np.float16:
             raise FederationError(f'{key} is {a.dtype}, predictions travel as float16', site=sender, field=key)
         if tuple(a.shape) != tuple(int(s) for s in shape):
             raise FederationError(f'{key} has shape {tuple(a.shape)}, expected {tuple(shape)}', site=sender,
                                   field=key)
+        if a.size == 0:
+            raise FederationError(f'{key} is empty', site=sender, field=key)
         values = a.astype(np.float32)
         if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
             raise FederationError(f'{key} holds values outside [0, 1] (or NaN)', site=sender, field=key)

@@ -56,7 +56,8 @@ def strategy_options_from_args(args, method: Optional[str] = None) -> dict:
     (a --server-beta2 for momentum, a --server-lr without a server optimizer)."""
     options = {'weighting': args.weighting}
     options.update({k: getattr(args, k) for k in SERVER_OPTIMIZER_OPTIONS
-                    if getattr(args, k) is not None and not (k == 'server_optimizer' and args.server_optimizer == 'none')})
+                    if getattr(args, k) is not None and not (k == 'server_optimizer' and args.server_optimizer == 'none')
+                    and not (k == 'server_iterations' and args.server_iterations == 0)})  # 0: off, as not given
     check_strategy_options(options, method)
     return options
 

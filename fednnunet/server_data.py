@@ -46,11 +46,9 @@ class WithServerData:
         own = requests.get(SERVER_DATA)
         replies = self.engine.ask({s: m for s, m in requests.items() if s != SERVER_DATA})
         if own is not None:
-            wire_out = encode(own)
-            self.bytes_sent[SERVER_DATA] += len(wire_out)
-            wire_back = encode(self.server_worker.handle(decode(wire_out)))
-            self.bytes_received[SERVER_DATA] += len(wire_back)
-            replies[SERVER_DATA] = decode(wire_back)
+            replies[SERVER_DATA], sent, received = ask_in_process(self.server_worker, own)
+            self.bytes_sent[SERVER_DATA] += sent
+            self.bytes_received[SERVER_DATA] += received
         return replies
 
     def ask_all(self, message: Message) -> Dict[str, Message]:
@@ -63,12 +61,34 @@ class WithServerData:
             close()
 
 
+def ask_in_process(worker, message: Message):
+    """``worker``'s reply to ``message`` through the wire encoding (it sees what a site would see); returns (reply,
+    bytes sent, bytes received)."""
+    wire_out = encode(message)
+    wire_back = encode(worker.handle(decode(wire_out)))
+    return decode(wire_back), len(wire_out), len(wire_back)
+
+
+def public_set_worker(site, dataset_name: str, num_processes: int = 1, **worker_options):
+    """The site worker of the server's public set (None without one). Its augmentation workers pause between its
+    turns, as simulated sites' do: idle, they would poll and slow the sites down."""
+    if site is None:
+        return None
+    from fednnunet.site_worker import SiteWorker
+    worker_options.setdefault('keep_augmentation_workers', False)
+    return SiteWorker(site, dataset_name, num_processes, **worker_options)
+
+
+def with_server_data(engine, site, dataset_name: str, num_processes: int = 1):
+    """``engine``, with the server's public set (``site``, or None) as a participant in planning."""
+    if site is None:
+        return engine
+    return WithServerData(engine, public_set_worker(site, dataset_name, num_processes))
+
+
 def planning_engine(engine, federation, num_processes: int = 1):
     """``engine``, with the server's public set as a participant when sites.json gives the server one."""
-    if federation.server is None:
-        return engine
-    from fednnunet.site_worker import SiteWorker
-    return WithServerData(engine, SiteWorker(federation.server, federation.dataset_name, num_processes))
+    return with_server_data(engine, federation.server, federation.dataset_name, num_processes)
 
 
 class ServerTrainer:
@@ -98,10 +118,9 @@ class ServerTrainer:
         return len(self.worker.site.cases)
 
     def ask(self, message: Message) -> Message:
-        wire_out = encode(message)
-        wire_back = encode(self.worker.handle(decode(wire_out)))
-        self.bytes += len(wire_out) + len(wire_back)
-        return decode(wire_back)
+        reply, sent, received = ask_in_process(self.worker, message)
+        self.bytes += sent + received
+        return reply
 
     def check_training(self):
         self.ask(Message('check_training', self.config_for(round=0)))
@@ -130,7 +149,4 @@ class ServerTrainer:
 
 def server_trainer_worker(federation, num_processes: int = 1, **worker_options):
     """The site worker of the server's public set for training (None without one)."""
-    if federation.server is None:
-        return None
-    from fednnunet.site_worker import SiteWorker
-    return SiteWorker(federation.server, federation.dataset_name, num_processes, **worker_options)
+    return public_set_worker(federation.server, federation.dataset_name, num_processes, **worker_options)

@@ -123,10 +123,11 @@ class FedAvg(Strategy):
         from fednnunet.server_optimizers import server_optimizer as make_optimizer
         self.optimizer = make_optimizer(server_optimizer, lr=server_lr, beta1=server_momentum, beta2=server_beta2,
                                         tau=server_tau)
+        from fednnunet.server_input import MAX_ITERATIONS
         if server_iterations is not None and (isinstance(server_iterations, bool) or
                                               not isinstance(server_iterations, int) or
-                                              not 0 <= server_iterations <= 10 ** 6):
-            raise ValueError(f'server_iterations must be a whole number of iterations in [0, 1e6], not '
+                                              not 0 <= server_iterations <= MAX_ITERATIONS):
+            raise ValueError(f'server_iterations must be a whole number of iterations in [0, {MAX_ITERATIONS}], not '
                              f'{server_iterations!r}')
         self.server_iterations = int(server_iterations or 0)
 

@@ -193,10 +193,8 @@ class FederatedTraining:
         any_site = sorted(self.site_indices)[0]
         config = self.site_config(any_site, site_index=len(self.site_indices), num_sites=len(self.site_indices) + 1,
                                   local_iterations=int(self.strategy.server_iterations), **extra)
-        config.pop('network_configuration', None)
-        if SERVER_DATA in self.site_networks:
-            config['network_configuration'] = self.site_networks[SERVER_DATA]
-        return config
+        config.pop('network_configuration', None)  # the public set trains the shared network (server iterations
+        return config  # belong to weight-merging methods)
 
     def setup_server_training(self):
         """The server's trainer on its public set, for a strategy that trains on it (checked like a site before
@@ -324,6 +322,8 @@ class FederatedTraining:
             raise FederationError(f'{self.output_folder} holds an earlier training run ({", ".join(found)}): resume '
                                   f'it with --continue, or replace it with --overwrite', field='results folder')
         shutil.rmtree(self.output_folder)
+        # the server's public-set model of that run goes too (a run without server training would leave it behind)
+        shutil.rmtree(join(self.results_base, 'sites', SERVER_DATA, f'fold_{self.config.fold}'), ignore_errors=True)
         self.log(f'--overwrite: the earlier run in {self.output_folder} was deleted', console=True)
 
     def check_sites_ready(self):

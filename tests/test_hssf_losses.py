@@ -31,6 +31,20 @@ def test_the_confidence_loss_weighs_each_wrong_voxel_by_right_over_wrong():
     assert a.grad[0, 0, 3] > 0 and (a.grad[0, 0, :3] < 0).all()
 
 
+def test_nnunet_shaped_targets_and_a_batch_without_a_right_voxel():
+    logits = _logits([[(1, 2.0), (0, 2.0)], [(1, 2.0), (1, 2.0)]])  # (B=2, C=2, N=2)
+    labels = torch.tensor([[1, 0], [0, 0]])
+    assert L.pixel_accuracy(logits.argmax(1), labels[:, None]).tolist() == [1.0, 0.0]  # nnU-Net's (B, 1, ...) target
+    with pytest.raises(ValueError, match='do not match'):
+        L.pixel_accuracy(logits.argmax(1), labels[:1])
+    # every voxel wrong: the loss still pushes every confidence down (the wrong voxels weigh 1, not 0)
+    a = torch.zeros(1, 1, 2, requires_grad=True)
+    loss = L.confidence_loss(a, logits[1:], labels[1:, None])
+    assert float(loss) == pytest.approx(math.log(2), rel=1e-6)
+    loss.backward()
+    assert (a.grad > 0).all()
+
+
 def test_the_gated_kl_is_the_tempered_kl_of_the_teacher_per_sample_and_zero_where_gated_out():
     student = torch.tensor([[[0.0], [1.0]], [[2.0], [0.0]]])  # (B=2, C=2, N=1)
     teacher = torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]]])

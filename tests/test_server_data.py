@@ -58,6 +58,7 @@ def test_the_server_public_set_is_planned_like_a_site_and_preprocessed_on_the_se
 @pytest.mark.parametrize('edit, field', [
     (lambda s: s['sites'].__setitem__(SERVER_DATA, s['sites'].pop('C')), 'name'),  # a site may not take the name
     (lambda s: s.__setitem__('server', {'cases': []}), 'cases'),
+    (lambda s: s.__setitem__('server', {'cases': ['X', 'X']}), 'cases'),
     (lambda s: s.__setitem__('server', {'cases': s['sites']['C']['cases'][:1]}), 'sites.json'),  # also C's case
     (lambda s: s.__setitem__('server', {'cases': ['X'], 'unlabelled': ['Y']}), 'sites.json'),
     (lambda s: s.__setitem__('server', {'cases': ['X'], 'gpu_memory_gb': -1}), 'gpu_memory_gb'),
@@ -108,10 +109,22 @@ def test_server_iterations_train_the_merged_model_on_the_public_set(server_holds
     server's own nnU-Net model folder holds the same final model); without them the same seeded run differs."""
     import torch
     from fednnunet.cli import train_entry
+    from fednnunet.server_data import ServerTrainer
     from fednnunet.site_training import results_folder
+    from fednnunet.strategies import FedAvg
     from fednnunet.trainers.fedavg import FedAvgTrainer
     base = results_folder(DATASET_NAME, FedAvgTrainer, 'nnUNetCPUPlans', '3d_fullres')
-    train_entry(TRAIN + ['--method', 'fedavg', '--server-iterations', '3'])
+    merged, trained = [], []
+    aggregate, fit = FedAvg.aggregate, ServerTrainer.fit
+    with pytest.MonkeyPatch.context() as mp:  # (the fixtures' own patches stay)
+        mp.setattr(FedAvg, 'aggregate', lambda self, *a: merged.append(aggregate(self, *a)) or merged[-1])
+        mp.setattr(ServerTrainer, 'fit', lambda self, *a: trained.append(fit(self, *a)) or trained[-1])
+        train_entry(TRAIN + ['--method', 'fedavg', '--server-iterations', '3'])
+    assert len(merged) == len(trained) == 2
+    saved = torch.load(os.path.join(base, 'fold_0', 'federated_round_latest.pth'), weights_only=True)['global_state']
+    # the round's global model is what the server trained, and not the plain merge of the sites' updates
+    assert all(np.array_equal(saved[k].numpy(), trained[-1].arrays[k]) for k in saved)
+    assert any(not np.array_equal(merged[-1][k], trained[-1].arrays[k]) for k in saved)
     log = json.load(open(os.path.join(base, 'fold_0', 'federation_log.json')))
     assert [sorted(r['sites']) for r in log] == [['A', 'B']] * 2
     for r in log:

@@ -166,3 +166,18 @@ def test_a_site_refuses_a_network_configuration_that_is_not_its_runs(planned):
         assert e.value.field == 'network_configuration'
     with pytest.raises(FederationError, match='merges weights'):
         trained_configuration(plans, {**config, 'method': 'fedavg', 'network_configuration': '3d_fullres_resenc'}, 'B')
+
+
+def test_residual_encoder_plans_keep_their_network_and_refuse_another_by_name(planned):
+    plans, dataset_json = _plans_and_dataset_json()
+    resenc_plans, _ = add_site_networks(plans, dataset_json, {'x': {'network': 'resenc'}})
+    for c in list(resenc_plans['configurations']):  # as a residual-encoder planner would have planned them
+        if c.endswith('_resenc'):
+            base = c[:-len('_resenc')]
+            resenc_plans['configurations'][base]['architecture'] = resenc_plans['configurations'].pop(c)['architecture']
+    _, assignment = add_site_networks(resenc_plans, dataset_json, {'A': {'network': 'plain'},
+                                                                   'B': {'network': 'auto', 'gpu_memory_gb': 80}})
+    assert assignment == {'A': {'2d': '2d', '3d_fullres': '3d_fullres'}, 'B': {'2d': '2d', '3d_fullres': '3d_fullres'}}
+    with pytest.raises(FederationError) as e:
+        add_site_networks(resenc_plans, dataset_json, {'A': {'network': 'plain'}, 'B': {'network': 'resenc_wide'}})
+    assert (e.value.site, e.value.field) == ('B', 'network')

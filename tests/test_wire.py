@@ -80,10 +80,16 @@ def test_predictions_travel_as_checked_float16_and_bad_ones_are_named():
     nan = dict(arrays, **{CONFIDENCE: arrays[CONFIDENCE].copy()})
     nan[CONFIDENCE][0, 0, 0, 0, 0] = np.nan
     above = dict(arrays, **{PROBABILITIES: arrays[PROBABILITIES] * np.float16(1.5)})
-    bad = {'dtype': dict(arrays, **{PROBABILITIES: arrays[PROBABILITIES].astype(np.float32)}),
-           'shape': dict(arrays, **{CONFIDENCE: arrays[CONFIDENCE][:2]}), 'nan': nan, 'sum': above,
-           'keys': dict(arrays, extra=arrays[CONFIDENCE])}
-    for why, a in bad.items():
+    half = dict(arrays, **{PROBABILITIES: arrays[PROBABILITIES] * np.float16(0.5)})  # in [0, 1], sums to 0.5
+    bad = {'dtype': (dict(arrays, **{PROBABILITIES: arrays[PROBABILITIES].astype(np.float32)}), PROBABILITIES, 'float16'),
+           'shape': (dict(arrays, **{CONFIDENCE: arrays[CONFIDENCE][:2]}), CONFIDENCE, 'shape'),
+           'nan': (nan, CONFIDENCE, 'outside'), 'range': (above, PROBABILITIES, 'outside'),
+           'sum': (half, PROBABILITIES, 'sum to 1'), 'keys': (dict(arrays, extra=arrays[CONFIDENCE]), 'predictions', ''),
+           'not an array': (dict(arrays, **{CONFIDENCE: [0.5]}), CONFIDENCE, 'not an array')}
+    for why, (a, field, text) in bad.items():
         with pytest.raises(FederationError) as e:
             check_predictions(a, 3, 4, (5, 6, 7), 'B')
-        assert e.value.site == 'B', why
+        assert (e.value.site, e.value.field) == ('B', field) and text in str(e.value), why
+    empty = encode_predictions(np.zeros((0, 4, 5, 6, 7)), np.zeros((0, 1, 5, 6, 7)))
+    with pytest.raises(FederationError, match='empty'):
+        check_predictions(empty, 0, 4, (5, 6, 7), 'B')

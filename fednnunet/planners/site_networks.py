@@ -94,7 +94,9 @@ def add_site_networks(plans: dict, dataset_json: dict, wishes: Dict[str, dict]) 
     3d_lowres; not the cascade's second stage), and {participant: {configuration: its network's configuration}}.
 
     ``wishes``: {participant: {'network': 'plain' | ... | 'auto' | None, 'gpu_memory_gb': float or None}}; None
-    (no choice) is plain; 'auto' without a declared memory is plain."""
+    (no choice) is plain; 'auto' without a declared memory is plain. Plans whose shared network is not nnU-Net's
+    PlainConvUNet (a residual-encoder planner's) get no other network: ``auto`` keeps the shared one there, and an
+    explicit other network is refused, naming the participant."""
     plans = copy.deepcopy(plans)
     num_inputs = len(dataset_json['channel_names'] if 'channel_names' in dataset_json else dataset_json['modality'])
     num_outputs = len(dataset_json['labels'])
@@ -102,19 +104,29 @@ def add_site_networks(plans: dict, dataset_json: dict, wishes: Dict[str, dict]) 
     for name, config in list(plans['configurations'].items()):
         if 'architecture' not in config or 'inherits_from' in config:
             continue  # the cascade's second stage inherits; it is not trained federated
-        options = {network: architecture(config['architecture'], network) for network in NETWORKS}
+        options = {}
+
+        def option(network: str, participant: str) -> dict:
+            if network not in options:
+                try:
+                    options[network] = architecture(config['architecture'], network)
+                except FederationError as e:
+                    raise FederationError(str(e), site=participant, field='network') from None
+            return options[network]
+
         for participant, wish in wishes.items():
             network = wish.get('network') or 'plain'
             if network == AUTO:
                 memory = wish.get('gpu_memory_gb')
                 network = 'plain'
-                for candidate in NETWORKS:
-                    if memory is not None and estimated_memory_gb(options[candidate], config['patch_size'],
+                candidates = NETWORKS if config['architecture']['network_class_name'] == PLAIN_CLASS else ('plain',)
+                for candidate in candidates:
+                    if memory is not None and estimated_memory_gb(option(candidate, participant), config['patch_size'],
                                                                   config['batch_size'], num_inputs,
                                                                   num_outputs) <= memory:
                         network = candidate
             target = network_configuration(name, network)
             if network != 'plain' and target not in plans['configurations']:
-                plans['configurations'][target] = {'inherits_from': name, 'architecture': options[network]}
+                plans['configurations'][target] = {'inherits_from': name, 'architecture': option(network, participant)}
             assignment[participant][name] = target
     return plans, assignment

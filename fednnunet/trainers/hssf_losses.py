@@ -25,9 +25,19 @@ def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).mean(1)
 
 
+def _labels(labels: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Class indices (B, *spatial) from nnU-Net's (B, 1, *spatial) targets too; shapes must then match ``like``."""
+    if labels.dim() == like.dim() + 1 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.shape != like.shape:
+        raise ValueError(f'labels of shape {tuple(labels.shape)} do not match predictions of shape {tuple(like.shape)}')
+    return labels.long()
+
+
 def prediction_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """1.0 where the argmax of ``logits`` is the label, else 0.0 (no gradient): the self-assessment head's target."""
-    return (logits.detach().argmax(1) == labels).float()
+    predicted = logits.detach().argmax(1)
+    return (predicted == _labels(labels, predicted)).float()
 
 
 def confidence_loss(confidence_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -36,13 +46,15 @@ def confidence_loss(confidence_logits: torch.Tensor, logits: torch.Tensor, label
     target = prediction_correct(logits, labels)
     bce = F.binary_cross_entropy_with_logits(confidence_logits[:, 0].float(), target, reduction='none')
     right, wrong = target.sum(), (1 - target).sum()
-    weight = torch.where(target > 0, torch.ones_like(target), right / wrong.clamp_min(1))
+    # every voxel wrong (no right one to balance against): the wrong ones weigh 1, the head still learns from them
+    ratio = right / wrong.clamp_min(1) if right > 0 else torch.ones_like(right)
+    weight = torch.where(target > 0, torch.ones_like(target), ratio)
     return (bce * weight).mean()
 
 
 def pixel_accuracy(labels_predicted: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per sample: the share of voxels whose predicted label is right (B,)."""
-    return _per_sample_mean((labels_predicted == labels).float())
+    return _per_sample_mean((labels_predicted == _labels(labels, labels_predicted)).float())
 
 
 def gated_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, gate: torch.Tensor,
