@@ -536,8 +536,8 @@ def test_server_run_config_carries_overwrite(capsys):
 def test_flower_server_passes_overwrite_to_the_training(monkeypatch, tmp_path):
     flower_app = pytest.importorskip('fednnunet.flower_app')
     monkeypatch.setattr('fednnunet.training_server.FederatedTraining', _FakeTraining)
-    monkeypatch.setattr(_FakeTraining, '__init__', lambda self, engine, config: setattr(self, 'output_folder',
-                                                                                          str(tmp_path)))
+    monkeypatch.setattr(_FakeTraining, '__init__', lambda self, engine, config, server_data=None: setattr(
+        self, 'output_folder', str(tmp_path)))
     _FakeTraining.calls = []
     engine = types.SimpleNamespace(connect=lambda: None, dataset_name=DATASET_NAME, site_names=['A'], identities={},
                                    bytes_sent={}, bytes_received={}, flower_bytes_sent={}, flower_bytes_received={},
