@@ -219,9 +219,9 @@ def train_entry(argv=None):
             config = TrainingConfig(federation.dataset_name, args.configuration, _fold(args.fold), args.method, args.p,
                                     args.rounds, args.local_iterations, args.val_iterations, args.seed,
                                     hyperparameters, strategy_options, validate=not args.no_val)
-            from fednnunet.server_data import server_trainer_worker
-            server_data = server_trainer_worker(federation, args.np, device=device_name(args.device),
-                                                verbose=args.verbose)
+            from fednnunet.server_data import public_set_worker
+            server_data = public_set_worker(federation.server, federation.dataset_name, args.np,
+                                            device=device_name(args.device), verbose=args.verbose)
             result = FederatedTraining(engine, config, server_data=server_data).run(
                 continue_training=args.continue_training, overwrite=args.overwrite)
     except (FederationError, NotImplementedError, ValueError, FileNotFoundError) as e:

@@ -267,10 +267,7 @@ def _parse_entry(name: str, entry, raw_folder: str, allowed: set) -> Site:
         return tuple(values)
 
     channels = names('channels', 'channel names') if entry.get('channels') is not None else None
-    memory = entry.get('gpu_memory_gb')
-    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or
-                               not 0 < memory < 1e6):
-        raise FederationError("'gpu_memory_gb' must be a positive number (GB)", site=name, field='gpu_memory_gb')
+    memory = check_gpu_memory(entry.get('gpu_memory_gb'), name)
     folder = entry.get('raw_folder', raw_folder)
     if not isinstance(folder, str):
         raise FederationError("'raw_folder' must be a path", site=name, field='raw_folder')
@@ -281,6 +278,15 @@ def _parse_entry(name: str, entry, raw_folder: str, allowed: set) -> Site:
                 validation=tuple(sorted(names('validation', 'case identifiers'))), channels=channels,
                 gpu_memory_gb=float(memory) if memory is not None else None,
                 network=check_network(entry.get('network'), name))
+
+
+def check_gpu_memory(memory, participant: Optional[str]) -> Optional[float]:
+    """A declared device memory (sites.json, or a site's description): None, or a positive number of GB."""
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or
+                               not 0 < memory < 1e6):
+        raise FederationError(f'gpu_memory_gb {repr(memory)[:40]} is not a memory size in GB (a positive number)',
+                              site=participant, field='gpu_memory_gb')
+    return memory
 
 
 def check_site_name(name) -> str:

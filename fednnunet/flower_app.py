@@ -270,9 +270,9 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
         from fednnunet.plan_and_preprocess import plan_and_preprocess
         configurations = str(cfg['configurations']).split() or [str(cfg['configuration'])]
         from fednnunet.server_data import with_server_data
-        summary = plan_and_preprocess(with_server_data(engine, public_set, dataset_name), dataset_name, configurations, str(cfg['planner']),
-                                      float(cfg['gpu-memory-target']) or None, str(cfg['plans-name']) or None,
-                                      log=_log)
+        summary = plan_and_preprocess(with_server_data(engine, public_set, dataset_name), dataset_name,
+                                      configurations, str(cfg['planner']), float(cfg['gpu-memory-target']) or None,
+                                      str(cfg['plans-name']) or None, log=_log)
         plans_identifier = summary['plans_identifier']
         _log(f"plans '{plans_identifier}' negotiated by {len(summary['sites'])} sites, preprocessed "
              f"{sorted(summary['preprocessed'])} (order-statistic rounds: {summary['order_statistic_rounds']})")

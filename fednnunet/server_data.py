@@ -105,7 +105,6 @@ class ServerTrainer:
         self.worker = worker
         self.config_for = config_for
         self.screen = screen
-        self.bytes = 0  # what a message to and from the public set's worker would weigh on a wire (never sent)
         self.last_update = None  # the latest round's (for the server's round log)
 
     @property
@@ -113,14 +112,8 @@ class ServerTrainer:
         """The device the server trains on (the public set's worker's)."""
         return self.worker.device
 
-    @property
-    def num_cases(self) -> int:
-        return len(self.worker.site.cases)
-
     def ask(self, message: Message) -> Message:
-        reply, sent, received = ask_in_process(self.worker, message)
-        self.bytes += sent + received
-        return reply
+        return ask_in_process(self.worker, message)[0]
 
     def check_training(self):
         self.ask(Message('check_training', self.config_for(round=0)))
@@ -143,10 +136,3 @@ class ServerTrainer:
         """The final model stored in the public set's model folder, and validated on its validation split."""
         return self.ask(Message('finish', self.config_for(validate=validate), arrays=arrays))
 
-    def close(self):
-        self.worker.close()
-
-
-def server_trainer_worker(federation, num_processes: int = 1, **worker_options):
-    """The site worker of the server's public set for training (None without one)."""
-    return public_set_worker(federation.server, federation.dataset_name, num_processes, **worker_options)

@@ -120,7 +120,7 @@ def json_digest(obj) -> str:
 
 class FederatedTraining:
     def __init__(self, engine, config: TrainingConfig, server_data=None):
-        """``server_data``: the site worker of the server's public set (fednnunet.server_data.server_trainer_worker),
+        """``server_data``: the site worker of the server's public set (fednnunet.server_data.public_set_worker),
         for strategies that train on it; None without one."""
         self.engine = engine
         self.server_data = server_data

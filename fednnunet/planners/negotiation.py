@@ -22,7 +22,7 @@ from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
 import fednnunet
 from fednnunet.errors import FederationError
-from fednnunet.federation import Site, server_folder
+from fednnunet.federation import Site, check_gpu_memory, server_folder
 from fednnunet.jsonio import write_json
 from fednnunet.planners.site_networks import check_network
 
@@ -86,11 +86,7 @@ def negotiate(descriptions: Sequence[dict], gpu_memory_gb: Optional[float] = Non
             if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_CASES_PER_SITE:
                 raise FederationError(f'{f} {repr(n)[:40]} is not a count of cases', site=d.get('site'), field=f)
     for d in descriptions:
-        memory = d.get('gpu_memory_gb')
-        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or
-                                   not 0 < memory < 1e6):
-            raise FederationError(f'gpu_memory_gb {repr(memory)[:40]} is not a memory size in GB', site=d.get('site'),
-                                  field='gpu_memory_gb')
+        check_gpu_memory(d.get('gpu_memory_gb'), d.get('site'))
         check_network(d.get('network'), d.get('site'))
     ref = descriptions[0]
     for d in descriptions[1:]:
