@@ -17,6 +17,7 @@ METHODS: Dict[str, tuple] = {
     'lcfed': ('LCFedTrainer', 'LC-Fed: PCS + contrastive term, local heads; head calibration'),
     'feddp': ('FedDPTrainer', 'FedDP: local attention queries; inter-site guided calibration'),
     'fedfixmatch': ('FedFixMatchTrainer', 'semi-supervised FedAvg: FixMatch pseudo-labels on unlabelled cases'),
+    'hssf': ('HSSFTrainer', 'HSSF: semi-supervised, per-site networks, predictions on a public set'),
 }
 
 #: the pooled baseline: nnU-Net's trainer on every site's data in one place (simulation only)
@@ -26,7 +27,6 @@ CENTRALIZED_SUMMARY = "pooled data, nnU-Net's own training (baseline; not federa
 
 #: methods the project plans but has not built; asking for one is an error, never a silent FedAvg
 PLANNED: Dict[str, str] = {
-    'hssf': 'HSSF, semi-supervised model-heterogeneous',
     'fedmm': 'FedMM, multimodal drift correction',
 }
 

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Type
 
 from fednnunet import method_names
-from fednnunet.strategies import FedAvg, NoAggregation, Strategy, TwoStageFedAvg
+from fednnunet.strategies import FedAvg, KnowledgeExchange, NoAggregation, Strategy, TwoStageFedAvg
 from fednnunet.trainers.base import FederatedTrainer
 from fednnunet.trainers.fedavg import FedAvgTrainer
 from fednnunet.trainers.fedbn import FedBNTrainer
@@ -13,6 +13,7 @@ from fednnunet.trainers.lcfed import LCFedTrainer
 from fednnunet.trainers.fedper import FedPerTrainer
 from fednnunet.trainers.fedprox import FedProxTrainer
 from fednnunet.trainers.fedrep import FedRepTrainer
+from fednnunet.trainers.hssf import HSSFTrainer
 from fednnunet.trainers.local import LocalTrainer
 
 
@@ -39,6 +40,7 @@ _BUILT = {
     'lcfed': (LCFedTrainer, TwoStageFedAvg),
     'feddp': (FedDPTrainer, TwoStageFedAvg),
     'fedfixmatch': (FedFixMatchTrainer, FedAvg),
+    'hssf': (HSSFTrainer, KnowledgeExchange),
 }
 
 #: every method, with its summary from fednnunet.method_names (the light list the command lines check)

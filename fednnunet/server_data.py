@@ -115,6 +115,12 @@ class ServerTrainer:
     def ask(self, message: Message) -> Message:
         return ask_in_process(self.worker, message)[0]
 
+    def local_trainer(self):
+        """The method's trainer at the public set, configured for this run but not started (its data not loaded): for a
+        strategy that needs the public set's own settings (patch size, labels, split) or draws from it."""
+        from fednnunet.site_training import build_site_trainer
+        return build_site_trainer(self.worker, self.config_for(round=0))
+
     def check_training(self):
         self.ask(Message('check_training', self.config_for(round=0)))
 

@@ -79,6 +79,18 @@ class Strategy:
                   global_state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def server_start(self, server, seed: int):
+        """Called before the first round (and again when a run resumes) when :attr:`uses_server_data`, with the
+        server's trainer on its public set and the run's seed."""
+
+    def update_array_spec(self) -> Dict[str, tuple]:
+        """{key: (shape, dtype)} of the arrays a site's update may hold besides the network's (e.g. predictions)."""
+        return {}
+
+    def server_update_keys(self, shared_keys: List[str]) -> set:
+        """The keys the server's trainer on its public set must return from its step."""
+        return set(shared_keys)
+
     def server_step(self, round_index: int, global_state: Dict[str, np.ndarray], server=None) -> Dict[str, np.ndarray]:
         """Training on server-held data after the merge. ``server``: the server's trainer on its public set
         (:class:`fednnunet.server_data.ServerTrainer`: ``fit(round, arrays)``, ``device``), when
@@ -282,3 +294,124 @@ def pooled_dice(metrics: Dict[str, dict]) -> Optional[List[float]]:
     fn = np.sum([m['fn'] for m in metrics.values()], 0)
     with np.errstate(invalid='ignore', divide='ignore'):
         return [float(x) for x in 2 * tp / (2 * tp + fp + fn)]
+
+
+class KnowledgeExchange(Strategy):
+    """HSSF's server (fednnunet/trainers/hssf.py): no weights are merged. Before the first round the server draws the
+    public patch bank from its public set (:mod:`fednnunet.public_patches`); each site gets it with its first round.
+    After the warm-up, the sites send their predictions on the bank; the server checks them (a site whose predictions
+    fail a check is named and left out of the round), and its own trainer on the public set rectifies its model
+    towards the best site per patch (``server_iterations`` iterations a round; default: as many as the sites'); its
+    predictions on the bank go to every site with the next round.
+
+    Each party's update weighs nothing here (there is no mean); ``weighting`` is accepted for the command lines."""
+    produces_global_model = False
+
+    def __init__(self, weighting: str = 'num_examples', server_optimizer: Optional[str] = None,
+                 server_iterations: Optional[int] = None, **settings):
+        super().__init__(weighting)
+        if server_optimizer not in (None, 'none') or any(v is not None for v in settings.values()):
+            raise ValueError('a server optimizer steps a merged model; hssf merges no weights')
+        from fednnunet.server_input import MAX_ITERATIONS
+        if server_iterations is not None and (isinstance(server_iterations, bool) or
+                                              not isinstance(server_iterations, int) or
+                                              not 0 <= server_iterations <= MAX_ITERATIONS):
+            raise ValueError(f'server_iterations must be a whole number of iterations in [0, {MAX_ITERATIONS}], not '
+                             f'{server_iterations!r}')
+        self.server_iterations = int(server_iterations or 0)  # 0: as many as the sites' local iterations
+        self.bank: Dict[str, np.ndarray] = {}
+        self.num_classes = self.patch_size = None
+        self.handed_over: List[str] = []
+        self.server_knowledge: Dict[str, np.ndarray] = {}
+        self.site_knowledge: Dict[str, Dict[str, np.ndarray]] = {}
+        self._server_has_bank = False
+        self.warmup_rounds = self.rounds = 0
+        self.site_indices: Dict[str, int] = {}
+
+    @property
+    def uses_server_data(self) -> bool:
+        return True
+
+    def setup(self, rounds, site_indices, hyperparameters):
+        self.rounds, self.site_indices = rounds, dict(site_indices)
+        self.warmup_rounds = int(hyperparameters['warmup_rounds'])
+        self.num_patches = int(hyperparameters['public_patches'])
+
+    def server_start(self, server, seed: int):
+        """The bank, drawn from the server's public set (the same one for the same seed, after a resume too)."""
+        from fednnunet.public_patches import draw_public_patches
+        trainer = server.local_trainer()
+        self.bank = draw_public_patches(trainer, self.num_patches, seed)
+        self.num_classes = trainer.label_manager.num_segmentation_heads
+        self.patch_size = tuple(int(s) for s in trainer.configuration_manager.patch_size)
+
+    @property
+    def num_patches_drawn(self) -> int:
+        from fednnunet.public_patches import IMAGES
+        return len(self.bank[IMAGES])
+
+    def knowledge_spec(self) -> Dict[str, tuple]:
+        from fednnunet import knowledge
+        n = self.num_patches_drawn
+        return {knowledge.PROBABILITIES: ((n, self.num_classes, *self.patch_size), np.dtype(np.float16)),
+                knowledge.CONFIDENCE: ((n, 1, *self.patch_size), np.dtype(np.float16))}
+
+    def update_array_spec(self) -> Dict[str, tuple]:
+        return self.knowledge_spec()
+
+    def server_update_keys(self, shared_keys):
+        return set(self.knowledge_spec())
+
+    def initial_state(self, network_state, shared_keys):
+        return {}
+
+    def configure_fit(self, round_index, site, global_state):
+        if round_index >= self.rounds:  # the finish message
+            return {}
+        out = {} if site in self.handed_over else dict(self.bank)
+        if round_index >= self.warmup_rounds:
+            out.update(self.server_knowledge)
+        return out
+
+    def expected_update_keys(self, round_index, shared_keys, readonly_keys):
+        return set(self.knowledge_spec()) if round_index >= self.warmup_rounds else set()
+
+    def aggregate(self, round_index, updates, global_state):
+        from fednnunet import knowledge
+        from fednnunet.errors import FederationError
+        self.site_knowledge = {}
+        for u in updates:
+            if u.site not in self.handed_over:
+                self.handed_over.append(u.site)
+            if not u.arrays:
+                continue
+            try:
+                knowledge.check_predictions(u.arrays, self.num_patches_drawn, self.num_classes, self.patch_size,
+                                            u.site)
+            except FederationError as e:
+                self.note(f'predictions of {u.site} left out: {e}')
+                continue
+            self.site_knowledge[u.site] = dict(u.arrays)
+        return global_state
+
+    def server_step(self, round_index, global_state, server=None):
+        from fednnunet import knowledge
+        from fednnunet.trainers.hssf import site_knowledge_keys
+        arrays = {} if self._server_has_bank else dict(self.bank)
+        if round_index >= self.warmup_rounds:
+            for site, predictions in sorted(self.site_knowledge.items()):
+                keys = site_knowledge_keys(self.site_indices[site])
+                arrays.update({keys[0]: predictions[knowledge.PROBABILITIES],
+                               keys[1]: predictions[knowledge.CONFIDENCE]})
+        update = server.fit(round_index, arrays)
+        self._server_has_bank = True
+        self.server_knowledge = dict(update.arrays)
+        self.site_knowledge = {}
+        return global_state
+
+    def state(self):
+        return {'server_knowledge': self.server_knowledge, 'handed_over': list(self.handed_over)}
+
+    def load_state(self, state):
+        self.server_knowledge = {k: np.asarray(v) for k, v in state.get('server_knowledge', {}).items()}
+        self.handed_over = list(state.get('handed_over', []))

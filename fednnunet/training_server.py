@@ -192,9 +192,16 @@ class FederatedTraining:
         streams) and the strategy's server iterations per round."""
         any_site = sorted(self.site_indices)[0]
         config = self.site_config(any_site, site_index=len(self.site_indices), num_sites=len(self.site_indices) + 1,
-                                  local_iterations=int(self.strategy.server_iterations), **extra)
-        config.pop('network_configuration', None)  # the public set trains the shared network (server iterations
-        return config  # belong to weight-merging methods)
+                                  local_iterations=self.server_iterations, **extra)
+        config.pop('network_configuration', None)
+        if SERVER_DATA in self.site_networks:  # a method that trains per-site networks: the server's own one
+            config['network_configuration'] = self.site_networks[SERVER_DATA]
+        return config
+
+    @property
+    def server_iterations(self) -> int:
+        """The server's local iterations on its public set per round (a strategy's 0: as many as the sites')."""
+        return int(self.strategy.server_iterations) or int(self.config.local_iterations)
 
     def setup_server_training(self):
         """The server's trainer on its public set, for a strategy that trains on it (checked like a site before
@@ -210,9 +217,11 @@ class FederatedTraining:
                                   f"[...]}} and run fednnunet_plan_and_preprocess", field='server')
         self.server = ServerTrainer(
             self.server_data, self.server_data_config,
-            lambda reply: update_problem(reply, set(self.shared_keys), self.array_spec, len(self.server_data.site.cases),
-                                         self.num_foreground))
+            lambda reply: update_problem(reply, self.strategy.server_update_keys(self.shared_keys),
+                                         {**self.array_spec, **self.strategy.update_array_spec()},
+                                         len(self.server_data.site.cases), self.num_foreground))
         self.server.check_training()
+        self.strategy.server_start(self.server, self.config.seed)
 
     def checkpoint_trainer(self):
         """The method's nnU-Net trainer on the server, without data: it builds the initial network (seeded as the
@@ -427,9 +436,10 @@ class FederatedTraining:
         number of training cases between 1 and what the site declared, and well-formed metrics: one bad (or
         malicious) site is then missing from this round instead of stopping or poisoning the federation."""
         expected = self.strategy.expected_update_keys(r, self.shared_keys, self.readonly_keys)
+        spec = {**self.array_spec, **self.strategy.update_array_spec()}
         updates, dropped = [], {}
         for site, reply in replies.items():
-            why = update_problem(reply, expected, self.array_spec, self.declared_cases.get(site, 0),
+            why = update_problem(reply, expected, spec, self.declared_cases.get(site, 0),
                                  self.num_foreground)
             if why:
                 dropped[site] = f'update refused: {why}'
@@ -484,9 +494,8 @@ class FederatedTraining:
         self.log(round_line(r, self.config.rounds, seconds, mean_pooled, ema, metrics, missing), console=True)
         if self.server is not None and self.server.last_update is not None:
             m = self.server.last_update.metrics
-            self.log(f"round {r}: server step on the public set ({self.strategy.server_iterations} iterations): the "
-                     f"merged model's pseudo Dice there {m['pseudo_dice']:.4f}, training loss {m['train_loss']:.4f}",
-                     console=True)
+            self.log(f"round {r}: server step on the public set ({self.server_iterations} iterations): pseudo Dice "
+                     f"there before it {m['pseudo_dice']:.4f}, training loss {m['train_loss']:.4f}", console=True)
 
     def finish(self, global_state: Dict[str, np.ndarray]) -> dict:
         """Sites store their final models and validate them; the server stores the global model."""

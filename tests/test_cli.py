@@ -46,7 +46,7 @@ def test_help_and_argument_errors_import_neither_torch_nor_nnunet():
     """--help and a wrong argument of every command answer before torch, nnU-Net or Flower is imported."""
     calls = [('fednnunet.cli', 'train_entry', ['--help']),
              ('fednnunet.cli', 'train_entry', ['501', '3d_fullres', '--method', 'nope']),
-             ('fednnunet.cli', 'train_entry', ['501', '3d_fullres', '--method', 'hssf']),
+             ('fednnunet.cli', 'train_entry', ['501', '3d_fullres', '--method', 'fedmm']),
              ('fednnunet.cli', 'predict_entry', ['--help']),
              ('fednnunet.cli', 'predict_entry', ['-i', 'x', '-o', 'y', '-d', '501', '-c', '2d', '--method', 'nope']),
              ('fednnunet.cli', 'evaluate_entry', ['--help']),
@@ -88,7 +88,7 @@ def test_method_names_agree_with_the_methods():
         assert method_names.method_of_trainer_name(m.trainer.__name__) == name
     assert method_names.CENTRALIZED == methods.CENTRALIZED
     assert method_names.CENTRALIZED_TRAINER == CentralizedTrainer.__name__
-    assert methods.PLANNED == method_names.PLANNED and set(method_names.PLANNED) == {'hssf', 'fedmm'}
+    assert methods.PLANNED == method_names.PLANNED and set(method_names.PLANNED) == {'fedmm'}
     assert not set(method_names.PLANNED) & set(method_names.METHODS)
     methods.check_method_names()
 
@@ -98,8 +98,6 @@ def test_method_is_checked_while_parsing(capsys, command):
     parser, base = PARSERS[command]
     err = _error(capsys, parser().parse_args, base + ['--method', 'nope'])
     assert "argument --method: unknown method 'nope'; available: fedavg, fedbn" in err and command in err
-    err = _error(capsys, parser().parse_args, base + ['--method', 'hssf'])
-    assert "method 'hssf' (HSSF, semi-supervised model-heterogeneous) is not implemented yet" in err
     err = _error(capsys, parser().parse_args, base + ['--method', 'fedmm'])
     assert "method 'fedmm' (FedMM, multimodal drift correction) is not implemented yet" in err
     for name in method_names.METHODS:
@@ -109,13 +107,13 @@ def test_method_is_checked_while_parsing(capsys, command):
     else:
         assert parser().parse_args(base + ['--method', 'centralized']).method == 'centralized'
     help_text = parser().format_help()
-    assert 'planned, not implemented yet: fedmm, hssf' in help_text
+    assert 'planned, not implemented yet: fedmm' in help_text
     assert method_names.METHODS['fedprox'][1] in help_text
 
 
 def test_demo_checks_its_methods(capsys):
     assert demo_parser().parse_args(['--methods', 'local', 'fedavg']).methods == ['local', 'fedavg']
-    assert 'not implemented yet' in _error(capsys, demo_parser().parse_args, ['--methods', 'fedavg', 'hssf'])
+    assert 'not implemented yet' in _error(capsys, demo_parser().parse_args, ['--methods', 'fedavg', 'fedmm'])
 
 
 # ============================================================================================ 2. numbers

@@ -369,7 +369,7 @@ def test_stock_nnunet_predict_loads_the_fedavg_global_model(planned, fresh_resul
 
 def test_bad_training_requests_are_clear(planned, fresh_results, capsys):
     with pytest.raises(SystemExit):
-        train_entry(['501', '3d_fullres', '--method', 'hssf'] + FAST)
+        train_entry(['501', '3d_fullres', '--method', 'fedmm'] + FAST)
     assert 'not implemented yet' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_entry(['501', '3d_fullres', '--method', 'fedavg', '--mu', '0.1'] + FAST)

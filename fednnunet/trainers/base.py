@@ -335,6 +335,18 @@ class FederatedTrainer(nnUNetTrainer):
         term, FedDP's calibration term). None: nothing."""
         return None
 
+    def full_resolution_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's highest-resolution output (deep supervision's lower ones are not computed: memory)."""
+        supervised = self.enable_deep_supervision
+        if supervised:
+            self.set_deep_supervision_enabled(False)
+        try:
+            out = self.network(x)
+        finally:
+            if supervised:
+                self.set_deep_supervision_enabled(True)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
     #: True during an :meth:`unlabelled_step`: the training loss is the method's term alone (there is no label)
     unlabelled_only = False
 

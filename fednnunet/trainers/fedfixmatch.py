@@ -74,18 +74,6 @@ class FedFixMatchTrainer(FedAvgTrainer):
     def can_train_this_round(self) -> bool:
         return super().can_train_this_round() or self.uses_unlabelled_this_round()
 
-    def full_resolution_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The network's highest-resolution output (deep supervision's lower ones are not computed: memory)."""
-        supervised = self.enable_deep_supervision
-        if supervised:
-            self.set_deep_supervision_enabled(False)
-        try:
-            out = self.network(x)
-        finally:
-            if supervised:
-                self.set_deep_supervision_enabled(True)
-        return out[0] if isinstance(out, (list, tuple)) else out
-
     def pseudo_label_loss(self, teacher: torch.Tensor, strong: torch.Tensor) -> Tuple[torch.Tensor, float]:
         """(L_u, the share of confident voxels): the strong view trained to the pseudo-labels of the weak view's
         logits ``teacher`` (no gradient through them)."""

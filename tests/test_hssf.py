@@ -1,0 +1,133 @@
+"""HSSF end to end (fednnunet/trainers/hssf.py, strategies.KnowledgeExchange): the public patch bank, knowledge in place
+of weights, per-site networks, and the mechanisms that must not silently do nothing."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fednnunet import knowledge, public_patches
+from fednnunet.engines.simulation import SimulationEngine
+from fednnunet.errors import FederationError
+from fednnunet.federation import SERVER_DATA, SITES_FILE, Federation
+from fednnunet.plan_and_preprocess import plan_and_preprocess
+from fednnunet.server_data import planning_engine
+
+from conftest import DATASET_NAME
+from test_unlabelled_sites import _unlabel
+
+PLANS = 'nnUNetCPUPlans'
+TRAIN = ['501', '3d_fullres', '0', '--rounds', '3', '--local-iterations', '2', '--val-iterations', '1', '-p', PLANS,
+         '-device', 'cpu', '--hp', 'warmup_rounds=1', 'public_patches=4']
+
+
+@pytest.fixture
+def hssf_federation(raw_copy):
+    """A: labelled cases, the plain network. B: unlabelled cases only (and no validation case), a residual-encoder
+    network. The server: C's labelled cases as its public set, the wide residual-encoder network."""
+    spec = json.load(open(raw_copy / SITES_FILE))
+    b = spec['sites']['B']['cases']
+    for case in b:
+        _unlabel(raw_copy, case)
+    spec['sites']['B'] = {'unlabelled': b, 'network': 'resenc'}
+    spec['server'] = {'cases': spec['sites'].pop('C')['cases'], 'network': 'resenc_wide'}
+    json.dump(spec, open(raw_copy / SITES_FILE, 'w'))
+    federation = Federation.from_raw(DATASET_NAME)
+    plan_and_preprocess(planning_engine(SimulationEngine.for_federation(federation), federation), DATASET_NAME,
+                        ['3d_fullres'], 'nnUNetPlannerCPU')
+    return federation
+
+
+def _results():
+    from fednnunet.site_training import results_folder
+    from fednnunet.trainers.hssf import HSSFTrainer
+    return results_folder(DATASET_NAME, HSSFTrainer, PLANS, '3d_fullres')
+
+
+class Spy:
+    """Every party's round metrics (site name, round, metrics), through HSSFTrainer.train_round."""
+
+    def __init__(self, mp):
+        from fednnunet.trainers.hssf import HSSFTrainer
+        self.rounds = []
+        original = HSSFTrainer.train_round
+
+        def train_round(trainer, r, arrays):
+            self.rounds.append((trainer.site_name, r, sorted(arrays or {})))
+            out = original(trainer, r, arrays)
+            self.rounds[-1] += (out[1], sorted(out[0]))
+            return out
+        mp.setattr(HSSFTrainer, 'train_round', train_round)
+
+    def of(self, party):
+        return [(r, received, metrics, sent) for p, r, received, metrics, sent in self.rounds if p == party]
+
+
+def _one_hot(labels: np.ndarray, classes: int) -> np.ndarray:
+    return np.eye(classes, dtype=np.float16)[labels[:, 0]].transpose(0, 4, 1, 2, 3)
+
+
+def test_hssf_trains_each_party_its_own_network_and_exchanges_only_predictions(hssf_federation):
+    """Per-site networks (A plain, B residual encoder, the server wider still), each an nnU-Net checkpoint; the bank
+    goes to each site once; in the warm-up nothing travels back and there is no KL or unlabelled term; after it,
+    only float16 predictions travel, and every distinctive term is active: with perfect teachers (the server's
+    predictions replaced by the bank's labels, site A's too) the refinement and rectification gates open and their KL
+    terms are positive, and site B (unlabelled cases only) trains on pseudo-labels and on feature perturbation."""
+    from fednnunet.cli import train_entry
+    from fednnunet.strategies import KnowledgeExchange
+    aggregate, server_step = KnowledgeExchange.aggregate, KnowledgeExchange.server_step
+
+    def perfect_site_a(self, r, updates, state):
+        out = aggregate(self, r, updates, state)
+        if 'A' in self.site_knowledge:  # A's predictions become the bank's labels: the best teacher there is
+            labels = self.bank[public_patches.LABELS]
+            self.site_knowledge['A'] = knowledge.encode_predictions(_one_hot(labels, self.num_classes),
+                                                                    np.ones_like(labels, dtype=np.float16))
+        return out
+
+    def perfect_server(self, r, state, server=None):
+        out = server_step(self, r, state, server)
+        labels = self.bank[public_patches.LABELS]
+        self.server_knowledge = knowledge.encode_predictions(_one_hot(labels, self.num_classes),
+                                                             np.ones_like(labels, dtype=np.float16))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        spy = Spy(mp)
+        mp.setattr(KnowledgeExchange, 'aggregate', perfect_site_a)
+        mp.setattr(KnowledgeExchange, 'server_step', perfect_server)
+        train_entry(TRAIN + ['--method', 'hssf', '--hp', 'image_threshold=0'])
+    base = _results()
+    configurations = {}
+    for party in ('A', 'B', SERVER_DATA):
+        ck = torch.load(os.path.join(base, 'sites', party, 'fold_0', 'checkpoint_final.pth'), map_location='cpu',
+                        weights_only=True)
+        configurations[party] = ck['init_args']['configuration']
+    assert configurations == {'A': '3d_fullres', 'B': '3d_fullres_resenc', SERVER_DATA: '3d_fullres_resenc_wide'}
+    assert not os.path.isfile(os.path.join(base, 'fold_0', 'checkpoint_final.pth'))  # no global model
+    bank = [public_patches.IMAGES, public_patches.LABELS]
+    preds = [knowledge.CONFIDENCE, knowledge.PROBABILITIES]
+    for site in ('A', 'B'):
+        rounds = spy.of(site)
+        assert [r for r, *_ in rounds] == [0, 1, 2]
+        assert rounds[0][1] == bank and rounds[1][1] == preds and rounds[2][1] == preds  # the bank once
+        assert rounds[0][3] == [] and rounds[1][3] == preds == rounds[2][3]  # nothing back in the warm-up
+        warm = rounds[0][2]
+        assert 'rf_kl' not in warm and 'pseudo_label_loss' not in warm and 'fp_loss' not in warm
+        for r, received, metrics, sent in rounds[1:]:
+            assert metrics['rf_gate'] == 1.0 and metrics['rf_kl'] > 0, (site, r, metrics)
+    assert 'labelled_loss' in spy.of('A')[1][2] and 'labelled_loss' not in spy.of('B')[1][2]
+    for r, received, metrics, sent in spy.of('B')[1:]:
+        assert metrics['image_gate'] == 1.0 and metrics['pseudo_label_loss'] > 0 and metrics['fp_loss'] > 0
+    server = spy.of(SERVER_DATA)
+    assert server[0][1] == bank and 'rc_kl' not in server[0][2]
+    for r, received, metrics, sent in server[1:]:
+        assert received == sorted(['knowledge/site/0/confidence', 'knowledge/site/0/probabilities',
+                                   'knowledge/site/1/confidence', 'knowledge/site/1/probabilities'])
+        assert metrics['rc_gate'] > 0 and metrics['rc_kl'] > 0, metrics
+    log = json.load(open(os.path.join(base, 'fold_0', 'federation_log.json')))
+    for site in ('A', 'B'):  # round 0 carries the bank; rounds 1 and 2 the server's predictions, the same size
+        sent = [r['bytes_to_sites'][site] for r in log]
+        assert sent[1] == sent[2] and sent[0] != sent[1] and min(sent) > 0
+    assert log[2]['server']['num_training_cases'] > 0
