@@ -382,19 +382,32 @@ def demo_data_entry(argv=None):
                         help='semi-supervised demo: at every site only the first N cases keep their labels, the '
                              'others become its unlabelled cases (imagesTrUnlabelled/); dataset 504 '
                              'FedBrainSemiDemo unless -d is given')
+    parser.add_argument('--public-set', action='store_true',
+                        help='semi-supervised, model-heterogeneous demo: a labelled public set at the server from a '
+                             'scanner of its own, one site with few training labels, the others none (every site '
+                             'keeps labelled validation-only cases for measurement), a network per participant; '
+                             'dataset 505 FedBrainPublicSetDemo unless -d is given')
     args = parser.parse_args(argv)
     from fednnunet import demo
     sites = demo.TEST_SITES if args.test_sites else demo.DEFAULT_SITES
-    if args.lesion and args.labelled_per_site:
-        _fail('--lesion and --labelled-per-site are two different demos; choose one')
+    chosen = [flag for flag, on in (('--lesion', args.lesion), ('--labelled-per-site', args.labelled_per_site),
+                                    ('--public-set', args.public_set)) if on]
+    if len(chosen) > 1:
+        _fail(f'{" and ".join(chosen)} are different demos; choose one')
     default_id, name = ((demo.LESION_DATASET_ID, demo.LESION_DATASET_NAME) if args.lesion else
                         (demo.SEMI_SUPERVISED_DATASET_ID, demo.SEMI_SUPERVISED_DATASET_NAME)
-                        if args.labelled_per_site else (demo.DEMO_DATASET_ID, demo.DEMO_DATASET_NAME))
+                        if args.labelled_per_site else
+                        (demo.PUBLIC_SET_DATASET_ID, demo.PUBLIC_SET_DATASET_NAME) if args.public_set else
+                        (demo.DEMO_DATASET_ID, demo.DEMO_DATASET_NAME))
+    public = {}
+    if args.public_set:
+        public = dict(public_set=demo.TEST_PUBLIC_SCANNER, few_labels=1, validation_per_site=1) if args.test_sites \
+            else dict(public_set=demo.PUBLIC_SCANNER)
     try:
         folder = demo.build_demo_federation(args.d if args.d is not None else default_id, name=name, size=args.size,
                                             seed=args.seed, sites=sites, overwrite=args.overwrite,
                                             only_site=args.site, lesion=args.lesion,
-                                            labelled_per_site=args.labelled_per_site)
+                                            labelled_per_site=args.labelled_per_site, **public)
     except (FileExistsError, ValueError, FederationError) as e:
         _fail(str(e).replace('pass overwrite=True', 'pass --overwrite'))
     print(f'demo federation written to {folder}')

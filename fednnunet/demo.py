@@ -19,6 +19,14 @@ Semi-supervised (``labelled_per_site=N``, ``Dataset504_FedBrainSemiDemo``): the 
 the first N keep their labels; the others are listed as the site's ``unlabelled`` cases, with their images in
 ``imagesTrUnlabelled/`` and no label anywhere in the dataset.
 
+With a public set at the server (``public_set=PUBLIC_SCANNER``, ``Dataset505_FedBrainPublicSetDemo``): every site
+keeps its last ``validation_per_site`` cases as labelled cases held out for validation only (sites.json
+``validation``: they measure, nothing trains on them); only the first site keeps ``few_labels`` labelled training
+cases; every other case is unlabelled, so the other sites have no training label at all. The server holds a
+labelled public set from a scanner of its own (sites.json ``server``), and every participant declares the network it
+trains in model-heterogeneous methods (``network``: the small sites nnU-Net's plain U-Net, the larger ones a
+residual-encoder U-Net, the server the wide one).
+
 Sites: each site samples its subjects on its own voxel grid (spacing, slice thickness: the image is
 the partial-volume average over the voxel) and adds its scanner's signature: gamma, a smooth
 multiplicative bias field, Rician noise and an intensity scale. Outside the brain the image is
@@ -53,6 +61,8 @@ LESION_DATASET_NAME = 'FedBrainLesionDemo'
 LESION_LABEL = 3
 SEMI_SUPERVISED_DATASET_ID = 504
 SEMI_SUPERVISED_DATASET_NAME = 'FedBrainSemiDemo'
+PUBLIC_SET_DATASET_ID = 505
+PUBLIC_SET_DATASET_NAME = 'FedBrainPublicSetDemo'
 FILE_ENDING = '.nii.gz'
 
 # Field of view shared by all sites, in MNI (RAS) mm: the template brain's bounding box
@@ -130,6 +140,16 @@ DEFAULT_SITES: Tuple[SiteScanner, ...] = (
     SiteScanner('D', 3, (1.0, 1.0, 1.5), intensity_scale=250.0, gamma=0.75, bias_strength=0.15, noise_std=0.08,
                 description='small, other intensity scale, noisy'),
 )
+
+#: the server's public set in the public-set demo: another scanner than any site's
+PUBLIC_SCANNER = SiteScanner('P', 8, (1.0, 1.0, 1.2), intensity_scale=600.0, gamma=1.25, bias_strength=0.2,
+                             noise_std=0.04, description="the server's public set: a scanner of its own")
+TEST_PUBLIC_SCANNER = SiteScanner('P', 3, (1.0, 1.0, 1.2), intensity_scale=600.0, gamma=1.25, bias_strength=0.2,
+                                  noise_std=0.04, description="the server's public set: a scanner of its own")
+#: the networks the public-set demo's participants declare: (first site, sites with more cases, small sites, server)
+PUBLIC_SET_NETWORKS = {'few_labels': 'plain', 'large': 'resenc', 'small': 'plain', 'server': 'resenc_wide'}
+PUBLIC_SET_LARGE_SITE = 6  # cases from which a site counts as large (a residual-encoder U-Net)
+
 
 TEST_SITES: Tuple[SiteScanner, ...] = (
     SiteScanner('A', 3, (1.0, 1.0, 1.0), intensity_scale=1000.0, gamma=1.0, bias_strength=0.05, noise_std=0.02,
@@ -374,7 +394,8 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
                           raw_root: Optional[str] = None, size: int = 64, seed: int = 0,
                           sites: Sequence[SiteScanner] = DEFAULT_SITES, overwrite: bool = False,
                           verbose: bool = True, only_site: Optional[str] = None, lesion: bool = False,
-                          labelled_per_site: Optional[int] = None) -> str:
+                          labelled_per_site: Optional[int] = None, public_set: Optional[SiteScanner] = None,
+                          few_labels: int = 2, validation_per_site: int = 2) -> str:
     """Writes ``<raw_root or $nnUNet_raw>/Dataset{id:03d}_{name}/`` with dataset.json, imagesTr/,
     labelsTr/ and sites.json. Returns the folder.
 
@@ -383,6 +404,9 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
     ``lesion``: every case also has a small white-matter lesion (label 3; see the module's text).
     ``labelled_per_site``: at every site only the first this many cases keep their labels; the others become the
     site's unlabelled cases (images in imagesTrUnlabelled/, no label written).
+    ``public_set``: the public-set demo (see the module's text): the server holds this scanner's cases, labelled;
+    every site's last ``validation_per_site`` cases are labelled validation-only cases, the first site keeps
+    ``few_labels`` labelled training cases, every other case is unlabelled.
 
     The folder is built under a hidden temporary sibling and renamed into place at the end, so an
     interrupted build never leaves a folder that looks complete. An existing folder raises
@@ -393,6 +417,8 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
     if labelled_per_site is not None and labelled_per_site < 1:
         raise ValueError(f'labelled_per_site must be at least 1 (every site needs a labelled case), not '
                          f'{labelled_per_site}')
+    if public_set is not None:
+        _check_public_set_layout(sites, public_set, labelled_per_site, few_labels, validation_per_site)
     if only_site is not None and only_site not in [s.name for s in sites]:
         raise ValueError(f"site {only_site!r} is not one of the demo's sites {[s.name for s in sites]}")
     if raw_root is None:
@@ -416,7 +442,7 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
         unlabelled_dir = os.path.join(tmp, UNLABELLED_IMAGES_FOLDER)
         os.makedirs(images_dir)
         os.makedirs(labels_dir)
-        if labelled_per_site is not None:
+        if labelled_per_site is not None or public_set is not None:
             os.makedirs(unlabelled_dir)
         assignment: Dict[str, dict] = {}
         t0 = time.perf_counter()
@@ -433,27 +459,52 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
             maps = _site_maps(size, spacing)
             origin = _grid_origin(spacing, shape)
             cases = list(site.case_ids())
-            keep = len(cases) if labelled_per_site is None else labelled_per_site
+            if public_set is None:
+                keep = len(cases) if labelled_per_site is None else labelled_per_site
+                entry = {'cases': cases[:keep]}
+                if cases[keep:]:
+                    entry['unlabelled'] = cases[keep:]
+            else:
+                entry = _public_set_entry(site, site is sites[0], few_labels, validation_per_site)
+            labelled = set(entry['cases']) | set(entry.get('validation', ()))
             for i, case in enumerate(cases):
                 image, label, _ = generate_case(site, i, size, seed, _maps=maps, lesion=lesion)
-                if i < keep:
+                if case in labelled:
                     _write_nifti(image, spacing, origin, os.path.join(images_dir, f'{case}_0000{FILE_ENDING}'))
                     _write_nifti(label, spacing, origin, os.path.join(labels_dir, f'{case}{FILE_ENDING}'))
                 else:
                     _write_nifti(image, spacing, origin, os.path.join(unlabelled_dir, f'{case}_0000{FILE_ENDING}'))
-            assignment[site.name] = {'cases': cases[:keep]}
-            if cases[keep:]:
-                assignment[site.name]['unlabelled'] = cases[keep:]
+            assignment[site.name] = entry
             if verbose:
                 print(f'[demo] site {site.name}: {site.n_cases} cases, shape {shape} (x,y,z), spacing '
                       f'{tuple(round(s, 3) for s in spacing)} mm, {time.perf_counter() - t0:.1f} s', flush=True)
-        n_cases = sum(s.n_cases for s in sites if only_site in (None, s.name))
+        server = None
+        if public_set is not None and only_site is None:
+            t0 = time.perf_counter()
+            spacing = site_spacing_mm(public_set, size)
+            maps = _site_maps(size, spacing)
+            origin = _grid_origin(spacing, site_shape(public_set, size))
+            for i, case in enumerate(public_set.case_ids()):
+                image, label, _ = generate_case(public_set, i, size, seed, _maps=maps, lesion=lesion)
+                _write_nifti(image, spacing, origin, os.path.join(images_dir, f'{case}_0000{FILE_ENDING}'))
+                _write_nifti(label, spacing, origin, os.path.join(labels_dir, f'{case}{FILE_ENDING}'))
+            server = {'cases': list(public_set.case_ids()), 'network': PUBLIC_SET_NETWORKS['server']}
+            if verbose:
+                print(f"[demo] the server's public set (scanner {public_set.name}): {public_set.n_cases} labelled "
+                      f"cases, {time.perf_counter() - t0:.1f} s", flush=True)
+        n_cases = sum(s.n_cases for s in sites if only_site in (None, s.name)) + (
+            public_set.n_cases if server else 0)
         semi = f', {labelled_per_site} labelled cases per site, the rest unlabelled' if labelled_per_site else ''
+        if public_set is not None:
+            semi = (f', only site {sites[0].name} with {few_labels} labelled training cases, {validation_per_site} '
+                    f'labelled validation-only cases per site, the rest unlabelled, a labelled public set of '
+                    f'{public_set.n_cases} cases at the server')
         dataset_json = {
             'channel_names': dict(CHANNEL_NAMES),
             'labels': dict(LABELS, lesion=LESION_LABEL) if lesion else dict(LABELS),
             # the federation's labelled cases, the same at every site
-            'numTraining': sum(min(s.n_cases, labelled_per_site or s.n_cases) for s in sites),
+            'numTraining': sum(len(e['cases']) + len(e.get('validation', ())) for e in assignment.values()) + (
+                len(server['cases']) if server else 0),
             'file_ending': FILE_ENDING,
             'name': name,
             'description': (f'fednnunet demo federation: brain tissue segmentation'
@@ -469,7 +520,7 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
         }
         with open(os.path.join(tmp, 'dataset.json'), 'w') as f:
             json.dump(dataset_json, f, indent=2)
-        write_sites_json(tmp, assignment)
+        write_sites_json(tmp, assignment, server)
         Federation.from_folder(tmp)  # the contract holds before the folder becomes visible
         _move_into_place(tmp, target, overwrite)
     except BaseException:
@@ -478,6 +529,34 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
     if verbose:
         print(f'[demo] wrote {target} ({n_cases} cases, {time.perf_counter() - t_start:.1f} s)', flush=True)
     return target
+
+
+def _check_public_set_layout(sites: Tuple[SiteScanner, ...], public_set: SiteScanner, labelled_per_site,
+                             few_labels: int, validation_per_site: int):
+    if labelled_per_site is not None:
+        raise ValueError('labelled_per_site and public_set are two different demos; choose one')
+    if public_set.name in [s.name for s in sites]:
+        raise ValueError(f"the public set's scanner {public_set.name!r} is also a site's name")
+    if few_labels < 1 or validation_per_site < 1:
+        raise ValueError(f'few_labels and validation_per_site must be at least 1 (got {few_labels}, '
+                         f'{validation_per_site})')
+    for i, site in enumerate(sites):
+        need = validation_per_site + 1 + (few_labels if i == 0 else 0)
+        if site.n_cases < need:
+            raise ValueError(f'site {site.name!r}: {site.n_cases} cases, the public-set demo needs {need} '
+                             f'({validation_per_site} for validation, {few_labels if i == 0 else 0} labelled, '
+                             f'at least one unlabelled)')
+
+
+def _public_set_entry(site: SiteScanner, first: bool, few_labels: int, validation_per_site: int) -> dict:
+    """The site's sites.json entry in the public-set demo."""
+    cases = list(site.case_ids())
+    labelled = few_labels if first else 0
+    split = len(cases) - validation_per_site
+    network = PUBLIC_SET_NETWORKS['few_labels'] if first else PUBLIC_SET_NETWORKS[
+        'large' if site.n_cases >= PUBLIC_SET_LARGE_SITE else 'small']
+    return {'cases': cases[:labelled], 'unlabelled': cases[labelled:split], 'validation': cases[split:],
+            'network': network}
 
 
 def _check_target(raw_root: str, target: str, dataset_id: int, overwrite: bool):

@@ -232,4 +232,38 @@ def test_the_semi_supervised_demo_withholds_labels_and_keeps_every_image(built, 
     assert {n: len(s.unlabelled) for n, s in federation.sites.items()} == {s.name: s.n_cases - 1 for s in TEST_SITES}
     with pytest.raises(SystemExit):
         demo_data_entry(['--test-sites', '--size', str(SIZE), '--labelled-per-site', '1', '--lesion'])
-    assert 'two different demos' in capsys.readouterr().err
+    assert 'are different demos' in capsys.readouterr().err
+
+
+def test_the_public_set_demo_gives_the_server_labels_and_most_sites_none(built, tmp_path, monkeypatch):
+    """fednnunet_demo_data --public-set: the first site keeps one labelled training case, every site one labelled
+    validation-only case, everything else unlabelled (the plain demo's images); the server holds a labelled public
+    set from a scanner no site has; every participant names its network."""
+    from fednnunet.cli import demo_data_entry
+    monkeypatch.setenv('nnUNet_raw', str(tmp_path / 'raw'))
+    demo_data_entry(['--test-sites', '--size', str(SIZE), '--public-set'])
+    folder = str(tmp_path / 'raw' / demo.dataset_folder_name(demo.PUBLIC_SET_DATASET_ID, demo.PUBLIC_SET_DATASET_NAME))
+    spec = json.load(open(os.path.join(folder, 'sites.json')))
+    for i, site in enumerate(TEST_SITES):
+        cases = list(site.case_ids())
+        labelled = cases[:1] if i == 0 else []
+        assert spec['sites'][site.name] == {'cases': labelled, 'unlabelled': cases[len(labelled):-1],
+                                            'validation': cases[-1:], 'network': 'plain'}, site.name
+        for case in cases[len(labelled):-1]:
+            image = os.path.join(folder, 'imagesTrUnlabelled', f'{case}_0000.nii.gz')
+            np.testing.assert_array_equal(_read(image)[0], _read(_files(built, case)[0])[0])
+            assert not os.path.exists(_files(folder, case)[1])
+        for case in labelled + cases[-1:]:
+            np.testing.assert_array_equal(_read(_files(folder, case)[1])[0], _read(_files(built, case)[1])[0])
+    public = list(demo.TEST_PUBLIC_SCANNER.case_ids())
+    assert spec['server'] == {'cases': public, 'network': 'resenc_wide'}
+    federation = Federation.from_folder(folder)
+    assert federation.server is not None and federation.server.cases == tuple(public)
+    assert not federation.sites['B'].cases and federation.sites['B'].validation == ('B_001',)
+    # the public scanner differs from every site's: its intensities are not any site's
+    image = _read(_files(folder, public[0])[0])[0]
+    brain = image > 0
+    for site in TEST_SITES:
+        other = _read(_files(folder, site.case_ids()[-1])[0])[0]
+        assert abs(np.median(image[brain]) - np.median(other[other > 0])) > 0.05 * np.median(other[other > 0])
+    assert json.load(open(os.path.join(folder, 'dataset.json')))['numTraining'] == 1 + len(TEST_SITES) + len(public)

@@ -975,3 +975,47 @@ def test_the_flower_server_plans_and_trains_with_its_public_set(raw_copy, task_i
     assert os.path.isfile(os.path.join(site_folder(DATASET_NAME, SERVER_DATA), 'splits_final.json'))
     log = json.load(open(os.path.join(result['training']['results_folder'], 'fold_0', 'federation_log.json')))
     assert np.isfinite(log[0]['server']['train_loss']) and sorted(log[0]['sites']) == ['A', 'B']
+
+
+def test_hssf_over_flower_plans_a_network_per_party_and_exchanges_predictions(raw_copy, task_identity):
+    """hssf through the Flower engine and Flower's encoding: the planning gives each party its own network (A plain,
+    B with unlabelled cases only a residual encoder, the server's public set the wide one); the bank reaches each
+    site once, the server's predictions reach the sites after the warm-up (their refinement KL is computed) and the
+    sites' reach the server's trainer (its rectification KL is computed); every party keeps an nnU-Net checkpoint of
+    its own network and there is no global model."""
+    import glob
+    import torch
+    from fednnunet.flower_app import run_server
+    from fednnunet.federation import SERVER_DATA
+    from test_unlabelled_sites import _unlabel
+    spec = json.load(open(raw_copy / 'sites.json'))
+    for case in spec['sites']['B']['cases']:
+        _unlabel(raw_copy, case)
+    spec['sites']['B'] = {'unlabelled': spec['sites']['B']['cases'], 'network': 'resenc'}
+    spec['server'] = {'cases': spec['sites'].pop('C')['cases'], 'network': 'resenc_wide'}
+    json.dump(spec, open(raw_copy / 'sites.json', 'w'))
+    federation = Federation.from_raw(DATASET_ID)
+    workers = _workers(federation)
+    grid = InProcessGrid({1: site_node(workers['A'], 'A'), 2: site_node(workers['B'], 'B')})
+    engine = FlowerEngine(grid, sites=['A', 'B'], dataset=DATASET_ID, log=lambda t: None)
+    result = run_server(grid, {'dataset': str(DATASET_ID), 'planner': 'nnUNetPlannerCPU', 'method': 'hssf',
+                               'rounds': 2, 'local-iterations': 1, 'val-iterations': 1, 'validate': False,
+                               'hyperparameters': json.dumps({'warmup_rounds': 1, 'public_patches': 2}),
+                               'server-data': str(raw_copy / 'sites.json'), 'sites': 'A B'}, engine=engine)
+    base = result['training']['results_folder']
+    configurations = {p: torch.load(os.path.join(base, 'sites', p, 'fold_0', 'checkpoint_final.pth'),
+                                    map_location='cpu', weights_only=True)['init_args']['configuration']
+                      for p in ('A', 'B', SERVER_DATA)}
+    assert configurations == {'A': '3d_fullres', 'B': '3d_fullres_resenc', SERVER_DATA: '3d_fullres_resenc_wide'}
+    assert not os.path.isfile(os.path.join(base, 'fold_0', 'checkpoint_final.pth'))
+
+    def log_of(party):
+        return ''.join(open(f).read() for f in glob.glob(os.path.join(base, 'sites', party, 'fold_0',
+                                                                      'training_log*.txt')))
+    for site in ('A', 'B'):
+        assert re.search(r'round 1: .*rf_kl \d', log_of(site)) and 'rf_kl' not in log_of(site).split('round 1:')[0]
+    assert re.search(r'round 1: .*pseudo_label_loss \d|round 1: .*fp_loss \d', log_of('B'))
+    assert re.search(r'round 1: .*rc_kl \d', log_of(SERVER_DATA)), log_of(SERVER_DATA)[-2000:]
+    log = json.load(open(os.path.join(base, 'fold_0', 'federation_log.json')))
+    sent = [r['bytes_to_sites']['A'] for r in log]
+    assert sent[0] != sent[1] and min(sent) > 0  # the bank, then the server's predictions

@@ -131,3 +131,67 @@ def test_hssf_trains_each_party_its_own_network_and_exchanges_only_predictions(h
         sent = [r['bytes_to_sites'][site] for r in log]
         assert sent[1] == sent[2] and sent[0] != sent[1] and min(sent) > 0
     assert log[2]['server']['num_training_cases'] > 0
+
+
+def _final_weights(party):
+    ck = torch.load(os.path.join(_results(), 'sites', party, 'fold_0', 'checkpoint_final.pth'), map_location='cpu',
+                    weights_only=True)
+    return ck['network_weights']
+
+
+def test_hssf_resumed_equals_uninterrupted_and_a_site_with_bad_predictions_is_left_out(hssf_federation, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """--continue after a crash in round 2 gives the same networks as the run without it (the bank redrawn the same,
+    the server's predictions and every party's head and optimizer restored); and a site whose predictions are not
+    probabilities (here B's, scaled by 3) is named in the log, its predictions never reach the server, and the run
+    goes on with A's."""
+    from fednnunet.cli import train_entry
+    from fednnunet.strategies import KnowledgeExchange
+    from fednnunet.trainers.hssf import HSSFTrainer
+    from conftest import point_nnunet_folder
+    point_nnunet_folder(monkeypatch, 'nnUNet_results', tmp_path / 'straight')
+    train_entry(TRAIN + ['--method', 'hssf'])
+    straight = {p: _final_weights(p) for p in ('A', 'B', SERVER_DATA)}
+
+    point_nnunet_folder(monkeypatch, 'nnUNet_results', tmp_path / 'resumed')
+    configure_fit = KnowledgeExchange.configure_fit
+
+    def crash(self, r, site, state):
+        if r == 2:
+            raise KeyboardInterrupt('simulated crash')
+        return configure_fit(self, r, site, state)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(KnowledgeExchange, 'configure_fit', crash)
+        with pytest.raises(KeyboardInterrupt):
+            train_entry(TRAIN + ['--method', 'hssf'])
+    assert not os.path.isfile(os.path.join(_results(), 'sites', 'A', 'fold_0', 'checkpoint_final.pth'))
+    train_entry(TRAIN + ['--method', 'hssf', '--continue'])
+    for party, weights in straight.items():
+        resumed = _final_weights(party)
+        assert set(resumed) == set(weights)
+        for k in weights:  # exactly: a loader built mid-round after the resume once changed site B's weights
+            torch.testing.assert_close(resumed[k], weights[k], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, k=k, p=party: f'{p} {k}: {m}')
+
+    point_nnunet_folder(monkeypatch, 'nnUNet_results', tmp_path / 'attacked')
+    predict_bank = HSSFTrainer.predict_bank
+
+    def scaled(self):
+        out = predict_bank(self)
+        if self.site_name == 'B':
+            out[knowledge.PROBABILITIES] = (out[knowledge.PROBABILITIES].astype(np.float32) * 3).astype(np.float16)
+        return out
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        spy = Spy(mp)
+        mp.setattr(HSSFTrainer, 'predict_bank', scaled)
+        train_entry(TRAIN + ['--method', 'hssf'])
+    out = capsys.readouterr().out
+    for r in (1, 2):
+        assert f"round {r}: predictions of B left out: site 'B', field 'knowledge/probabilities'" in out, out[-3000:]
+    for r, received, metrics, sent in spy.of(SERVER_DATA)[1:]:
+        assert received == ['knowledge/site/0/confidence', 'knowledge/site/0/probabilities'], received
+        assert metrics['rc_kl'] >= 0
+    log = json.load(open(os.path.join(_results(), 'fold_0', 'federation_log.json')))
+    assert [sorted(r['sites']) for r in log] == [['A', 'B']] * 3  # B still trains; only its knowledge is refused
+    assert os.path.isfile(os.path.join(_results(), 'sites', 'B', 'fold_0', 'checkpoint_final.pth'))

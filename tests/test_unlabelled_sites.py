@@ -83,7 +83,7 @@ def test_a_supervised_method_refuses_a_site_without_labelled_training_cases(unla
     with pytest.raises(SystemExit):
         train_entry(TRAIN + ['--method', 'fedavg'])
     err = capsys.readouterr().err
-    assert "site 'B'" in err and "field 'cases'" in err and 'semi-supervised method (fedfixmatch)' in err, err
+    assert "site 'B'" in err and "field 'cases'" in err and 'semi-supervised method (fedfixmatch, hssf)' in err, err
     assert not os.listdir(os.environ['nnUNet_results'])  # nothing written
 
 

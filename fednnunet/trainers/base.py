@@ -497,6 +497,10 @@ class FederatedTrainer(nnUNetTrainer):
         The metrics' validation numbers describe the model the site received (global shared keys + its local
         keys), measured on the site's own validation split before it trains."""
         self.current_epoch = round_index
+        if self.uses_unlabelled_data and self.has_unlabelled_data:
+            # built before the round's seed: building it draws random numbers, so a loader first built in the middle
+            # of a round (after a resume, or where the trainer is rebuilt every round) would change what follows
+            self.get_unlabelled_dataloader()
         seed_everything(round_seed(self.seed, self.site_index, round_index))
         if shared_state:
             self.load_shared_state(shared_state)
