@@ -29,7 +29,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fedavg_gap import _fold, run_once  # noqa: E402 - the same runs
+from fedavg_gap import run_once  # noqa: E402 - the same runs
 
 from fednnunet.demo import PUBLIC_SET_DATASET_ID  # noqa: E402
 
@@ -51,10 +51,16 @@ def run(name: str, args, work: str, env: dict) -> float:
     return run_once(name, cmd, os.path.join(work, f'results_{name}'), env)
 
 
+def method_folder(results: str) -> str:
+    """The method's nnU-Net results folder, <Trainer>__nnUNetCPUPlans__3d_fullres."""
+    (dataset,) = [os.path.join(results, d) for d in os.listdir(results) if d.startswith('Dataset')]
+    (folder,) = [d for d in os.listdir(dataset) if d.endswith('__nnUNetCPUPlans__3d_fullres')]
+    return os.path.join(dataset, folder)
+
+
 def models_of(name: str, results: str, sites) -> dict:
     """{site: the model folder that site uses} (and 'server' for hssf's server model)."""
-    fold = _fold(results)
-    base = os.path.dirname(fold)
+    base = method_folder(results)
     if RUNS[name][0] == 'hssf':
         out = {s: os.path.join(base, 'sites', s) for s in sites}
         out['server'] = os.path.join(base, 'sites', 'server')

@@ -517,8 +517,24 @@ class FederatedTraining:
         if self.server is not None:  # the final model measured on the public set's validation split too
             result['server_validation'] = self.server.finish(global_state, c.validate).config['validation_summary']
         write_json(join(self.output_folder, 'federated_summary.json'), to_plain(result))
+        self.remove_empty_network_folders()
         self.log('training done', console=False)
         return result
+
+    def remove_empty_network_folders(self):
+        """A party training its own network is an nnU-Net trainer of that network's configuration, whose constructor
+        makes <results>/<Trainer>__<plans>__<that configuration>/fold_X; the party writes under sites/<party>/ of the
+        method's folder only, so that one is left empty where this process can see it: removed once everyone is done
+        (not before: a party still starting would find its parent gone)."""
+        parent = os.path.dirname(self.results_base)
+        prefix = os.path.basename(self.results_base) + '_'
+        for configuration in set(self.site_networks.values()) - {self.config.configuration}:
+            folder = join(parent, prefix + configuration[len(self.config.configuration) + 1:])
+            for empty in (join(folder, f'fold_{self.config.fold}'), folder):
+                try:
+                    os.rmdir(empty)  # only ever an empty folder
+                except OSError:
+                    pass
 
 
 def mean_of_measured(values: List[float], weights: np.ndarray) -> float:

@@ -35,7 +35,7 @@ def hssf_federation(raw_copy):
     json.dump(spec, open(raw_copy / SITES_FILE, 'w'))
     federation = Federation.from_raw(DATASET_NAME)
     plan_and_preprocess(planning_engine(SimulationEngine.for_federation(federation), federation), DATASET_NAME,
-                        ['3d_fullres'], 'nnUNetPlannerCPU')
+                        ['2d', '3d_fullres'], 'nnUNetPlannerCPU')
     return federation
 
 
@@ -106,6 +106,7 @@ def test_hssf_trains_each_party_its_own_network_and_exchanges_only_predictions(h
         configurations[party] = ck['init_args']['configuration']
     assert configurations == {'A': '3d_fullres', 'B': '3d_fullres_resenc', SERVER_DATA: '3d_fullres_resenc_wide'}
     assert not os.path.isfile(os.path.join(base, 'fold_0', 'checkpoint_final.pth'))  # no global model
+    assert [d for d in os.listdir(os.path.dirname(base)) if d.startswith('HSSFTrainer')] == [os.path.basename(base)]
     bank = [public_patches.IMAGES, public_patches.LABELS]
     preds = [knowledge.CONFIDENCE, knowledge.PROBABILITIES]
     for site in ('A', 'B'):
@@ -131,6 +132,37 @@ def test_hssf_trains_each_party_its_own_network_and_exchanges_only_predictions(h
         sent = [r['bytes_to_sites'][site] for r in log]
         assert sent[1] == sent[2] and sent[0] != sent[1] and min(sent) > 0
     assert log[2]['server']['num_training_cases'] > 0
+
+
+def test_hssf_in_2d_trains_the_2d_networks_and_exchanges_2d_predictions(hssf_federation):
+    """The 2d configuration: each party's 2d network as planned, a bank of 2d patches, predictions both ways after
+    the warm-up and every term computed."""
+    from fednnunet.cli import train_entry
+    from fednnunet.site_training import results_folder
+    from fednnunet.trainers.hssf import HSSFTrainer
+    with pytest.MonkeyPatch.context() as mp:
+        spy = Spy(mp)
+        captured = {}
+        set_bank = HSSFTrainer.set_bank
+
+        def keep(self, images, labels):
+            captured[self.site_name] = np.asarray(images).shape
+            return set_bank(self, images, labels)
+        mp.setattr(HSSFTrainer, 'set_bank', keep)
+        train_entry(['501', '2d', '0', '--rounds', '2', '--local-iterations', '2', '--val-iterations', '1', '-p', PLANS,
+                     '-device', 'cpu', '--method', 'hssf', '--hp', 'warmup_rounds=1', 'public_patches=4'])
+    base = results_folder(DATASET_NAME, HSSFTrainer, PLANS, '2d')
+    configurations = {p: torch.load(os.path.join(base, 'sites', p, 'fold_0', 'checkpoint_final.pth'),
+                                    map_location='cpu', weights_only=True)['init_args']['configuration']
+                      for p in ('A', 'B', SERVER_DATA)}
+    assert configurations == {'A': '2d', 'B': '2d_resenc', SERVER_DATA: '2d_resenc_wide'}
+    assert {len(shape) for shape in captured.values()} == {4} and set(captured) == {'A', 'B', SERVER_DATA}
+    for site in ('A', 'B'):
+        r, received, metrics, sent = spy.of(site)[1]
+        assert received == [knowledge.CONFIDENCE, knowledge.PROBABILITIES] == sent and 'rf_kl' in metrics
+    assert 'pseudo_label_loss' in spy.of('B')[1][2] or spy.of('B')[1][2]['image_gate'] == 0
+    assert spy.of('B')[1][2]['fp_loss'] > 0
+    assert 'rc_kl' in spy.of(SERVER_DATA)[1][2]
 
 
 def _final_weights(party):
