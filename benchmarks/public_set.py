@@ -10,8 +10,10 @@ of its own, a network per participant), plans it with the CPU preset and trains,
 local iterations (and the server training as many iterations per round as a site):
 
 - ``hssf``: every party its own network, predictions on the public patches exchanged after the warm-up;
-- ``server_only``: hssf with the warm-up over every round: the server's model trains on the public set alone (and
-  each site on the public patches and its own labels, nothing exchanged, no unlabelled case used);
+- ``server_only``: hssf with the warm-up over every round and site A only: the server's model trains on the public
+  set alone (and A on the public patches and its own labels; nothing is exchanged, no unlabelled case used);
+- ``hssf_every_image``: hssf without its per-image gate (``image_threshold=0``): the pseudo-label term on every
+  unlabelled patch;
 - ``fedavg``: FedAvg over the labelled data only: site A, and the public set at the server (``--server-iterations``);
 - ``local``: site A alone, the only site with labels;
 - ``fedfixmatch``: the homogeneous semi-supervised baseline: one shared network, every site's unlabelled cases
@@ -35,7 +37,8 @@ from fednnunet.demo import PUBLIC_SET_DATASET_ID  # noqa: E402
 
 RUNS = {  # name: (method, extra flags)
     'hssf': ('hssf', []),
-    'server_only': ('hssf', ['--hp', 'warmup_rounds={rounds}']),
+    'server_only': ('hssf', ['--hp', 'warmup_rounds={rounds}', '--sites', 'A']),
+    'hssf_every_image': ('hssf', ['--hp', 'image_threshold=0']),
     'fedavg': ('fedavg', ['--sites', 'A', '--server-iterations', '{local_iterations}']),
     'local': ('local', ['--sites', 'A']),
     'fedfixmatch': ('fedfixmatch', ['--server-iterations', '{local_iterations}']),
@@ -62,7 +65,7 @@ def models_of(name: str, results: str, sites) -> dict:
     """{site: the model folder that site uses} (and 'server' for hssf's server model)."""
     base = method_folder(results)
     if RUNS[name][0] == 'hssf':
-        out = {s: os.path.join(base, 'sites', s) for s in sites}
+        out = {s: os.path.join(base, 'sites', s) for s in sites if name != 'server_only'}
         out['server'] = os.path.join(base, 'sites', 'server')
         return out
     if RUNS[name][0] == 'local':
@@ -82,6 +85,7 @@ def evaluate(name: str, work: str, env: dict) -> dict:
 
     fed = Federation.from_folder(os.path.join(work, 'nnUNet_raw', os.listdir(os.path.join(work, 'nnUNet_raw'))[0]))
     models = models_of(name, results, fed.sites)
+    models = {k: v for k, v in models.items() if os.path.isdir(v)}  # server_only trains site A only
     out = {}
     for owner, folder in models.items():
         predictor = load_predictor(folder, 0)
@@ -104,12 +108,12 @@ def report(work: str, names, env: dict):
             continue
         ev = evaluate(name, work, env)
         if name == 'server_only':
-            rows += [('server_only', name, ev['server']),
-                     ('server_only run, the sites\' models (public patches + own labels)', name, ev['sites'])]
+            rows.append(('server_only', name, ev['server']))
             continue
-        rows.append((name + (' (the sites\' own models)' if name == 'hssf' else ''), name, ev['sites']))
-        if name == 'hssf':
-            rows.append(("hssf, the server's model", name, ev['server']))
+        hssf = RUNS[name][0] == 'hssf'
+        rows.append((name + (" (the sites' own models)" if hssf else ''), name, ev['sites']))
+        if hssf:
+            rows.append((f"{name}, the server's model", name, ev['server']))
     if not rows:
         return
     sites = sorted(rows[0][2])

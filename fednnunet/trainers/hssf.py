@@ -306,6 +306,7 @@ class HSSFTrainer(FederatedTrainer):
                                                             strong_confidence, self.rpg_threshold)
         gate = L.image_gate(confidence, self.image_threshold).bool()
         self._stats['image_gate'].append(float(gate.float().mean()))
+        self._stats['unlabelled_confidence'].append(float(confidence.mean()))  # what the image gate compares
         self._stats['confident_share'].append(float((confidence >= self.rpg_threshold).float().mean()))
         loss = weak_logits.new_zeros(())
         if self.unlabelled_weight > 0 and gate.any():
