@@ -14,6 +14,7 @@ local iterations (and the server training as many iterations per round as a site
   set alone (and A on the public patches and its own labels; nothing is exchanged, no unlabelled case used);
 - ``hssf_every_image``: hssf without its per-image gate (``image_threshold=0``): the pseudo-label term on every
   unlabelled patch;
+- ``hssf_lr_1e-3``: hssf with AdamW at 10x the paper's learning rate (a short run's budget);
 - ``fedavg``: FedAvg over the labelled data only: site A, and the public set at the server (``--server-iterations``);
 - ``local``: site A alone, the only site with labels;
 - ``fedfixmatch``: the homogeneous semi-supervised baseline: one shared network, every site's unlabelled cases
@@ -39,6 +40,7 @@ RUNS = {  # name: (method, extra flags)
     'hssf': ('hssf', []),
     'server_only': ('hssf', ['--hp', 'warmup_rounds={rounds}', '--sites', 'A']),
     'hssf_every_image': ('hssf', ['--hp', 'image_threshold=0']),
+    'hssf_lr_1e-3': ('hssf', ['--hp', 'lr=0.001']),
     'fedavg': ('fedavg', ['--sites', 'A', '--server-iterations', '{local_iterations}']),
     'local': ('local', ['--sites', 'A']),
     'fedfixmatch': ('fedfixmatch', ['--server-iterations', '{local_iterations}']),
