@@ -445,6 +445,8 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
         if labelled_per_site is not None or public_set is not None:
             os.makedirs(unlabelled_dir)
         assignment: Dict[str, dict] = {}
+        entries = {site.name: _site_entry(site, site is sites[0], labelled_per_site, public_set, few_labels,
+                                          validation_per_site) for site in sites}  # every site's, for dataset.json
         t0 = time.perf_counter()
         _template(_work_spacing(size))
         if verbose:
@@ -459,13 +461,7 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
             maps = _site_maps(size, spacing)
             origin = _grid_origin(spacing, shape)
             cases = list(site.case_ids())
-            if public_set is None:
-                keep = len(cases) if labelled_per_site is None else labelled_per_site
-                entry = {'cases': cases[:keep]}
-                if cases[keep:]:
-                    entry['unlabelled'] = cases[keep:]
-            else:
-                entry = _public_set_entry(site, site is sites[0], few_labels, validation_per_site)
+            entry = entries[site.name]
             labelled = set(entry['cases']) | set(entry.get('validation', ()))
             for i, case in enumerate(cases):
                 image, label, _ = generate_case(site, i, size, seed, _maps=maps, lesion=lesion)
@@ -503,8 +499,8 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
             'channel_names': dict(CHANNEL_NAMES),
             'labels': dict(LABELS, lesion=LESION_LABEL) if lesion else dict(LABELS),
             # the federation's labelled cases, the same at every site
-            'numTraining': sum(len(e['cases']) + len(e.get('validation', ())) for e in assignment.values()) + (
-                len(server['cases']) if server else 0),
+            'numTraining': sum(len(e['cases']) + len(e.get('validation', ())) for e in entries.values()) + (
+                public_set.n_cases if public_set is not None else 0),
             'file_ending': FILE_ENDING,
             'name': name,
             'description': (f'fednnunet demo federation: brain tissue segmentation'
@@ -546,6 +542,19 @@ def _check_public_set_layout(sites: Tuple[SiteScanner, ...], public_set: SiteSca
             raise ValueError(f'site {site.name!r}: {site.n_cases} cases, the public-set demo needs {need} '
                              f'({validation_per_site} for validation, {few_labels if i == 0 else 0} labelled, '
                              f'at least one unlabelled)')
+
+
+def _site_entry(site: SiteScanner, first: bool, labelled_per_site: Optional[int], public_set: Optional[SiteScanner],
+                few_labels: int, validation_per_site: int) -> dict:
+    """The site's sites.json entry."""
+    if public_set is not None:
+        return _public_set_entry(site, first, few_labels, validation_per_site)
+    cases = list(site.case_ids())
+    keep = len(cases) if labelled_per_site is None else labelled_per_site
+    entry = {'cases': cases[:keep]}
+    if cases[keep:]:
+        entry['unlabelled'] = cases[keep:]
+    return entry
 
 
 def _public_set_entry(site: SiteScanner, first: bool, few_labels: int, validation_per_site: int) -> dict:
