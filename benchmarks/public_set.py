@@ -32,7 +32,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fedavg_gap import run_once  # noqa: E402 - the same runs
+from fedavg_gap import _fold, run_once  # noqa: E402 - the same runs and reading of their folders
 
 from fednnunet.demo import PUBLIC_SET_DATASET_ID  # noqa: E402
 
@@ -56,16 +56,14 @@ def run(name: str, args, work: str, env: dict) -> float:
     return run_once(name, cmd, os.path.join(work, f'results_{name}'), env)
 
 
-def method_folder(results: str) -> str:
-    """The method's nnU-Net results folder, <Trainer>__nnUNetCPUPlans__3d_fullres."""
-    (dataset,) = [os.path.join(results, d) for d in os.listdir(results) if d.startswith('Dataset')]
-    (folder,) = [d for d in os.listdir(dataset) if d.endswith('__nnUNetCPUPlans__3d_fullres')]
-    return os.path.join(dataset, folder)
+def raw_folder(work: str) -> str:
+    (name,) = os.listdir(os.path.join(work, 'nnUNet_raw'))
+    return os.path.join(work, 'nnUNet_raw', name)
 
 
 def models_of(name: str, results: str, sites) -> dict:
     """{site: the model folder that site uses} (and 'server' for hssf's server model)."""
-    base = method_folder(results)
+    base = os.path.dirname(_fold(results))
     if RUNS[name][0] == 'hssf':
         out = {s: os.path.join(base, 'sites', s) for s in sites if name != 'server_only'}
         out['server'] = os.path.join(base, 'sites', 'server')
@@ -75,7 +73,7 @@ def models_of(name: str, results: str, sites) -> dict:
     return {s: base for s in sites}
 
 
-def evaluate(name: str, work: str, env: dict) -> dict:
+def evaluate(name: str, work: str) -> dict:
     """{model: {site: summary}} of the run's models on every site's validation cases, cached in the run's folder."""
     results = os.path.join(work, f'results_{name}')
     cached = os.path.join(results, 'public_set_evaluation.json')
@@ -85,7 +83,7 @@ def evaluate(name: str, work: str, env: dict) -> dict:
     from fednnunet.federation import Federation
     from fednnunet.inference import load_predictor
 
-    fed = Federation.from_folder(os.path.join(work, 'nnUNet_raw', os.listdir(os.path.join(work, 'nnUNet_raw'))[0]))
+    fed = Federation.from_folder(raw_folder(work))
     models = models_of(name, results, fed.sites)
     models = {k: v for k, v in models.items() if os.path.isdir(v)}  # server_only trains site A only
     out = {}
@@ -102,13 +100,13 @@ def evaluate(name: str, work: str, env: dict) -> dict:
     return out
 
 
-def report(work: str, names, env: dict):
+def report(work: str, names):
     from fednnunet.evaluation import pooled_summary
     rows = []  # (label, run, {site: summary})
     for name in names:
         if not os.path.isfile(os.path.join(work, f'results_{name}', 'done')):
             continue
-        ev = evaluate(name, work, env)
+        ev = evaluate(name, work)
         if name == 'server_only':
             rows.append(('server_only', name, ev['server']))
             continue
@@ -119,8 +117,7 @@ def report(work: str, names, env: dict):
     if not rows:
         return
     sites = sorted(rows[0][2])
-    spec = json.load(open(os.path.join(work, 'nnUNet_raw', os.listdir(os.path.join(work, 'nnUNet_raw'))[0],
-                                       'sites.json')))
+    spec = json.load(open(os.path.join(raw_folder(work), 'sites.json')))
     print('\ncases per site (labelled training + unlabelled, validation; network): ' + ', '.join(
         f"{s} {len(spec['sites'][s]['cases'])} + {len(spec['sites'][s].get('unlabelled', []))}, "
         f"{len(spec['sites'][s]['validation'])}; {spec['sites'][s].get('network')}" for s in sites) +
@@ -133,6 +130,7 @@ def report(work: str, names, env: dict):
         seconds = json.load(open(os.path.join(work, f'results_{name}', 'done')))['seconds']
         print(f'| {label} | ' + ' | '.join(f"{per_site[s]['foreground_mean']['Dice']:.4f}" for s in sites) +
               f' | {pooled:.4f} | {seconds:.0f} s |')
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -151,7 +149,7 @@ def main():
                nnUNet_results=os.path.join(work, 'results_planning'))
     os.environ.update(env)  # the evaluation runs nnU-Net in this process
     if args.report:
-        report(work, args.methods, env)
+        report(work, args.methods)
         return
     bin_dir = os.path.dirname(sys.executable)
     if not os.path.isdir(os.path.join(work, 'nnUNet_preprocessed')):
@@ -164,7 +162,7 @@ def main():
     for name in args.methods:
         seconds = run(name, args, work, env)
         print(f'{name}: {seconds:.0f} s', flush=True)
-    report(work, args.methods, env)
+    report(work, args.methods)
 
 
 if __name__ == '__main__':

@@ -38,6 +38,7 @@ or reconfiguring one site leaves every other site's cases unchanged.
 
 See documentation/demo_federation.md.
 """
+import dataclasses
 import functools
 import json
 import os
@@ -144,8 +145,7 @@ DEFAULT_SITES: Tuple[SiteScanner, ...] = (
 #: the server's public set in the public-set demo: another scanner than any site's
 PUBLIC_SCANNER = SiteScanner('P', 8, (1.0, 1.0, 1.2), intensity_scale=600.0, gamma=1.25, bias_strength=0.2,
                              noise_std=0.04, description="the server's public set: a scanner of its own")
-TEST_PUBLIC_SCANNER = SiteScanner('P', 3, (1.0, 1.0, 1.2), intensity_scale=600.0, gamma=1.25, bias_strength=0.2,
-                                  noise_std=0.04, description="the server's public set: a scanner of its own")
+TEST_PUBLIC_SCANNER = dataclasses.replace(PUBLIC_SCANNER, n_cases=3)
 #: the networks the public-set demo's participants declare: (first site, sites with more cases, small sites, server)
 PUBLIC_SET_NETWORKS = {'few_labels': 'plain', 'large': 'resenc', 'small': 'plain', 'server': 'resenc_wide'}
 PUBLIC_SET_LARGE_SITE = 6  # cases from which a site counts as large (a residual-encoder U-Net)
@@ -444,9 +444,9 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
         os.makedirs(labels_dir)
         if labelled_per_site is not None or public_set is not None:
             os.makedirs(unlabelled_dir)
-        assignment: Dict[str, dict] = {}
         entries = {site.name: _site_entry(site, site is sites[0], labelled_per_site, public_set, few_labels,
                                           validation_per_site) for site in sites}  # every site's, for dataset.json
+        assignment = {n: e for n, e in entries.items() if only_site in (None, n)}  # this folder's sites.json
         t0 = time.perf_counter()
         _template(_work_spacing(size))
         if verbose:
@@ -470,7 +470,6 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
                     _write_nifti(label, spacing, origin, os.path.join(labels_dir, f'{case}{FILE_ENDING}'))
                 else:
                     _write_nifti(image, spacing, origin, os.path.join(unlabelled_dir, f'{case}_0000{FILE_ENDING}'))
-            assignment[site.name] = entry
             if verbose:
                 print(f'[demo] site {site.name}: {site.n_cases} cases, shape {shape} (x,y,z), spacing '
                       f'{tuple(round(s, 3) for s in spacing)} mm, {time.perf_counter() - t0:.1f} s', flush=True)

@@ -526,11 +526,10 @@ class FederatedTraining:
         makes <results>/<Trainer>__<plans>__<that configuration>/fold_X; the party writes under sites/<party>/ of the
         method's folder only, so that one is left empty where this process can see it: removed once everyone is done
         (not before: a party still starting would find its parent gone)."""
-        parent = os.path.dirname(self.results_base)
-        prefix = os.path.basename(self.results_base) + '_'
-        for configuration in set(self.site_networks.values()) - {self.config.configuration}:
-            folder = join(parent, prefix + configuration[len(self.config.configuration) + 1:])
-            for empty in (join(folder, f'fold_{self.config.fold}'), folder):
+        c = self.config
+        for configuration in set(self.site_networks.values()) - {c.configuration}:
+            folder = results_folder(c.dataset_name, self.method.trainer, c.plans_identifier, configuration)
+            for empty in (join(folder, f'fold_{c.fold}'), folder):
                 try:
                     os.rmdir(empty)  # only ever an empty folder
                 except OSError:
