@@ -875,6 +875,15 @@ def attacked(module):
                     pass
                 time.sleep(0.2)
             time.sleep(3)
+            open(os.environ['FEDNNUNET_TEST_STRAGGLER_MARK'], 'w').close()
+        elif ATTACK == 'wait_for_straggler' and r == 1:
+            # an honest site that is slow in round 1: it answers once the straggler has sent its late round-0
+            # update (and 5 s for it to reach the SuperLink), so round 2 never starts before that update is in,
+            # however fast this machine trains round 1
+            deadline = time.time() + 600
+            while time.time() < deadline and not os.path.exists(os.environ['FEDNNUNET_TEST_STRAGGLER_MARK']):
+                time.sleep(0.2)
+            time.sleep(5)
         return type(reply)(reply.kind, reply.config, arrays=arrays)
     module.fit = fit
 
@@ -906,7 +915,8 @@ def test_a_poisoning_site_a_straggler_and_an_impostor_with_a_registered_key_do_n
     NaN in round 0, an extra key in round 1, a wrongly shaped array in round 2: dropped every round with the
     reason. Site C holds its round-0 update until 3 s after the server has logged round 0: dropped once the
     quorum answered and the grace period (10 s) passed; still busy with it when round 1 starts, it is sent nothing
-    (Flower would queue it); its late update is thrown away and it trains round 2 again. A fourth SuperNode holds a registered key (site D's) and
+    (Flower would queue it); its late update is thrown away and it trains round 2 again (site A, honest, answers
+    round 1 only after C's late update is out, so round 2 cannot start before it however fast round 1 is). A fourth SuperNode holds a registered key (site D's) and
     says it is A: refused, it never trains. The run completes with a finite global model."""
     certs = tmp_path / 'certs'
     subprocess.run(['bash', os.path.join(REPO, 'scripts', 'make_test_certs.sh'), str(certs), '--sites', 'A', 'B',
@@ -923,10 +933,13 @@ def test_a_poisoning_site_a_straggler_and_an_impostor_with_a_registered_key_do_n
         processes.start(name, ['site', '--site', claims, '-d', str(DATASET_ID), '--server', f'127.0.0.1:{port}',
                                '--tls-dir', str(certs), '--auth-key', str(certs / 'keys' / key), '-device', 'cpu',
                                '-np', '1'], dict(env, FLWR_HOME=str(tmp_path / f'home_{name}'), **extra))
-    site('site_A', 'A', 'A')
+    mark = str(tmp_path / 'straggler_answered')
+    site('site_A', 'A', 'A', PYTHONPATH=str(attack_path), FEDNNUNET_TEST_ATTACK='wait_for_straggler',
+         FEDNNUNET_TEST_STRAGGLER_MARK=mark)
     site('site_B', 'B', 'B', PYTHONPATH=str(attack_path), FEDNNUNET_TEST_ATTACK='poison')
     site('site_C', 'C', 'C', PYTHONPATH=str(attack_path), FEDNNUNET_TEST_ATTACK='straggle',
-         FEDNNUNET_TEST_ROUND_LOG=os.path.join(_fedavg_fold(results), 'federation_log.json'))
+         FEDNNUNET_TEST_ROUND_LOG=os.path.join(_fedavg_fold(results), 'federation_log.json'),
+         FEDNNUNET_TEST_STRAGGLER_MARK=mark)
     site('impostor', 'A', 'D')
     processes.start('server', ['server', '-d', str(DATASET_ID), '--phase', 'train', '-p', PLANS, '-c', '3d_fullres',
                                '--method', 'fedavg', '--rounds', '3', '--local-iterations', '2', '--val-iterations',
