@@ -209,8 +209,10 @@ class Federation:
     def validate_assignment(self):
         """The sites.json contract: every case at exactly one site and in one of its lists, every site with a training
         case (labelled, or unlabelled for semi-supervised methods: the training check refuses an unlabelled-only site
-        for the others), some site with a labelled training case. Reads no image: only sites.json, dataset.json and
-        the names in the pooled labelsTr (if there is one)."""
+        for the others). Reads no image: only sites.json, dataset.json and the names in the pooled labelsTr (if
+        there is one). That some participant has a labelled training case is the planning's check
+        (planners.negotiation.negotiate): a hospital's own sites.json over Flower lists that hospital alone, which
+        may have unlabelled cases only."""
         owner: Dict[str, str] = {}
         for site in list(self.sites.values()) + ([self.server] if self.server is not None else []):
             for case in site.cases + site.unlabelled + site.validation:
@@ -224,9 +226,6 @@ class Federation:
                 raise FederationError("site has no training case: list its labelled cases as 'cases' (or, for a "
                                       "semi-supervised method, its unlabelled ones as 'unlabelled')", site=site.name,
                                       field='cases')
-        if not any(site.cases for site in self.sites.values()):
-            raise FederationError('no site has a labelled training case; nnU-Net plans from labelled cases, so at '
-                                  'least one site needs some', field='cases')
         pooled_labels = os.path.join(self.raw_folder, 'labelsTr')
         pooled_json = os.path.join(self.raw_folder, 'dataset.json')
         if os.path.isdir(pooled_labels) and os.path.isfile(pooled_json):

@@ -218,6 +218,18 @@ def results_folder(dataset_name: str, trainer_class, plans_identifier: str, conf
     return get_output_folder(dataset_name, trainer_class.__name__, plans_identifier, configuration)
 
 
+def remove_empty_network_folder(dataset_name: str, trainer_class, plans_identifier: str, configuration: str, fold):
+    """A party that trains its own network is an nnU-Net trainer of that network's configuration, whose constructor
+    made <results>/<Trainer>__<plans>__<that configuration>/fold_X; the party writes under sites/<party>/ of the
+    method's folder only, so that folder stays empty: removed (only ever while empty) once the party is done."""
+    folder = results_folder(dataset_name, trainer_class, plans_identifier, configuration)
+    for empty in (join(folder, f'fold_{fold}'), folder):
+        try:
+            os.rmdir(empty)
+        except OSError:
+            pass
+
+
 def build_site_trainer(worker, config: dict) -> FederatedTrainer:
     """The site's trainer for one message: plans and dataset.json come from the site's own folder (checked again
     here: the classes they name are imported)."""
@@ -415,6 +427,9 @@ def finish(worker, message: Message) -> Message:
                                      join(trainer.output_folder, 'validation'))
     finally:
         trainer.close()
+    if trainer.configuration_name != config['configuration']:  # its own network's (model-heterogeneous methods)
+        remove_empty_network_folder(worker.dataset_name, get_method(config['method']).trainer,
+                                    config['plans_identifier'], trainer.configuration_name, config['fold'])
     return Message('finished', to_plain({
         'validation_summary': summary,
         'inference_allowed_mirroring_axes': trainer.inference_allowed_mirroring_axes,

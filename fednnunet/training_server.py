@@ -39,7 +39,7 @@ from fednnunet.log_lines import round_line, stamped
 from fednnunet.methods import get_method
 from fednnunet.progress import plot_federated_progress
 from fednnunet.server_data import ServerTrainer
-from fednnunet.site_training import results_folder
+from fednnunet.site_training import remove_empty_network_folder, results_folder
 from fednnunet.strategies import SiteUpdate, pooled_dice
 from fednnunet.trainers.two_stage import READONLY
 from fednnunet.trainers.base import (canonical_keys, canonical_state, expand_aliases, initial_weights_seed,
@@ -522,18 +522,12 @@ class FederatedTraining:
         return result
 
     def remove_empty_network_folders(self):
-        """A party training its own network is an nnU-Net trainer of that network's configuration, whose constructor
-        makes <results>/<Trainer>__<plans>__<that configuration>/fold_X; the party writes under sites/<party>/ of the
-        method's folder only, so that one is left empty where this process can see it: removed once everyone is done
-        (not before: a party still starting would find its parent gone)."""
+        """The parties' empty folders of their own networks' configurations (remove_empty_network_folder), where this
+        process can see them: removed once everyone is done (not before: a party still starting would find its
+        parent gone)."""
         c = self.config
         for configuration in set(self.site_networks.values()) - {c.configuration}:
-            folder = results_folder(c.dataset_name, self.method.trainer, c.plans_identifier, configuration)
-            for empty in (join(folder, f'fold_{c.fold}'), folder):
-                try:
-                    os.rmdir(empty)  # only ever an empty folder
-                except OSError:
-                    pass
+            remove_empty_network_folder(c.dataset_name, self.method.trainer, c.plans_identifier, configuration, c.fold)
 
 
 def mean_of_measured(values: List[float], weights: np.ndarray) -> float:

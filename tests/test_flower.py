@@ -1032,3 +1032,104 @@ def test_hssf_over_flower_plans_a_network_per_party_and_exchanges_predictions(ra
     log = json.load(open(os.path.join(base, 'fold_0', 'federation_log.json')))
     sent = [r['bytes_to_sites']['A'] for r in log]
     assert sent[0] != sent[1] and min(sent) > 0  # the bank, then the server's predictions
+
+
+@pytest.mark.slow
+def test_hssf_between_real_processes_each_party_on_its_own_disk(demo_raw, tmp_path, processes):
+    """hssf over a real SuperLink and SuperNodes (TLS, SuperNode authentication), every party with only its own
+    data on its own disk: hospital A with its labelled cases (the plain U-Net), hospital B with unlabelled images
+    only (its sites.json asks for a residual encoder), the server with a labelled public set (--server-data, the
+    wide residual encoder). Planning, preprocessing and 2 rounds (1 warm-up) go over Flower. Each party keeps an
+    nnU-Net checkpoint of its own network; predictions travel in both directions after the warm-up (the sites'
+    refinement and the server's rectification KL are computed); no weights and no global model."""
+    import glob
+    import torch
+    from fednnunet.federation import SERVER_DATA, UNLABELLED_IMAGES_FOLDER
+    certs = tmp_path / 'certs'
+    subprocess.run(['bash', os.path.join(REPO, 'scripts', 'make_test_certs.sh'), str(certs), '--sites', 'A', 'B'],
+                   check=True, capture_output=True)
+    pooled = Federation.from_folder(str(demo_raw))
+    port = _free_port()
+    for site in 'AB':
+        hospital = tmp_path / f'hospital_{site}'
+        _own_raw_folder(demo_raw, site, hospital / 'nnUNet_raw')
+        if site == 'B':  # B never had labels: its images are unlabelled ones
+            own = hospital / 'nnUNet_raw' / DATASET_NAME
+            (own / UNLABELLED_IMAGES_FOLDER).mkdir()
+            for f in os.listdir(own / 'imagesTr'):
+                os.replace(own / 'imagesTr' / f, own / UNLABELLED_IMAGES_FOLDER / f)
+            shutil.rmtree(own / 'labelsTr')
+            (own / 'imagesTr').rmdir()
+            json.dump({'sites': {'B': {'unlabelled': list(pooled.sites['B'].cases), 'network': 'resenc'}}},
+                      open(own / 'sites.json', 'w'))
+        env = _env(nnUNet_raw=hospital / 'nnUNet_raw', nnUNet_preprocessed=hospital / 'nnUNet_preprocessed',
+                   nnUNet_results=hospital / 'nnUNet_results', FLWR_HOME=hospital / 'flwr_home')
+        processes.start(f'site_{site}', ['site', '--site', site, '-d', str(DATASET_ID), '--server',
+                                         f'127.0.0.1:{port}', '--tls-dir', str(certs), '--auth-key',
+                                         str(certs / 'keys' / site), '-device', 'cpu', '-np', '1'], env)
+    # the server's public set: site C's cases, on the server's disk only
+    public = tmp_path / 'server' / 'public_set'
+    for sub in ('imagesTr', 'labelsTr'):
+        (public / sub).mkdir(parents=True)
+    for case in pooled.sites['C'].cases:
+        for f in pooled.sites['C'].image_files(case):
+            shutil.copy(f, public / 'imagesTr')
+        shutil.copy(pooled.sites['C'].label_file(case), public / 'labelsTr')
+    shutil.copy(os.path.join(demo_raw, 'dataset.json'), public / 'dataset.json')
+    json.dump({'server': {'cases': list(pooled.sites['C'].cases), 'network': 'resenc_wide'}},
+              open(public / 'sites.json', 'w'))
+    server = tmp_path / 'server'
+    server_env = _env(nnUNet_raw=server / 'nnUNet_raw', nnUNet_preprocessed=server / 'nnUNet_preprocessed',
+                      nnUNet_results=server / 'nnUNet_results', FLWR_HOME=server / 'flwr_home')
+    processes.start('server', ['server', '-d', str(DATASET_ID), '-c', '3d_fullres', '-pl', 'nnUNetPlannerCPU',
+                               '--method', 'hssf', '--rounds', '2', '--local-iterations', '1', '--val-iterations', '1',
+                               '--no-val', '--hp', 'warmup_rounds=1', 'public_patches=2', '--server-data',
+                               str(public / 'sites.json'), '--sites', 'A', 'B', '--host', '127.0.0.1', '--port',
+                               str(port), '--tls-dir', str(certs), '--auth-keys', str(certs / 'keys' / 'A.pub'),
+                               str(certs / 'keys' / 'B.pub'), '--wait-for-sites', '180', '--work-dir',
+                               str(server / 'work')], server_env)
+    assert processes.procs['server'].wait(timeout=1200) == 0, processes.log('server')[-5000:]
+    assert 'finished:completed' in processes.log('server')
+
+    def fold(party_results, party):
+        return os.path.join(party_results, DATASET_NAME, f'HSSFTrainer__{PLANS}__3d_fullres', 'sites', party,
+                            'fold_0')
+    folds = {'A': fold(tmp_path / 'hospital_A' / 'nnUNet_results', 'A'),
+             'B': fold(tmp_path / 'hospital_B' / 'nnUNet_results', 'B'),
+             SERVER_DATA: fold(server / 'nnUNet_results', SERVER_DATA)}
+    checkpoints = {p: torch.load(os.path.join(f, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)
+                   for p, f in folds.items()}
+    assert {p: c['init_args']['configuration'] for p, c in checkpoints.items()} == \
+        {'A': '3d_fullres', 'B': '3d_fullres_resenc', SERVER_DATA: '3d_fullres_resenc_wide'}
+    assert all(np.isfinite(t.numpy()).all() for c in checkpoints.values() for t in c['network_weights'].values())
+    # three different networks (the wide one has the residual encoder's names with more features)
+    shapes = {p: frozenset((k, tuple(t.shape)) for k, t in c['network_weights'].items())
+              for p, c in checkpoints.items()}
+    assert len(set(shapes.values())) == 3
+    base = os.path.join(server / 'nnUNet_results', DATASET_NAME, f'HSSFTrainer__{PLANS}__3d_fullres')
+    assert os.path.isfile(os.path.join(base, 'fold_0', 'federated_summary.json'))
+    assert not os.path.isfile(os.path.join(base, 'fold_0', 'checkpoint_final.pth'))  # no global model
+
+    def log_of(party):
+        return ''.join(open(f).read() for f in glob.glob(os.path.join(folds[party], 'training_log*.txt')))
+    for site in 'AB':
+        assert re.search(r'round 1: .*rf_kl \d', log_of(site)), log_of(site)[-2000:]
+        assert 'rf_kl' not in log_of(site).split('round 1:')[0]  # the warm-up round has no KL
+    assert re.search(r'round 1: .*pseudo_label_loss \d|round 1: .*fp_loss \d', log_of('B')), log_of('B')[-2000:]
+    assert re.search(r'round 1: .*rc_kl \d', log_of(SERVER_DATA)), log_of(SERVER_DATA)[-2000:]
+    # every site holds the server's plans; no file of the public set is anywhere on a hospital's disk
+    plans = json.load(open(server / 'nnUNet_preprocessed' / DATASET_NAME / f'{PLANS}.json'))
+    for site in 'AB':
+        hospital = tmp_path / f'hospital_{site}'
+        assert json.load(open(hospital / 'nnUNet_preprocessed' / DATASET_NAME / 'sites' / site /
+                              f'{PLANS}.json')) == plans
+        names = [f for _, _, files in os.walk(hospital) for f in files]
+        assert not [f for f in names for c in pooled.sites['C'].cases if f.startswith(c)]
+        assert [f for f in names if f.startswith(pooled.sites[site].cases[0])]  # (its own are)
+    log = json.load(open(os.path.join(base, 'fold_0', 'federation_log.json')))
+    sent = [r['bytes_to_sites']['A'] for r in log]
+    assert sent[0] != sent[1] and min(sent) > 0  # the public patches' bank, then the server's predictions
+    # no empty results folder is left at a party (nnU-Net's trainer of B's own network made one)
+    empty = [root for party in ('hospital_A', 'hospital_B', 'server') for root, dirs, files in
+             os.walk(tmp_path / party / 'nnUNet_results') if not dirs and not files]
+    assert empty == [], empty

@@ -175,3 +175,18 @@ def test_negotiation_refuses_a_description_that_lies_about_its_counts_or_device(
     with pytest.raises(FederationError) as e:
         negotiate(descriptions)
     assert (e.value.site, e.value.field) == (descriptions[1]['site'], field)
+
+
+def test_planning_refuses_a_federation_in_which_no_participant_has_a_labelled_case(planned):
+    """Every site unlabelled-only (each hospital's own sites.json accepted it): nnU-Net plans from labelled cases,
+    so the negotiation stops before any fingerprint; a server's labelled public set is enough."""
+    from fednnunet.planners.negotiation import describe_site, negotiate
+    federation = Federation.from_raw(DATASET_NAME)
+    descriptions = [describe_site(s) for s in federation.sites.values()]
+    for d in descriptions:
+        d['num_unlabelled'], d['num_cases'] = d['num_cases'], 0
+    with pytest.raises(FederationError, match='no site has a labelled training case') as e:
+        negotiate(descriptions)
+    assert e.value.field == 'cases'
+    descriptions[0]['num_cases'] = 2
+    negotiate(descriptions)
