@@ -98,6 +98,31 @@ class Site:
                               field='channel_names')
 
     @property
+    def present_channels(self) -> List[str]:
+        """The dataset.json channel indices ('0', '1', ...) this site has images of, in channel order: every channel,
+        or those its sites.json ``channels`` names (a subset of dataset.json's channel names; the site's other
+        channels are missing at every one of its cases)."""
+        all_channels = sorted(self.channel_names, key=int)
+        if self.channels is None:
+            return all_channels
+        index = {self.channel_names[c]: c for c in all_channels}
+        if len(index) != len(all_channels):
+            raise FederationError(f"dataset.json's channel names {[self.channel_names[c] for c in all_channels]} are "
+                                  f"not unique, so 'channels' cannot say which ones the site has", site=self.name,
+                                  field='channels')
+        unknown = [n for n in self.channels if n not in index]
+        if unknown or not self.channels or len(set(self.channels)) != len(self.channels):
+            raise FederationError(f"'channels' {list(self.channels)[:10]} must name each of the site's channels once, "
+                                  f"from dataset.json's {[self.channel_names[c] for c in all_channels]}", site=self.name,
+                                  field='channels')
+        return sorted((index[n] for n in self.channels), key=int)
+
+    @property
+    def missing_channels(self) -> List[str]:
+        """dataset.json's channel indices this site has no images of."""
+        return [c for c in sorted(self.channel_names, key=int) if c not in self.present_channels]
+
+    @property
     def file_ending(self) -> str:
         try:
             return self.dataset_json['file_ending']
@@ -126,7 +151,7 @@ class Site:
                                       case=case, field='dataset') from None
             return [self._resolve(f) for f in files]
         return [os.path.join(self.raw_folder, 'imagesTr', f'{case}_{int(c):04d}{self.file_ending}')
-                for c in sorted(self.channel_names, key=int)]
+                for c in self.present_channels]
 
     def label_file(self, case: str) -> str:
         self._check_own(case, self.labelled)
@@ -142,7 +167,7 @@ class Site:
     def unlabelled_image_files(self, case: str) -> List[str]:
         self._check_own(case, self.unlabelled)
         return [os.path.join(self.raw_folder, UNLABELLED_IMAGES_FOLDER, f'{case}_{int(c):04d}{self.file_ending}')
-                for c in sorted(self.channel_names, key=int)]
+                for c in self.present_channels]
 
     def _resolve(self, path: str) -> str:
         path = os.path.expandvars(path)
@@ -151,7 +176,7 @@ class Site:
     def check_files_exist(self):
         """Every file of every own case exists (no reading): a missing file names site, case and field."""
         for case in self.labelled:
-            for ch, f in zip(sorted(self.channel_names, key=int), self.image_files(case)):
+            for ch, f in zip(self.present_channels, self.image_files(case)):
                 if not os.path.isfile(f):
                     raise FederationError(f'image file {f} is missing', site=self.name, case=case,
                                           field=f'channel {ch} ({self.channel_names[ch]})')
@@ -159,7 +184,7 @@ class Site:
                 raise FederationError(f'label file {self.label_file(case)} is missing', site=self.name, case=case,
                                       field='label')
         for case in self.unlabelled:
-            for ch, f in zip(sorted(self.channel_names, key=int), self.unlabelled_image_files(case)):
+            for ch, f in zip(self.present_channels, self.unlabelled_image_files(case)):
                 if not os.path.isfile(f):
                     raise FederationError(f'unlabelled image file {f} is missing', site=self.name, case=case,
                                           field=f'channel {ch}')

@@ -83,8 +83,8 @@ def _checked_reader(base, site: str, case: str, n_channels: int, expected_labels
                                           case=case, field=f'channel {i}')
             if images.ndim != 4 or images.shape[0] != n_channels:
                 raise FederationError(f'the images {list(image_fnames)} read as an array of shape {images.shape}; '
-                                      f'nnU-Net expects {n_channels} channel(s) of 3D images (dataset.json '
-                                      f'declares {n_channels})', site=site, case=case, field='channel_names')
+                                      f'nnU-Net expects {n_channels} channel(s) of 3D images (the site\'s '
+                                      f'channels of dataset.json)', site=site, case=case, field='channel_names')
             if np.isnan(images).any():
                 raise FederationError('image contains NaN values', site=site, case=case, field='images')
             seen['shape'], seen['spacing'] = images.shape[1:], props['spacing']
@@ -148,7 +148,8 @@ def fingerprint_site(site: Site, reader_name: str, num_samples: int, private_fol
                      num_processes: int = 1) -> dict:
     """A site's mergeable fingerprint. Returns what leaves the site; keeps its sample private (as sorted
     distinct values with cumulative counts, which answer every count query exactly)."""
-    n_channels = len(site.channel_names)
+    present = site.present_channels  # dataset.json's indices of the site's channels; its images hold these only
+    n_channels = len(present)
     expected = expected_label_values(site.dataset_json)
     args = [(site.name, case, site.image_files(case), site.label_file(case), reader_name, n_channels, expected,
              num_samples) for case in site.cases]
@@ -157,21 +158,21 @@ def fingerprint_site(site: Site, reader_name: str, num_samples: int, private_fol
     os.makedirs(private_folder, exist_ok=True)
     channels = {}
     has_empty_case = False
-    for c in range(n_channels):
-        has_empty_case |= any(r[2][c][0].size == 0 for r in results)
+    for i, c in enumerate(present):  # i: the channel in the site's images, c: in dataset.json
+        has_empty_case |= any(r[2][i][0].size == 0 for r in results)
         # a site without labelled training cases (semi-supervised) contributes no case and an empty sample
-        values, inverse = np.unique(np.concatenate([r[2][c][0] for r in results] + [np.zeros(0, np.float32)]),
+        values, inverse = np.unique(np.concatenate([r[2][i][0] for r in results] + [np.zeros(0, np.float32)]),
                                     return_inverse=True)
-        counts = np.bincount(inverse, weights=np.concatenate([r[2][c][1] for r in results] + [np.zeros(0)]),
+        counts = np.bincount(inverse, weights=np.concatenate([r[2][i][1] for r in results] + [np.zeros(0)]),
                              minlength=values.size).astype(np.int64)
-        values_file, cumulative_file = _private_files(private_folder, c)
+        values_file, cumulative_file = _private_files(private_folder, int(c))
         _save_private(values_file, values)
         _save_private(cumulative_file, np.cumsum(counts))
         n = int(counts.sum())
         v64 = values.astype(np.float64)
         total = float(np.dot(counts, v64))
         mean = total / n if n else 0.0
-        channels[str(c)] = {
+        channels[c] = {
             'n': n, 'sum': total, 'm2': float(np.dot(counts, np.square(v64 - mean))),
             'min': float(values[0]) if n else None, 'max': float(values[-1]) if n else None,
         }
@@ -179,6 +180,55 @@ def fingerprint_site(site: Site, reader_name: str, num_samples: int, private_fol
               'relative_size_after_cropping': float(r[3])} for case, r in zip(site.cases, results)]
     return {'site': site.name, 'cases': cases, 'channels': channels, 'has_empty_case': bool(has_empty_case),
             'num_samples_per_case': int(num_samples)}
+
+
+def _number(value, what: str, site: str, integer: bool = False, low: float = -np.inf, high: float = np.inf):
+    if isinstance(value, bool) or not isinstance(value, (int,) if integer else (int, float)) or \
+            not np.isfinite(value) or not low <= value <= high:
+        raise FederationError(f'{what} {repr(value)[:40]} is not a finite {"whole " if integer else ""}number in '
+                              f'[{low}, {high}]', site=site, field='fingerprint')
+    return value
+
+
+def check_site_fingerprint(fp, site: str, channels: Sequence[str], num_cases: int) -> dict:
+    """A site's fingerprint as the server receives it (data from the network): the channels the site declared
+    (dataset.json indices), one entry per labelled training case it declared, finite moments and geometry."""
+    if not isinstance(fp, dict) or not isinstance(fp.get('channels'), dict) or not isinstance(fp.get('cases'), list):
+        raise FederationError('the fingerprint is not an object with channels and cases', site=site,
+                              field='fingerprint')
+    if sorted(fp['channels']) != sorted(channels):
+        raise FederationError(f"the fingerprint has channels {sorted(fp['channels'])[:10]}, the site declared "
+                              f"{sorted(channels)}", site=site, field='fingerprint')
+    for c, m in fp['channels'].items():
+        if not isinstance(m, dict) or set(m) != {'n', 'sum', 'm2', 'min', 'max'}:
+            raise FederationError(f'channel {c}: the moments are not n, sum, m2, min, max', site=site,
+                                  field='fingerprint')
+        n = _number(m['n'], f'channel {c} n', site, integer=True, low=0)
+        _number(m['sum'], f'channel {c} sum', site)
+        _number(m['m2'], f'channel {c} m2', site, low=0)
+        for k in ('min', 'max'):
+            if n or m[k] is not None:
+                _number(m[k], f'channel {c} {k}', site)
+        if n and m['min'] > m['max']:
+            raise FederationError(f'channel {c}: min above max', site=site, field='fingerprint')
+    if len(fp['cases']) != num_cases:
+        raise FederationError(f"the fingerprint has {len(fp['cases'])} cases, the site declared {num_cases}",
+                              site=site, field='fingerprint')
+    for case in fp['cases']:
+        if not isinstance(case, dict) or not isinstance(case.get('case'), str) or \
+                not isinstance(case.get('spacing'), list) or not isinstance(case.get('shape_after_crop'), list) or \
+                len(case['spacing']) != 3 or len(case['shape_after_crop']) != 3:
+            raise FederationError('a case entry is not {case, spacing (3), shape_after_crop (3), ...}', site=site,
+                                  field='fingerprint')
+        for v in case['spacing']:
+            _number(v, f"case {case['case'][:40]!r} spacing", site, low=1e-6, high=1e6)
+        for v in case['shape_after_crop']:
+            _number(v, f"case {case['case'][:40]!r} shape", site, integer=True, low=1, high=10 ** 5)
+        _number(case.get('relative_size_after_cropping'), f"case {case['case'][:40]!r} relative size", site, low=0,
+                high=1)
+    if not isinstance(fp.get('has_empty_case'), bool):
+        raise FederationError('has_empty_case is not true or false', site=site, field='fingerprint')
+    return fp
 
 
 #: the honest search (federated_quantiles.exact_order_statistics over float32 keys, 255 thresholds per rank and
@@ -221,8 +271,9 @@ class CountQueryBudget:
         os.makedirs(os.path.dirname(self.queries_file), exist_ok=True)
         write_json(self.queries_file, {'queries': 0})
 
-    def spend(self, thresholds: Dict[str, np.ndarray], num_channels: int):
-        """Checks one count query against the schedule before it is answered; raises FederationError if not."""
+    def spend(self, thresholds: Dict[str, np.ndarray], channels: Sequence[str]):
+        """Checks one count query (about the site's ``channels``, dataset.json indices) against the schedule before
+        it is answered; raises FederationError if not."""
         state = self._read(self.queries_file)
         if 'queries' not in state:
             raise FederationError('no private sample to count: count queries come after this planning\'s '
@@ -231,8 +282,8 @@ class CountQueryBudget:
             raise FederationError(f'the planning asked more than {MAX_COUNT_QUERIES} count queries (the federated '
                                   f'percentile search needs 4); refused', site=self.site, field='count_leq')
         for channel, t in thresholds.items():
-            if not channel.isdigit() or int(channel) >= num_channels:
-                raise FederationError(f'{channel!r} is not one of the site\'s {num_channels} channel(s)',
+            if channel not in channels:
+                raise FederationError(f'{channel[:20]!r} is not one of the site\'s channels {list(channels)}',
                                       site=self.site, field='count_leq')
             if np.asarray(t).ndim != 1 or len(t) > MAX_THRESHOLDS_PER_CHANNEL:
                 raise FederationError(f'{np.asarray(t).size} thresholds for channel {channel}; the search asks at '
@@ -283,11 +334,14 @@ def merge_site_fingerprints(site_fingerprints: List[dict], count_leq: Callable[[
 
     count_leq({channel: thresholds}) must return the counts summed over all sites."""
     cases = sorted((c for fp in site_fingerprints for c in fp['cases']), key=lambda c: c['case'])
-    # nnU-Net concatenates float32 samples; a case without foreground contributes an empty float64 list,
-    # which promotes the pooled sample (and so the percentile arithmetic) to float64.
-    dtype = np.float64 if any(fp['has_empty_case'] for fp in site_fingerprints) else np.float32
+    # a channel's statistics merge over the sites that have it (sites.json 'channels'); nnU-Net concatenates
+    # float32 samples, and a case without foreground contributes an empty float64 list, which promotes the pooled
+    # sample (and so the percentile arithmetic) to float64
     channels = sorted({c for fp in site_fingerprints for c in fp['channels']}, key=int)
-    moments = {c: merge_moments([fp['channels'][c] for fp in site_fingerprints]) for c in channels}
+    dtype = {c: np.float64 if any(fp['has_empty_case'] for fp in site_fingerprints if c in fp['channels'])
+             else np.float32 for c in channels}
+    moments = {c: merge_moments([fp['channels'][c] for fp in site_fingerprints if c in fp['channels']])
+               for c in channels}
 
     wanted, ranks = {}, {}
     for c in channels:
@@ -300,8 +354,8 @@ def merge_site_fingerprints(site_fingerprints: List[dict], count_leq: Callable[[
     for c in channels:
         prev, nxt, gamma = ranks[c]
         value_at = dict(zip(wanted[c][0], order_stats[c]))
-        p005, median, p995 = linear_percentiles(np.array([value_at[i] for i in prev]).astype(dtype),
-                                                np.array([value_at[i] for i in nxt]).astype(dtype), gamma)
+        p005, median, p995 = linear_percentiles(np.array([value_at[i] for i in prev]).astype(dtype[c]),
+                                                np.array([value_at[i] for i in nxt]).astype(dtype[c]), gamma)
         m = moments[c]
         properties[c] = {'mean': float(m['mean']), 'median': float(median), 'std': float(m['std']),
                          'min': float(m['min']), 'max': float(m['max']),

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from fednnunet.federation import server_folder
-from fednnunet.fingerprint import merge_site_fingerprints, samples_per_case
+from fednnunet.fingerprint import check_site_fingerprint, merge_site_fingerprints, samples_per_case
 from fednnunet.jsonio import write_json
 from fednnunet.log_lines import stamped
 from fednnunet.parallel import close_pool
@@ -38,6 +38,15 @@ def ask_every_site(engine, message: Message) -> Dict[str, Message]:
     replies = engine.ask_all(message)
     if engine.missing:
         raise RuntimeError(f'{message.kind}: no reply from site(s) ' +
+                           ', '.join(f"'{s}' ({why})" for s, why in sorted(engine.missing.items())))
+    return replies
+
+
+def ask_sites(engine, requests: Dict[str, Message]) -> Dict[str, Message]:
+    """As ask_every_site, with a message of its own for each site."""
+    replies = engine.ask(requests)
+    if engine.missing:
+        raise RuntimeError(f'{next(iter(requests.values())).kind}: no reply from site(s) ' +
                            ', '.join(f"'{s}' ({why})" for s, why in sorted(engine.missing.items())))
     return replies
 
@@ -67,7 +76,11 @@ def federated_fingerprint(engine, gpu_memory_gb: Optional[float] = None, log: Ca
         f'fingerprints its own cases')
     request = Message('fingerprint', {'reader_writer': negotiation['reader_writer'],
                                       'num_samples_per_case': samples_per_case(n_total)})
-    site_fps = [r.config for r in ask_every_site(engine, request).values()]
+    fingerprints = ask_every_site(engine, request)
+    # a site is asked about the channels it has (sites.json 'channels'), and knows nothing of the others
+    site_channels = negotiation['site_channels']
+    site_fps = [check_site_fingerprint(r.config, s, site_channels[s], negotiation['sites'][s]['num_cases'])
+                for s, r in fingerprints.items()]
     log(f'planning: every site fingerprinted its cases ({time.time() - t0:.1f} s into planning); merging the '
         f'intensity statistics (exact order statistics by count queries)')
 
@@ -75,8 +88,9 @@ def federated_fingerprint(engine, gpu_memory_gb: Optional[float] = None, log: Ca
 
     def count_leq(thresholds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         rounds['n'] += 1
-        replies = ask_every_site(engine, Message('count_leq', arrays=thresholds))
-        return {c: sum(r.arrays[c] for r in replies.values()) for c in thresholds}
+        replies = ask_sites(engine, {s: Message('count_leq', arrays={c: t for c, t in thresholds.items() if c in own})
+                                     for s, own in site_channels.items()})
+        return {c: sum(r.arrays[c] for s, r in replies.items() if c in site_channels[s]) for c in thresholds}
 
     fingerprint = merge_site_fingerprints(site_fps, count_leq)
     ask_every_site(engine, Message('release_fingerprint'))

@@ -7,9 +7,11 @@ those cases: ``<data_identifier>/{case}.b2nd|_seg.b2nd|.pkl``, ``gt_segmentation
 """
 import json
 import os
+import re
 import shutil
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 from nnunetv2.utilities.crossval_split import generate_crossval_split
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -50,14 +52,75 @@ def site_splits(cases: Sequence[str], num_folds: int = NUM_FOLDS,
     return [base[i % len(base)] for i in range(num_folds)]
 
 
+def channel_count(dataset_json: dict) -> int:
+    return len(dataset_json['channel_names'] if 'channel_names' in dataset_json else dataset_json['modality'])
+
+
+def channels_of_files(image_files: Sequence[str], file_ending: str) -> List[int]:
+    """The dataset.json channel index of each file named by nnU-Net's convention (``CASE_XXXX<ending>``)."""
+    out = []
+    for f in image_files:
+        m = re.fullmatch(r'.+_(\d{4})' + re.escape(file_ending), os.path.basename(f))
+        if m is None:
+            raise ValueError(f'{os.path.basename(f)} is not named CASE_XXXX{file_ending} (XXXX: its channel)')
+        out.append(int(m.group(1)))
+    if len(set(out)) != len(out) or out != sorted(out):
+        raise ValueError(f'the channel files {[os.path.basename(f) for f in image_files]} are not one per channel, '
+                         f'in channel order')
+    return out
+
+
+def with_missing_channels(preprocessor_class):
+    """nnU-Net's ``preprocessor_class`` for cases that have only some of the dataset's channels (a site's sites.json
+    ``channels``; a scan to predict without some of its files): the channel files read are placed at their
+    dataset.json indices (``present_channels``, or taken from the files' names), every channel is preprocessed as
+    nnU-Net does, and the missing ones are left all zero (after normalisation and resampling); the case's properties
+    (the .pkl) record ``present_channels``. The network sees the dataset's channel count for every case."""
+
+    class MissingChannelsPreprocessor(preprocessor_class):
+        def __init__(self, verbose: bool = False, present_channels: Optional[Sequence[str]] = None):
+            super().__init__(verbose=verbose)
+            self.present_channels = None if present_channels is None else [int(c) for c in present_channels]
+            self._present = None
+
+        def run_case(self, image_files, seg_file, plans_manager, configuration_manager, dataset_json):
+            if isinstance(dataset_json, str):
+                with open(dataset_json) as f:
+                    dataset_json = json.load(f)
+            self._present = (self.present_channels if self.present_channels is not None else
+                             channels_of_files(image_files, dataset_json['file_ending']))
+            self._num_channels = channel_count(dataset_json)
+            if len(self._present) != len(image_files) or max(self._present) >= self._num_channels:
+                raise ValueError(f'channels {self._present} for {len(image_files)} file(s) of a dataset with '
+                                 f'{self._num_channels} channel(s)')
+            return super().run_case(image_files, seg_file, plans_manager, configuration_manager, dataset_json)
+
+        def run_case_npy(self, data, seg, properties, plans_manager, configuration_manager, dataset_json):
+            if data.shape[0] != len(self._present):
+                raise ValueError(f'{data.shape[0]} channel(s) read from {len(self._present)} channel file(s)')
+            full = np.zeros((self._num_channels, *data.shape[1:]), dtype=np.float32)
+            full[self._present] = data
+            data, seg, properties = super().run_case_npy(full, seg, properties, plans_manager, configuration_manager,
+                                                         dataset_json)
+            data[[c for c in range(self._num_channels) if c not in self._present]] = 0
+            properties['present_channels'] = list(self._present)
+            return data, seg, properties
+
+    MissingChannelsPreprocessor.__name__ = preprocessor_class.__name__  # (nnU-Net's class, channels filled in)
+    return MissingChannelsPreprocessor
+
+
 def _preprocess_case(preprocessor_class_name: str, output_truncated: str, image_files: List[str],
                      label_file: Optional[str], plans: dict, configuration: str, dataset_json: dict, site: str,
-                     case: str):
+                     case: str, present_channels: Optional[List[str]] = None):
     plans_manager = PlansManager(plans)
     cm = plans_manager.get_configuration(configuration)
     try:
-        cm.preprocessor_class(verbose=False).run_case_save(output_truncated, image_files, label_file, plans_manager,
-                                                           cm, dataset_json)
+        if present_channels is None:  # every channel: exactly nnU-Net's preprocessing
+            preprocessor = cm.preprocessor_class(verbose=False)
+        else:
+            preprocessor = with_missing_channels(cm.preprocessor_class)(present_channels=present_channels)
+        preprocessor.run_case_save(output_truncated, image_files, label_file, plans_manager, cm, dataset_json)
     except FederationError:
         raise
     except Exception as e:
@@ -84,14 +147,15 @@ def unlabelled_data_folder(site_folder: str, data_identifier: str) -> str:
 
 
 def _preprocess_into(final: str, cases: Sequence[Tuple[str, List[str], Optional[str]]], preprocessor_name: str,
-                     plans: dict, configuration: str, dataset_json: dict, site: str, num_processes: int, what: str):
+                     plans: dict, configuration: str, dataset_json: dict, site: str, num_processes: int, what: str,
+                     present_channels: Optional[List[str]] = None):
     """(case, image files, label file or None) through nnU-Net's preprocessor into ``final``, written under a
-    ``.partial`` name and renamed when complete."""
+    ``.partial`` name and renamed when complete. ``present_channels``: the site's channels where it lacks some."""
     partial = final + '.partial'
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     args = [(preprocessor_name, os.path.join(partial, case), images, label, plans, configuration, dataset_json, site,
-             case) for case, images, label in cases]
+             case, present_channels) for case, images, label in cases]
     run_per_case(_preprocess_case, args, num_processes, f'[site {site}] {what}')
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
@@ -105,6 +169,7 @@ def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations:
     os.makedirs(out_folder, exist_ok=True)
     plans_manager = PlansManager(plans)
     report = {'site': site.name, 'configurations': {}}
+    present = site.present_channels if site.missing_channels else None
     for c in configurations:
         if c not in plans_manager.available_configurations:
             raise FederationError(f'configuration {c!r} is not in the plans (available: '
@@ -116,7 +181,8 @@ def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations:
         # the labelled cases, training and validation-only ones, as nnU-Net's training cases (the splits say which
         # is which); a site with unlabelled cases only gets an empty folder of them
         _preprocess_into(final, [(case, site.image_files(case), site.label_file(case)) for case in site.labelled],
-                         cm.preprocessor_name, plans, c, dataset_json, site.name, num_processes, f'preprocess {c}')
+                         cm.preprocessor_name, plans, c, dataset_json, site.name, num_processes, f'preprocess {c}',
+                         present)
         report['configurations'][c] = {'data_identifier': cm.data_identifier, 'num_cases': len(site.cases),
                                        'num_validation': len(site.validation)}
         if site.unlabelled:
@@ -125,7 +191,7 @@ def preprocess_site(site: Site, plans: dict, dataset_json: dict, configurations:
             _preprocess_into(unlabelled_data_folder(out_folder, cm.data_identifier),
                              [(case, site.unlabelled_image_files(case), None) for case in site.unlabelled],
                              cm.preprocessor_name, plans, c, dataset_json, site.name, num_processes,
-                             f'preprocess {c} (unlabelled)')
+                             f'preprocess {c} (unlabelled)', present)
             report['configurations'][c]['num_unlabelled'] = len(site.unlabelled)
         else:
             shutil.rmtree(unlabelled_data_folder(out_folder, cm.data_identifier), ignore_errors=True)  # a stale one

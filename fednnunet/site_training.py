@@ -341,6 +341,15 @@ def check_training(worker, message: Message) -> Message:
                               f"it), and {config['method']} trains on labelled cases; a site with unlabelled cases "
                               f"only takes part in a semi-supervised method ({', '.join(semi_supervised_methods())}) "
                               f"or is left out with --sites", site=worker.site.name, field='cases')
+    missing = worker.site.missing_channels
+    if missing and not get_method(config['method']).trainer.handles_missing_channels:
+        names = worker.site.channel_names
+        able = missing_channel_methods()
+        raise FederationError(f"the site has no images of channel(s) {', '.join(f'{c} ({names[c]})' for c in missing)} "
+                              f"(sites.json 'channels'), and {config['method']} needs every channel at every site; "
+                              + (f"methods that train such sites: {', '.join(able)}; " if able else
+                                 "no method trains such sites yet; ") + "or leave the site out with --sites",
+                              site=worker.site.name, field='channels')
     data = join(worker.folder, data_identifier)
     absent = _not_preprocessed(data, worker.site.labelled)
     if absent:
@@ -369,6 +378,11 @@ def check_training(worker, message: Message) -> Message:
             raise earlier_run_error(worker, fold_folder, runs)
     return Message('ready', {'num_training_cases': len(worker.site.cases) + num_unlabelled,
                              'num_unlabelled_cases': num_unlabelled})
+
+
+def missing_channel_methods() -> list:
+    from fednnunet.methods import METHODS
+    return sorted(name for name, m in METHODS.items() if m.trainer.handles_missing_channels)
 
 
 def semi_supervised_methods() -> list:

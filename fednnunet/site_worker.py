@@ -167,7 +167,7 @@ class SiteWorker:
         """Counts of the private sample <= the server's thresholds, within the honest search's schedule only
         (fednnunet.fingerprint.CountQueryBudget): a curious server cannot rebuild the site's histogram."""
         from fednnunet.fingerprint import count_values_leq
-        self.count_queries.spend(message.arrays, len(self.site.channel_names))
+        self.count_queries.spend(message.arrays, self.site.present_channels)
         return Message('counts', arrays=count_values_leq(self.private_folder, message.arrays))
 
     def release_fingerprint(self, message: Message) -> Message:

@@ -757,15 +757,24 @@ def test_a_supernode_killed_in_a_round_is_survived_named_and_rejoins(planned, tm
     env = _env(nnUNet_results=results, FLWR_HOME=tmp_path / 'flwr_home')
     site_args = {s: ['site', '--site', s, '-d', str(DATASET_ID), '--server', f'127.0.0.1:{port}', '--insecure',
                      '-device', 'cpu', '-np', '1', '--heartbeat-interval', '10'] for s in 'ABC'}
+    attack_path = tmp_path / 'attacker_python'
+    attack_path.mkdir()
+    (attack_path / 'sitecustomize.py').write_text(ATTACKING_SITE)
+    mark = tmp_path / 'c_is_in_round_0'
     for s in 'ABC':
-        processes.start(f'site_{s}', site_args[s], dict(env, FLWR_HOME=str(tmp_path / f'home_{s}')))
+        # C's first SuperNode is busy with round 0 until it is killed (whatever the machine's speed)
+        extra = dict(PYTHONPATH=str(attack_path), FEDNNUNET_TEST_ATTACK='hang',
+                     FEDNNUNET_TEST_MARK=str(mark)) if s == 'C' else {}
+        processes.start(f'site_{s}', site_args[s], dict(env, FLWR_HOME=str(tmp_path / f'home_{s}'), **extra))
     processes.start('server', ['server', '-d', str(DATASET_ID), '--phase', 'train', '-p', PLANS, '-c', '3d_fullres',
                                '--method', 'fedavg', *FAST, '--no-val', '--sites', 'A', 'B', 'C', '--min-sites', '2',
                                '--insecure', '--host', '127.0.0.1', '--port', str(port), '--wait-for-sites', '180',
                                '--work-dir', str(tmp_path / 'server_work')], env)
-    processes.wait_for('site_C', 'train.fit', timeout=300)
-    time.sleep(2)  # C's ClientApp is training
-    processes.kill('site_C')
+    deadline = time.time() + 300
+    while not mark.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert mark.exists(), processes.log('site_C')[-3000:]
+    processes.kill('site_C')  # in round 0, before it answered
     processes.start('site_C_again', site_args['C'], dict(env, FLWR_HOME=str(tmp_path / 'home_C2')))
     assert processes.procs['server'].wait(timeout=900) == 0, processes.log('server')[-5000:]
 
@@ -849,8 +858,12 @@ def attacked(module):
     real_fit = module.fit
 
     def fit(worker, message):
-        reply = real_fit(worker, message)
         r = int(message.config['round'])
+        if ATTACK == 'hang' and r == 0:
+            # busy with round 0 and never done with it: the test kills this SuperNode while it hangs here
+            open(os.environ['FEDNNUNET_TEST_MARK'], 'w').close()
+            time.sleep(3600)
+        reply = real_fit(worker, message)
         arrays = dict(reply.arrays)
         first = sorted(k for k, a in arrays.items() if a.dtype.kind == 'f')[0]
         if ATTACK == 'poison':
@@ -875,13 +888,13 @@ def attacked(module):
                     pass
                 time.sleep(0.2)
             time.sleep(3)
-            open(os.environ['FEDNNUNET_TEST_STRAGGLER_MARK'], 'w').close()
+            open(os.environ['FEDNNUNET_TEST_MARK'], 'w').close()
         elif ATTACK == 'wait_for_straggler' and r == 1:
             # an honest site that is slow in round 1: it answers once the straggler has sent its late round-0
             # update (and 5 s for it to reach the SuperLink), so round 2 never starts before that update is in,
             # however fast this machine trains round 1
             deadline = time.time() + 600
-            while time.time() < deadline and not os.path.exists(os.environ['FEDNNUNET_TEST_STRAGGLER_MARK']):
+            while time.time() < deadline and not os.path.exists(os.environ['FEDNNUNET_TEST_MARK']):
                 time.sleep(0.2)
             time.sleep(5)
         return type(reply)(reply.kind, reply.config, arrays=arrays)
@@ -935,11 +948,11 @@ def test_a_poisoning_site_a_straggler_and_an_impostor_with_a_registered_key_do_n
                                '-np', '1'], dict(env, FLWR_HOME=str(tmp_path / f'home_{name}'), **extra))
     mark = str(tmp_path / 'straggler_answered')
     site('site_A', 'A', 'A', PYTHONPATH=str(attack_path), FEDNNUNET_TEST_ATTACK='wait_for_straggler',
-         FEDNNUNET_TEST_STRAGGLER_MARK=mark)
+         FEDNNUNET_TEST_MARK=mark)
     site('site_B', 'B', 'B', PYTHONPATH=str(attack_path), FEDNNUNET_TEST_ATTACK='poison')
     site('site_C', 'C', 'C', PYTHONPATH=str(attack_path), FEDNNUNET_TEST_ATTACK='straggle',
          FEDNNUNET_TEST_ROUND_LOG=os.path.join(_fedavg_fold(results), 'federation_log.json'),
-         FEDNNUNET_TEST_STRAGGLER_MARK=mark)
+         FEDNNUNET_TEST_MARK=mark)
     site('impostor', 'A', 'D')
     processes.start('server', ['server', '-d', str(DATASET_ID), '--phase', 'train', '-p', PLANS, '-c', '3d_fullres',
                                '--method', 'fedavg', '--rounds', '3', '--local-iterations', '2', '--val-iterations',

@@ -59,7 +59,8 @@ def describe_site(site: Site) -> dict:
         'num_validation': len(site.validation),
         'labels': dj.get('labels'),
         'channel_names': site.channel_names,
-        'declared_channels': list(site.channels) if site.channels is not None else None,
+        'declared_channels': ([site.channel_names[c] for c in site.present_channels] if site.channels is not None
+                              else None),
         'file_ending': site.file_ending,
         'regions_class_order': dj.get('regions_class_order'),
         'reader_writer': reader.__name__,
@@ -95,29 +96,50 @@ def negotiate(descriptions: Sequence[dict], gpu_memory_gb: Optional[float] = Non
                 raise FederationError(f"{d[f]!r} differs from site '{ref['site']}' ({ref[f]!r}); all sites must "
                                       f"agree on {f}", site=d['site'], field=f)
     channel_list = [ref['channel_names'][k] for k in sorted(ref['channel_names'], key=int)]
-    for d in descriptions:
-        if d['declared_channels'] is not None and list(d['declared_channels']) != channel_list:
-            raise FederationError(f"site declares channels {d['declared_channels']} but dataset.json has "
-                                  f"{channel_list}; sites with missing channels are not supported by nnU-Net "
-                                  f"planning", site=d['site'], field='channels')
     if not any(d['num_cases'] for d in descriptions):
         raise FederationError('no site has a labelled training case; nnU-Net plans from labelled cases, so at least '
                               'one site needs some', field='cases')
+    present = {d['site']: site_channels(d, channel_list) for d in descriptions}
+    for i, name in enumerate(channel_list):
+        if not any(name in present[d['site']] for d in descriptions if d['num_cases']):
+            raise FederationError(f"channel {i} ({name}) is at no participant with a labelled training case: its "
+                                  f"intensities cannot be fingerprinted, so nnU-Net cannot normalise it",
+                                  field='channels')
     declared_memory = [d['gpu_memory_gb'] for d in descriptions if d['gpu_memory_gb'] is not None]
     if gpu_memory_gb is not None:
         declared_memory.append(gpu_memory_gb)
     memory = min(declared_memory) if declared_memory else None
     dataset_json = dict(ref['dataset_json'])
     dataset_json['numTraining'] = int(sum(d['num_cases'] for d in descriptions))
+    index = {name: k for k, name in ref['channel_names'].items()}
     return {
         'dataset_json': dataset_json,
+        # {participant: the dataset.json channel indices it has}
+        'site_channels': {s: [index[n] for n in names] for s, names in present.items()},
         'reader_writer': ref['reader_writer'],
         'gpu_memory_target_gb': memory,
         'sites': {d['site']: {'num_cases': d['num_cases'], 'num_unlabelled': d.get('num_unlabelled', 0),
                               'num_validation': d.get('num_validation', 0), 'gpu_memory_gb': d['gpu_memory_gb'],
-                              **({'network': d['network']} if d.get('network') is not None else {})}
+                              **({'network': d['network']} if d.get('network') is not None else {}),
+                              **({'channels': present[d['site']]} if present[d['site']] != channel_list else {})}
                   for d in descriptions},
     }
+
+
+def site_channels(description: dict, channel_list: List[str]) -> List[str]:
+    """The channel names a participant's description declares it has (a subset of dataset.json's, in its order;
+    every channel if it declares none). A description is data from the network: checked here."""
+    declared = description.get('declared_channels')
+    if declared is None:
+        return list(channel_list)
+    if len(set(channel_list)) != len(channel_list):
+        raise FederationError(f"declares channels, but dataset.json's channel names {channel_list} are not unique",
+                              site=description.get('site'), field='channels')
+    if not isinstance(declared, list) or not declared or len(declared) > len(channel_list) or \
+            not all(isinstance(n, str) and n in channel_list for n in declared) or len(set(declared)) != len(declared):
+        raise FederationError(f"declares channels {str(declared)[:200]}; a site's channels are some of dataset.json's "
+                              f"{channel_list}, each once", site=description.get('site'), field='channels')
+    return [n for n in channel_list if n in declared]
 
 
 def find_planner_class(name: str) -> Type[ExperimentPlanner]:

@@ -88,6 +88,9 @@ class FederatedTrainer(nnUNetTrainer):
     uses_unlabelled_data: bool = False
     #: True when each site may train its own planned network (sites.json ``network``; the method merges no weights)
     trains_site_networks: bool = False
+    #: True when the method trains sites that lack some of the dataset's channels (sites.json ``channels``; their
+    #: missing channels are preprocessed as zeros)
+    handles_missing_channels: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
