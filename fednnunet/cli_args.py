@@ -182,7 +182,8 @@ def method(centralized: bool = True):
 def methods_epilog(centralized: bool = True) -> str:
     lines = ['methods (--method):']
     lines += [f'  {m:<12} {s}' for m, s in method_names.summaries(centralized).items()]
-    lines += [f"  planned, not implemented yet: {', '.join(sorted(method_names.PLANNED))}"]
+    if method_names.PLANNED:
+        lines += [f"  planned, not implemented yet: {', '.join(sorted(method_names.PLANNED))}"]
     return '\n'.join(lines)
 
 

@@ -18,6 +18,7 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import join
 
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
 import fednnunet.trainers
@@ -96,7 +97,26 @@ def load_predictor(model_folder: str, folds: Union[int, str, Sequence] = 0,
     quiet = contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext()
     with quiet, fednnunet_trainers_findable(), checkpoints_loaded_without_pickle():  # nnU-Net narrates its lookup
         predictor.initialize_from_trained_model_folder(model_folder, tuple(folds), checkpoint_name)
+    if handles_missing_channels(predictor):
+        # a case may lack some channel files: its channels are taken from the files' names, the others are zeros
+        predictor.configuration_manager = MissingChannelsConfiguration(predictor.configuration_manager.configuration)
     return predictor
+
+
+def handles_missing_channels(predictor: nnUNetPredictor) -> bool:
+    """Whether the predictor's network reads which channels a case has from its input (FedMM's network)."""
+    from fednnunet.networks.fedmm import FedMMUNet
+    return isinstance(getattr(predictor.network, '_orig_mod', predictor.network), FedMMUNet)
+
+
+class MissingChannelsConfiguration(ConfigurationManager):
+    """nnU-Net's configuration whose preprocessor places a case's channel files at their channel indices and leaves
+    the absent channels zero (fednnunet.preprocessing.with_missing_channels)."""
+
+    @property
+    def preprocessor_class(self):
+        from fednnunet.preprocessing import with_missing_channels
+        return with_missing_channels(super().preprocessor_class)
 
 
 def predict_cases(predictor: nnUNetPredictor, list_of_lists: List[List[str]], output_truncated: Sequence[str],

@@ -18,6 +18,7 @@ METHODS: Dict[str, tuple] = {
     'feddp': ('FedDPTrainer', 'FedDP: local attention queries; inter-site guided calibration'),
     'fedfixmatch': ('FedFixMatchTrainer', 'semi-supervised FedAvg: FixMatch pseudo-labels on unlabelled cases'),
     'hssf': ('HSSFTrainer', 'HSSF: semi-supervised, per-site networks, predictions on a public set'),
+    'fedmm': ('FedMMTrainer', 'FedMM: an encoder per modality, each averaged over the sites that have it'),
 }
 
 #: the pooled baseline: nnU-Net's trainer on every site's data in one place (simulation only)
@@ -26,9 +27,7 @@ CENTRALIZED_TRAINER = 'CentralizedTrainer'
 CENTRALIZED_SUMMARY = "pooled data, nnU-Net's own training (baseline; not federated)"
 
 #: methods the project plans but has not built; asking for one is an error, never a silent FedAvg
-PLANNED: Dict[str, str] = {
-    'fedmm': 'FedMM, multimodal drift correction',
-}
+PLANNED: Dict[str, str] = {}
 
 
 def available(centralized: bool = True) -> List[str]:

@@ -3,11 +3,12 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Type
 
 from fednnunet import method_names
-from fednnunet.strategies import FedAvg, KnowledgeExchange, NoAggregation, Strategy, TwoStageFedAvg
+from fednnunet.strategies import FedAvg, KnowledgeExchange, ModalityFedAvg, NoAggregation, Strategy, TwoStageFedAvg
 from fednnunet.trainers.base import FederatedTrainer
 from fednnunet.trainers.fedavg import FedAvgTrainer
 from fednnunet.trainers.fedbn import FedBNTrainer
 from fednnunet.trainers.feddp import FedDPTrainer
+from fednnunet.trainers.fedmm import FedMMTrainer
 from fednnunet.trainers.fedfixmatch import FedFixMatchTrainer
 from fednnunet.trainers.lcfed import LCFedTrainer
 from fednnunet.trainers.fedper import FedPerTrainer
@@ -41,6 +42,7 @@ _BUILT = {
     'feddp': (FedDPTrainer, TwoStageFedAvg),
     'fedfixmatch': (FedFixMatchTrainer, FedAvg),
     'hssf': (HSSFTrainer, KnowledgeExchange),
+    'fedmm': (FedMMTrainer, ModalityFedAvg),
 }
 
 #: every method, with its summary from fednnunet.method_names (the light list the command lines check)

@@ -252,6 +252,7 @@ def build_site_trainer(worker, config: dict) -> FederatedTrainer:
     trainer.run_id = config.get('run_id')
     trainer.unlabelled_cases = list(worker.site.unlabelled)  # only the cases sites.json lists now
     trainer.validation_cases = list(worker.site.validation)
+    trainer.present_channels = list(worker.site.present_channels)
     return trainer
 
 
@@ -377,7 +378,8 @@ def check_training(worker, message: Message) -> Message:
         if runs:
             raise earlier_run_error(worker, fold_folder, runs)
     return Message('ready', {'num_training_cases': len(worker.site.cases) + num_unlabelled,
-                             'num_unlabelled_cases': num_unlabelled})
+                             'num_unlabelled_cases': num_unlabelled,
+                             'present_channels': list(worker.site.present_channels)})
 
 
 def missing_channel_methods() -> list:

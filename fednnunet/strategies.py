@@ -75,6 +75,13 @@ class Strategy:
         """The array keys every site's update must hold in this round; the server drops an update with others."""
         return set(shared_keys)
 
+    def site_update_keys(self, round_index: int, site: str, expected: set) -> set:
+        """The keys ``site``'s update must hold (default: what every site's must, :meth:`expected_update_keys`)."""
+        return expected
+
+    def sites_ready(self, present_channels: Dict[str, List[int]]):
+        """Called by the server after the training check, with each site's channels (dataset.json indices, checked)."""
+
     def aggregate(self, round_index: int, updates: List[SiteUpdate],
                   global_state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         raise NotImplementedError
@@ -255,6 +262,34 @@ class TwoStageFedAvg(FedAvg):
         self.readonly = {s: {k: np.asarray(v) for k, v in parts.items()}
                          for s, parts in state.get('readonly', {}).items()}
         self.handed_over = list(state.get('handed_over', []))
+
+
+class ModalityFedAvg(FedAvg):
+    """FedMM's merge: FedAvg in which the encoder of modality m (keys ``encoders.<m>.``) is sent to, accepted from
+    and averaged over only the sites that have modality m (their channels, as each said at the training check);
+    every other key is FedAvg's. A site never receives, and may not send, the encoder of a modality it lacks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.site_channels: Dict[str, set] = {}
+
+    def sites_ready(self, present_channels):
+        self.site_channels = {s: {int(c) for c in channels} for s, channels in present_channels.items()}
+
+    def owns(self, site: str, key: str) -> bool:
+        from fednnunet.networks.fedmm import modality_of_key
+        modality = modality_of_key(key)
+        if modality is None:
+            return True
+        if site not in self.site_channels:
+            raise ValueError(f"site '{site}' did not say which channels it has (training check)")
+        return modality in self.site_channels[site]
+
+    def configure_fit(self, round_index, site, global_state):
+        return {k: v for k, v in global_state.items() if self.owns(site, k)}
+
+    def site_update_keys(self, round_index, site, expected):
+        return {k for k in expected if self.owns(site, k)}
 
 
 class NoAggregation(Strategy):

@@ -260,7 +260,12 @@ class FederatedTraining:
 
     def write_model_folder(self):
         os.makedirs(self.output_folder, exist_ok=True)
-        write_json(join(self.results_base, 'plans.json'), self.plans)
+        plans = self.plans
+        if self.method.has_global_model:  # the plans that build the global model's network (FedMM's: its own class)
+            c = self.config
+            plans = self.method.trainer.adapt_plans(self.plans, c.configuration, len(self.site_indices), 0,
+                                                    c.hyperparameters, self.dataset_json)
+        write_json(join(self.results_base, 'plans.json'), plans)
         write_json(join(self.results_base, 'dataset.json'), self.dataset_json)
         shutil.copyfile(join(server_folder(self.config.dataset_name), 'dataset_fingerprint.json'),
                         join(self.results_base, 'dataset_fingerprint.json'))
@@ -354,6 +359,14 @@ class FederatedTraining:
             if isinstance(now, bool) or not isinstance(now, int):
                 now = 0
             self.declared_cases[site] = int(planned or now or 0)
+        channels = {}
+        for s, r in replies.items():
+            try:
+                channels[s] = present_channels(r.config.get('present_channels'), self.dataset_json, s)
+            except FederationError as e:  # a bad answer: the site has no channel (FedMM: it is sent no encoder)
+                self.log(f'site {s}: {e}; taken as no channel', console=True)
+                channels[s] = []
+        self.strategy.sites_ready(channels)
         if self.method.trainer.uses_unlabelled_data:
             counts = {s: r.config.get('num_unlabelled_cases') for s, r in replies.items()}
             for s, n in counts.items():
@@ -439,8 +452,8 @@ class FederatedTraining:
         spec = {**self.array_spec, **self.strategy.update_array_spec()}
         updates, dropped = [], {}
         for site, reply in replies.items():
-            why = update_problem(reply, expected, spec, self.declared_cases.get(site, 0),
-                                 self.num_foreground)
+            why = update_problem(reply, self.strategy.site_update_keys(r, site, expected), spec,
+                                 self.declared_cases.get(site, 0), self.num_foreground)
             if why:
                 dropped[site] = f'update refused: {why}'
             else:
@@ -528,6 +541,20 @@ class FederatedTraining:
         c = self.config
         for configuration in set(self.site_networks.values()) - {c.configuration}:
             remove_empty_network_folder(c.dataset_name, self.method.trainer, c.plans_identifier, configuration, c.fold)
+
+
+def present_channels(value, dataset_json: dict, site: str) -> List[int]:
+    """A site's channels as it said them at the training check (dataset.json indices): checked, as data from the
+    network; a site that says nothing has every channel."""
+    channels = sorted(int(c) for c in dataset_json.get('channel_names', dataset_json.get('modality', {})))
+    if value is None:  # (a site of an earlier fednnunet)
+        return channels
+    if not isinstance(value, list) or not value or len(value) > len(channels) or \
+            not all(isinstance(c, str) and c.isdigit() and int(c) in channels for c in value) or \
+            len(set(value)) != len(value):
+        raise FederationError(f"present_channels {str(value)[:100]} are not some of dataset.json's channels "
+                              f"{channels}, each once", site=site, field='present_channels')
+    return sorted(int(c) for c in value)
 
 
 def mean_of_measured(values: List[float], weights: np.ndarray) -> float:

@@ -367,9 +367,11 @@ def test_stock_nnunet_predict_loads_the_fedavg_global_model(planned, fresh_resul
         np.testing.assert_array_equal(a, b)
 
 
-def test_bad_training_requests_are_clear(planned, fresh_results, capsys):
+def test_bad_training_requests_are_clear(planned, fresh_results, capsys, monkeypatch):
+    from fednnunet import method_names
+    monkeypatch.setitem(method_names.PLANNED, 'fedplanned', 'a planned method')
     with pytest.raises(SystemExit):
-        train_entry(['501', '3d_fullres', '--method', 'fedmm'] + FAST)
+        train_entry(['501', '3d_fullres', '--method', 'fedplanned'] + FAST)
     assert 'not implemented yet' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_entry(['501', '3d_fullres', '--method', 'fedavg', '--mu', '0.1'] + FAST)

@@ -6,6 +6,8 @@ named in the site's plans.json ``architecture``, whose ``arch_kwargs`` keep ever
 strides, kernel sizes and features from there) plus ``base_network_class_name`` and the method's own ``wrapper``
 settings, so nnU-Net's predictor builds them like any planned network.
 """
+import copy
+
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
@@ -47,6 +49,18 @@ def wrap_architecture(architecture: dict, network_class_name: str, wrapper: dict
                         'base_network_class_name': architecture['network_class_name'], 'wrapper': wrapper},
         '_kw_requires_import': list(architecture['_kw_requires_import']),
     }
+
+
+def plans_with_network(plans: dict, configuration: str, network_class_name: str, wrapper: dict,
+                       method_name: str) -> dict:
+    """A copy of ``plans`` whose ``configuration`` trains ``network_class_name`` around its planned network."""
+    plans = copy.deepcopy(plans)
+    config = plans['configurations'][configuration]
+    if 'architecture' not in config:
+        raise ValueError(f'{method_name}: configuration {configuration} inherits its architecture; train a '
+                         f'configuration that defines one (2d, 3d_fullres, 3d_lowres)')
+    config['architecture'] = wrap_architecture(base_architecture(config['architecture']), network_class_name, wrapper)
+    return plans
 
 
 def base_architecture(architecture: dict) -> dict:

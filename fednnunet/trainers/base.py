@@ -112,6 +112,8 @@ class FederatedTrainer(nnUNetTrainer):
         self.dataloader_unlabelled = None  # built on demand by semi-supervised methods
         self.unlabelled_cases: Optional[List[str]] = None  # the site's (sites.json); None: every one in its folder
         self.validation_cases: Optional[List[str]] = None  # the site's validation-only cases (sites.json), if any
+        #: the dataset.json channel indices the site has images of (sites.json ``channels``); None: every channel
+        self.present_channels: Optional[List[str]] = None
 
     # ------------------------------------------------------------------ set-up
     def configure_federation(self, site_name: str, site_index: int, site_preprocessed_folder: str,
@@ -396,16 +398,20 @@ class FederatedTrainer(nnUNetTrainer):
         local = set(cls.local_keys(network))
         return [k for k in canonical_keys(network) if k not in local]
 
+    def exchanged_keys(self) -> List[str]:
+        """The keys this site sends and receives: the method's shared keys (FedMM: without the encoders of the
+        modalities the site lacks)."""
+        return self.shared_keys(self.unwrapped_network)
+
     def shared_state(self) -> Dict[str, np.ndarray]:
         sd = self.unwrapped_network.state_dict()
-        return {k: sd[k].detach().cpu().numpy() for k in self.shared_keys(self.unwrapped_network)}
+        return {k: sd[k].detach().cpu().numpy() for k in self.exchanged_keys()}
 
     def load_shared_state(self, shared: Dict[str, np.ndarray]):
         """Overwrites the shared keys with the server's values; local keys keep the site's own values (aliases of a
         key share its tensor and follow)."""
-        net = self.unwrapped_network
-        own = net.state_dict()
-        expected = set(self.shared_keys(net))
+        own = self.unwrapped_network.state_dict()
+        expected = set(self.exchanged_keys())
         if set(shared) != expected:
             missing, extra = sorted(expected - set(shared)), sorted(set(shared) - expected)
             raise ValueError(f"site '{self.site_name}': the server sent other keys than {self.method_name} shares "

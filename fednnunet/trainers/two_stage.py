@@ -12,7 +12,6 @@ A site that did not answer in the last round of the first stage has handed over 
 calibrates against the parts of the sites that did (its own parts always from itself), with a warning that names
 the missing site indices; fewer than two sites' parts is an error.
 """
-import copy
 import math
 import warnings
 from typing import Dict, List, Tuple
@@ -22,7 +21,7 @@ import torch
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
-from fednnunet.networks import base_architecture, wrap_architecture
+from fednnunet.networks import plans_with_network
 from fednnunet.trainers.base import FederatedTrainer
 
 READONLY = 'readonly/'
@@ -88,17 +87,11 @@ class TwoStageTrainer(FederatedTrainer):
 
     @classmethod
     def adapt_plans(cls, plans, configuration, num_sites, site_index, hyperparameters, dataset_json):
-        plans = copy.deepcopy(plans)
-        config = plans['configurations'][configuration]
-        if 'architecture' not in config:
-            raise ValueError(f'{cls.method_name}: configuration {configuration} inherits its architecture; '
-                             f'train a configuration that defines one (2d, 3d_fullres, 3d_lowres)')
         values = dict(cls.hyperparameters)
         values.update(hyperparameters or {})
-        config['architecture'] = wrap_architecture(base_architecture(config['architecture']), cls.network_class_name,
-                                                   cls.architecture_kwargs(plans, configuration, num_sites,
-                                                                           site_index, values, dataset_json))
-        return plans
+        return plans_with_network(plans, configuration, cls.network_class_name,
+                                  cls.architecture_kwargs(plans, configuration, num_sites, site_index, values,
+                                                          dataset_json), cls.method_name)
 
     # ------------------------------------------------------------------ stages
     @property
