@@ -331,7 +331,7 @@ def predict_entry(argv=None):
     check_device(args.device)
 
     from fednnunet.federation import dataset_name_from_id, load_json
-    from fednnunet.inference import input_files, load_predictor, predict_cases
+    from fednnunet.inference import input_files, load_predictor, model_handles_missing_channels, predict_cases
     from fednnunet.site_training import resolve_device
     from fednnunet.trained_models import sites_with_model
 
@@ -351,7 +351,7 @@ def predict_entry(argv=None):
                          if os.path.isdir(model_folder) else f'unknown site {args.site!r}')
                 raise FederationError(f"{start}; sites with a trained model: {', '.join(trained) or 'none'}")
         dataset_json = load_json(os.path.join(model_folder, 'dataset.json'), what='dataset.json')
-        lists = input_files(args.i, dataset_json)
+        lists = input_files(args.i, dataset_json, model_handles_missing_channels(model_folder, args.c))
         predictor = load_predictor(model_folder, _fold(args.f), args.chk, resolve_device(device_name(args.device)),
                                    use_mirroring=not args.disable_tta, allow_tqdm=True)
         ending = predictor.dataset_json['file_ending']

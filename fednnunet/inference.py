@@ -103,6 +103,19 @@ def load_predictor(model_folder: str, folds: Union[int, str, Sequence] = 0,
     return predictor
 
 
+def model_handles_missing_channels(model_folder: str, configuration: str) -> bool:
+    """Whether the model in ``model_folder`` (its plans.json) predicts cases without some of their channels."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans_file = join(model_folder, 'plans.json')
+    if not os.path.isfile(plans_file):
+        return False
+    try:
+        architecture = PlansManager(plans_file).get_configuration(configuration).network_arch_class_name
+    except Exception:  # noqa: BLE001 - a configuration the plans lack is the predictor's error to give
+        return False
+    return architecture == 'fednnunet.networks.fedmm.FedMMUNet'
+
+
 def handles_missing_channels(predictor: nnUNetPredictor) -> bool:
     """Whether the predictor's network reads which channels a case has from its input (FedMM's network)."""
     from fednnunet.networks.fedmm import FedMMUNet
@@ -134,11 +147,12 @@ def _listing(names: Sequence[str], shown: int = 5) -> str:
     return ', '.join(names[:shown]) + (f', ... ({len(names)} in all)' if len(names) > shown else '')
 
 
-def input_files(folder: str, dataset_json: dict) -> List[List[str]]:
+def input_files(folder: str, dataset_json: dict, missing_channels_ok: bool = False) -> List[List[str]]:
     """The cases of an input folder for prediction, as nnU-Net reads them (one list of channel files per case),
     after checking nnU-Net's naming: every file with the dataset's file ending is ``CASE_XXXX<ending>`` with XXXX
-    one of dataset.json's channels, and every case has every channel. Files with other endings are ignored, as
-    nnU-Net does. A FederationError names the offending files (``-i``)."""
+    one of dataset.json's channels, and every case has every channel (``missing_channels_ok``, for a model that
+    predicts without some channels: at least one; the case's list then holds the files it has). Files with other
+    endings are ignored, as nnU-Net does. A FederationError names the offending files (``-i``)."""
     if not os.path.isdir(folder):
         raise FederationError(f'-i {folder}: not a folder')
     ending = dataset_json['file_ending']
@@ -161,6 +175,9 @@ def input_files(folder: str, dataset_json: dict) -> List[List[str]]:
         raise FederationError(f'-i {folder}: {len(bad)} file(s) are not named {expected}: {_listing(bad)}')
     missing = [f'{case}_{code}{ending}' for case, have in sorted(cases.items()) for code in sorted(codes)
                if code not in have]
+    if missing and missing_channels_ok:  # every case has a file (else it would not be a case): its channels
+        return [[os.path.join(folder, f'{case}_{code}{ending}') for code in sorted(have)]
+                for case, have in sorted(cases.items())]
     if missing:
         incomplete = sorted({m[:-len(ending) - 5] for m in missing})
         raise FederationError(f'-i {folder}: {len(incomplete)} case(s) lack a channel (every case needs every '

@@ -338,6 +338,8 @@ def test_input_files_follow_nnunet_naming(tmp_path):
     with pytest.raises(FederationError, match=r"1 case\(s\) lack a channel .*0000 for 'T1', 0001 for 'FLAIR'.*"
                                               r"missing: c_0001.nii.gz$"):
         input_files(str(tmp_path), dataset_json)
+    # a model that predicts without some channels (FedMM's) takes the files a case has
+    assert input_files(str(tmp_path), dataset_json, missing_channels_ok=True)[1] == [str(tmp_path / 'c_0000.nii.gz')]
     for i in range(7):
         (tmp_path / f'scan{i}.nii.gz').write_bytes(b'')
     with pytest.raises(FederationError, match=r'7 file\(s\) are not named .*: scan0.nii.gz, scan1.nii.gz, '

@@ -85,19 +85,29 @@ def test_fedmm_shares_each_modality_encoder_with_exactly_the_sites_that_have_it(
 
 
 def test_the_global_fedmm_model_predicts_a_case_without_one_of_its_channels(planned_channels, tmp_path):
-    from fednnunet.inference import load_predictor, predict_cases
+    """fednnunet_predict on a folder in which C's case has its T2 file only and A's case both files; a model that
+    needs every channel says so for the same folder."""
+    import shutil
+    import SimpleITK as sitk
+    from fednnunet.cli import predict_entry
     federation, _ = planned_channels
     train_entry(TRAIN + ['--no-val'])
-    base = os.path.join(os.environ['nnUNet_results'], DATASET_NAME, f'FedMMTrainer__{PLANS}__3d_fullres')
-    predictor = load_predictor(base, 0)
-    c = federation.sites['C']
-    case = c.cases[0]
-    out = tmp_path / 'pred'
-    predict_cases(predictor, [c.image_files(case)], [str(out / case)])  # its T2 file alone
-    import SimpleITK as sitk
-    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f'{case}.nii.gz')))
-    assert seg.shape == sitk.GetArrayFromImage(sitk.ReadImage(c.image_files(case)[0])).shape
-    assert set(np.unique(seg)) <= {0, 1, 2, 3}
+    images = tmp_path / 'in'
+    images.mkdir()
+    a, c = federation.sites['A'], federation.sites['C']
+    for f in a.image_files(a.cases[0]) + c.image_files(c.cases[0]):
+        shutil.copy(f, images)
+    predict_entry(['-i', str(images), '-o', str(tmp_path / 'out'), '-d', DATASET_NAME, '-c', '3d_fullres', '-p',
+                   PLANS, '--method', 'fedmm', '-device', 'cpu'])
+    for site, case in ((a, a.cases[0]), (c, c.cases[0])):
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'out' / f'{case}.nii.gz')))
+        assert seg.shape == sitk.GetArrayFromImage(sitk.ReadImage(site.image_files(case)[0])).shape
+        assert set(np.unique(seg)) <= {0, 1, 2}
+    from fednnunet.errors import FederationError
+    from fednnunet.inference import input_files
+    with pytest.raises(FederationError, match='lack a channel'):  # what a model without FedMM's network is told
+        input_files(str(images), json.load(open(os.path.join(
+            os.environ['nnUNet_results'], DATASET_NAME, f'FedMMTrainer__{PLANS}__3d_fullres', 'dataset.json'))))
 
 
 def test_the_server_sends_and_accepts_a_modality_encoder_only_to_and_from_its_owners():

@@ -35,6 +35,7 @@ from fednnunet.site_worker import MESSAGE_KINDS, SiteWorker, software_versions  
 from fednnunet.wire import Message, WireError, encode, encoded_size  # noqa: E402
 
 from conftest import DATASET_ID, DATASET_NAME, point_nnunet_folder  # noqa: E402
+from test_site_channels import two_channel_raw  # noqa: E402,F401 (a fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANS = 'nnUNetCPUPlans'
@@ -1146,3 +1147,34 @@ def test_hssf_between_real_processes_each_party_on_its_own_disk(demo_raw, tmp_pa
     empty = [root for party in ('hospital_A', 'hospital_B', 'server') for root, dirs, files in
              os.walk(tmp_path / party / 'nnUNet_results') if not dirs and not files]
     assert empty == [], empty
+
+
+def test_fedmm_over_flower_sends_each_modality_encoder_only_to_its_sites(two_channel_raw, task_identity):
+    """fedmm through the Flower engine and Flower's encoding, planning included: site B (T1 only) is never sent T2's
+    encoder and never sends it, C (T2 only) likewise T1's; A gets both; the global model is stored."""
+    from fednnunet.flower_app import run_server
+    federation = Federation.from_raw(DATASET_ID)
+    workers = _workers(federation)
+    replies = {}
+
+    def recording(site, node):
+        def handle(content):
+            reply = node(content)
+            replies.setdefault(site, []).append(set(from_record_dict(reply).arrays))
+            return reply
+        return handle
+    grid = InProcessGrid({i: recording(s, site_node(workers[s], s)) for i, s in enumerate('ABC', 1)})
+    engine = FlowerEngine(grid, sites=['A', 'B', 'C'], dataset=DATASET_ID, log=lambda t: None)
+    result = run_server(grid, {'dataset': str(DATASET_ID), 'planner': 'nnUNetPlannerCPU', 'method': 'fedmm',
+                               'rounds': 2, 'local-iterations': 1, 'val-iterations': 1, 'validate': False,
+                               'sites': 'A B C'}, engine=engine)
+    sent = {}
+    for message in grid.sent:
+        site = 'ABC'[int(message.metadata.dst_node_id) - 1]
+        sent.setdefault(site, set()).update(from_record_dict(message.content).arrays)
+    for site, lacks in (('B', 'encoders.1.'), ('C', 'encoders.0.')):
+        keys = sent[site] | set().union(*replies[site])
+        assert [k for k in keys if k.startswith('encoders.')] and not [k for k in keys if k.startswith(lacks)], site
+    assert [k for k in sent['A'] if k.startswith('encoders.1.')] and [k for k in sent['A'] if k.startswith('encoders.0.')]
+    base = result['training']['results_folder']
+    assert os.path.isfile(os.path.join(base, 'fold_0', 'checkpoint_final.pth'))
