@@ -331,7 +331,8 @@ def predict_entry(argv=None):
     check_device(args.device)
 
     from fednnunet.federation import dataset_name_from_id, load_json
-    from fednnunet.inference import input_files, load_predictor, model_handles_missing_channels, predict_cases
+    from fednnunet.inference import handles_missing_channels, input_files, load_predictor, predict_cases
+    from fednnunet.method_names import trainer_name_of
     from fednnunet.site_training import resolve_device
     from fednnunet.trained_models import sites_with_model
 
@@ -351,7 +352,7 @@ def predict_entry(argv=None):
                          if os.path.isdir(model_folder) else f'unknown site {args.site!r}')
                 raise FederationError(f"{start}; sites with a trained model: {', '.join(trained) or 'none'}")
         dataset_json = load_json(os.path.join(model_folder, 'dataset.json'), what='dataset.json')
-        lists = input_files(args.i, dataset_json, model_handles_missing_channels(model_folder, args.c))
+        lists = input_files(args.i, dataset_json, handles_missing_channels(trainer_name_of(args.method)))
         predictor = load_predictor(model_folder, _fold(args.f), args.chk, resolve_device(device_name(args.device)),
                                    use_mirroring=not args.disable_tta, allow_tqdm=True)
         ending = predictor.dataset_json['file_ending']
@@ -387,13 +388,29 @@ def demo_data_entry(argv=None):
                              'scanner of its own, one site with few training labels, the others none (every site '
                              'keeps labelled validation-only cases for measurement), a network per participant; '
                              'dataset 505 FedBrainPublicSetDemo unless -d is given')
+    parser.add_argument('--multimodal', action='store_true',
+                        help='multimodal demo: T1, T2 and FLAIR contrasts, white-matter lesions visible in FLAIR '
+                             'only, sites with different contrasts (A all three, B T1+T2, C T1+FLAIR, D T1) and '
+                             'per-site, per-contrast intensity drift, held-out test cases with every contrast in '
+                             'imagesTs/labelsTs; dataset 506 FedBrainMultimodalDemo unless -d is given')
     args = parser.parse_args(argv)
     from fednnunet import demo
     sites = demo.TEST_SITES if args.test_sites else demo.DEFAULT_SITES
     chosen = [flag for flag, on in (('--lesion', args.lesion), ('--labelled-per-site', args.labelled_per_site),
-                                    ('--public-set', args.public_set)) if on]
+                                    ('--public-set', args.public_set), ('--multimodal', args.multimodal)) if on]
     if len(chosen) > 1:
         _fail(f'{" and ".join(chosen)} are different demos; choose one')
+    if args.multimodal:
+        from fednnunet import demo_multimodal as mm
+        try:
+            folder = mm.build_multimodal_federation(
+                args.d if args.d is not None else mm.MULTIMODAL_DATASET_ID, size=args.size, seed=args.seed,
+                sites=mm.TEST_MULTIMODAL_SITES if args.test_sites else mm.MULTIMODAL_SITES, overwrite=args.overwrite,
+                only_site=args.site, test_per_site=1 if args.test_sites else mm.TEST_PER_SITE)
+        except (FileExistsError, ValueError, FederationError) as e:
+            _fail(str(e).replace('pass overwrite=True', 'pass --overwrite'))
+        print(f'demo federation written to {folder}')
+        return
     default_id, name = ((demo.LESION_DATASET_ID, demo.LESION_DATASET_NAME) if args.lesion else
                         (demo.SEMI_SUPERVISED_DATASET_ID, demo.SEMI_SUPERVISED_DATASET_NAME)
                         if args.labelled_per_site else

@@ -38,6 +38,7 @@ or reconfiguring one site leaves every other site's cases unchanged.
 
 See documentation/demo_federation.md.
 """
+import contextlib
 import dataclasses
 import functools
 import json
@@ -48,7 +49,7 @@ import tempfile
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -65,6 +66,9 @@ SEMI_SUPERVISED_DATASET_NAME = 'FedBrainSemiDemo'
 PUBLIC_SET_DATASET_ID = 505
 PUBLIC_SET_DATASET_NAME = 'FedBrainPublicSetDemo'
 FILE_ENDING = '.nii.gz'
+TEMPLATE_REFERENCE = ('Fonov et al., NeuroImage 54(1) 2011; Fonov et al., NeuroImage 47 S102 2009 (MNI ICBM152 '
+                      '2009a, Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal '
+                      'Neurological Institute, McGill University)')
 
 # Field of view shared by all sites, in MNI (RAS) mm: the template brain's bounding box
 # (x -72..72, y -107..73, z -72..82) with a margin for the deformations. The template itself ends at
@@ -259,7 +263,8 @@ def _lesion_rng(seed: int, site_name: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(_case_entropy(seed, site_name, index) + [LESION_STREAM]))
 
 
-def _draw_lesion(rng: np.random.Generator, maps, work_origin: np.ndarray, w: float):
+def _draw_lesion(rng: np.random.Generator, maps, work_origin: np.ndarray, w: float,
+                 radius_mm: Tuple[float, float] = LESION_RADIUS_MM):
     """(centre in template mm, radius mm): a centre in the deep white-matter box (left or right hemisphere) where
     the (site-blurred) template is white matter; rejection sampling, at most 1000 tries."""
     wm = maps[2]
@@ -269,7 +274,7 @@ def _draw_lesion(rng: np.random.Generator, maps, work_origin: np.ndarray, w: flo
             centre[0] = -centre[0]
         vox = (centre - work_origin) / w
         if ndimage.map_coordinates(wm, vox[:, None], order=1)[0] >= LESION_MIN_WM:
-            return centre, float(rng.uniform(*LESION_RADIUS_MM))
+            return centre, float(rng.uniform(*radius_mm))
     raise RuntimeError('no white-matter point found in the lesion box')  # the template has plenty: never here
 
 
@@ -314,15 +319,28 @@ def _subject_transform(rng: np.random.Generator):
 
 # ----------------------------------------------------------------------------------------- cases
 
-def generate_case(site: SiteScanner, index: int, size: int = 64, seed: int = 0, _maps=None, lesion: bool = False):
-    """One case of one site, in memory.
+@dataclass
+class _Subject:
+    """A case's anatomy on its site's grid, before any scanner: the template maps pulled through the subject's
+    transform, and the generators of the rest of its randomness."""
+    spacing: Tuple[float, float, float]
+    shape: Tuple[int, int, int]
+    points: np.ndarray           # the grid's world positions (3, N)
+    template_points: np.ndarray  # where they come from in the template (3, N)
+    t1: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    mask: np.ndarray             # inside the brain
+    contrast: np.ndarray         # the subject's grey/white matter jitter
+    rng_scanner: np.random.Generator
+    maps: tuple                  # (template maps, their origin, working spacing), for the lesion's draw
 
-    Returns ``(image, label, spacing_mm)``: image float32 and label uint8, both indexed x, y, z
-    (world axes, RAS), spacing in mm x, y, z. ``lesion``: with the white-matter lesion (label 3, see the module's
-    text); everything else of the case is unchanged."""
+
+def _subject(site: SiteScanner, index: int, size: int, seed: int, _maps=None) -> _Subject:
     spacing = site_spacing_mm(site, size)
     shape = site_shape(site, size)
-    maps, work_origin, w = _maps if _maps is not None else _site_maps(size, spacing)
+    maps = _maps if _maps is not None else _site_maps(size, spacing)
+    template_maps, work_origin, w = maps
     rng_anatomy, rng_scanner = _case_rngs(seed, site.name, index)
     to_template, contrast = _subject_transform(rng_anatomy)
 
@@ -332,36 +350,67 @@ def generate_case(site: SiteScanner, index: int, size: int = 64, seed: int = 0, 
     template_points = to_template(points)
     vox = (template_points - work_origin[:, None]) / w
     t1, gm, wm, brain = (ndimage.map_coordinates(m, vox, order=1, mode='constant', cval=0.0).reshape(shape)
-                         for m in maps)
+                         for m in template_maps)
+    return _Subject(spacing, shape, points, template_points, t1, gm, wm, brain > 0.5, contrast, rng_scanner, maps)
 
-    mask = brain > 0.5
-    tissue = np.stack([1.0 - gm - wm, gm, wm])
-    label = np.where(mask, np.argmax(tissue, axis=0), 0).astype(np.uint8)
+
+def _tissue_label(subject: _Subject) -> np.ndarray:
+    """0 outside the brain, else the argmax over (CSF/other, grey matter, white matter)."""
+    tissue = np.stack([1.0 - subject.gm - subject.wm, subject.gm, subject.wm])
+    return np.where(subject.mask, np.argmax(tissue, axis=0), 0).astype(np.uint8)
+
+
+def _lesion_share(subject: _Subject, rng: np.random.Generator, radius_mm: Tuple[float, float] = LESION_RADIUS_MM
+                  ) -> np.ndarray:
+    """The share of each voxel inside a lesion drawn from ``rng`` (partial volume: linear over one voxel's mean
+    extent), 0 outside the brain."""
+    maps, work_origin, w = subject.maps
+    centre, radius = _draw_lesion(rng, maps, work_origin, w, radius_mm)
+    distance = np.linalg.norm(subject.template_points - centre[:, None], axis=0).reshape(subject.shape)
+    return np.clip((radius - distance) / float(np.mean(subject.spacing)) + 0.5, 0.0, 1.0) * subject.mask
+
+
+def _check_labels(label: np.ndarray, needed: set, case: str, size: int):
+    present = set(np.unique(label).tolist())
+    if not needed <= present:
+        raise RuntimeError(f'case {case} at size {size} has labels {sorted(present)}; '
+                           f'{sorted(needed)} must all be present: use a larger size')
+
+
+def _scan(signal: np.ndarray, subject: _Subject, gamma: float, bias_strength: float, noise_std: float,
+          intensity_scale: float) -> np.ndarray:
+    """A scanner's image of ``signal`` (template units): gamma, a smooth bias field, Rician noise and an intensity
+    scale, drawn from the subject's scanner stream; exactly 0 outside the brain."""
+    signal = np.clip(signal, 0.0, None) ** gamma
+    bias_values = subject.rng_scanner.normal(0.0, 1.0, (BIAS_CONTROL_POINTS,) * 3)
+    field = _control_grid_field(bias_values, subject.points).reshape(subject.shape)
+    field /= max(float(np.abs(field).max()), 1e-6)
+    signal = signal * np.exp(bias_strength * field)
+    sigma = noise_std * float(signal[subject.mask].mean())
+    noise = subject.rng_scanner.normal(0.0, sigma, (2,) + subject.shape)
+    signal = np.sqrt((signal + noise[0]) ** 2 + noise[1] ** 2)
+    return np.where(subject.mask, signal * intensity_scale, 0.0).astype(np.float32)
+
+
+def generate_case(site: SiteScanner, index: int, size: int = 64, seed: int = 0, _maps=None, lesion: bool = False):
+    """One case of one site, in memory.
+
+    Returns ``(image, label, spacing_mm)``: image float32 and label uint8, both indexed x, y, z
+    (world axes, RAS), spacing in mm x, y, z. ``lesion``: with the white-matter lesion (label 3, see the module's
+    text); everything else of the case is unchanged."""
+    subject = _subject(site, index, size, seed, _maps)
+    label = _tissue_label(subject)
+    t1 = subject.t1
     needed = {1, 2}
     if lesion:
-        centre, radius = _draw_lesion(_lesion_rng(seed, site.name, index), maps, work_origin, w)
-        distance = np.linalg.norm(template_points - centre[:, None], axis=0).reshape(shape)
-        # partial volume: the share of a voxel inside the sphere, linear over one voxel's mean extent
-        inside = np.clip((radius - distance) / float(np.mean(spacing)) + 0.5, 0.0, 1.0) * mask
+        inside = _lesion_share(subject, _lesion_rng(seed, site.name, index))
         t1 = t1 * (1.0 - LESION_CONTRAST * inside)
         label[inside >= 0.5] = LESION_LABEL
         needed.add(LESION_LABEL)
-    present = set(np.unique(label).tolist())
-    if not needed <= present:
-        raise RuntimeError(f'case {site.name}_{index:03d} at size {size} has labels {sorted(present)}; '
-                           f'{sorted(needed)} must all be present: use a larger size')
-
-    # scanner: gamma, bias field, Rician noise, intensity scale; exactly 0 outside the brain
-    signal = np.clip(t1 + contrast[0] * gm + contrast[1] * wm, 0.0, None) ** site.gamma
-    bias_values = rng_scanner.normal(0.0, 1.0, (BIAS_CONTROL_POINTS,) * 3)
-    field = _control_grid_field(bias_values, points).reshape(shape)
-    field /= max(float(np.abs(field).max()), 1e-6)
-    signal = signal * np.exp(site.bias_strength * field)
-    sigma = site.noise_std * float(signal[mask].mean())
-    noise = rng_scanner.normal(0.0, sigma, (2,) + shape)
-    signal = np.sqrt((signal + noise[0]) ** 2 + noise[1] ** 2)
-    image = np.where(mask, signal * site.intensity_scale, 0.0).astype(np.float32)
-    return image, label, spacing
+    _check_labels(label, needed, f'{site.name}_{index:03d}', size)
+    signal = t1 + subject.contrast[0] * subject.gm + subject.contrast[1] * subject.wm
+    image = _scan(signal, subject, site.gamma, site.bias_strength, site.noise_std, site.intensity_scale)
+    return image, label, subject.spacing
 
 
 def _write_nifti(array_xyz: np.ndarray, spacing: Sequence[float], origin_ras: np.ndarray, path: str):
@@ -411,7 +460,7 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
     The folder is built under a hidden temporary sibling and renamed into place at the end, so an
     interrupted build never leaves a folder that looks complete. An existing folder raises
     FileExistsError unless ``overwrite=True``, which replaces it."""
-    from fednnunet.federation import UNLABELLED_IMAGES_FOLDER, Federation, write_sites_json
+    from fednnunet.federation import UNLABELLED_IMAGES_FOLDER, write_sites_json
 
     sites = _check_sites(sites)
     if labelled_per_site is not None and labelled_per_site < 1:
@@ -421,22 +470,9 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
         _check_public_set_layout(sites, public_set, labelled_per_site, few_labels, validation_per_site)
     if only_site is not None and only_site not in [s.name for s in sites]:
         raise ValueError(f"site {only_site!r} is not one of the demo's sites {[s.name for s in sites]}")
-    if raw_root is None:
-        raw_root = os.environ.get('nnUNet_raw')
-        if not raw_root:
-            raise ValueError('no raw_root given and $nnUNet_raw is not set')
-    raw_root = os.path.abspath(raw_root)
-    folder_name = dataset_folder_name(dataset_id, name)
-    target = os.path.join(raw_root, folder_name)
-    _check_target(raw_root, target, int(dataset_id), overwrite)
-    os.makedirs(raw_root, exist_ok=True)
-
+    target = prepare_target(dataset_id, name, raw_root, overwrite)
     t_start = time.perf_counter()
-    tmp = tempfile.mkdtemp(prefix=f'.{folder_name}.building-', dir=raw_root)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the dataset should look like any other folder
+    with building(target, overwrite) as tmp:
         images_dir = os.path.join(tmp, 'imagesTr')
         labels_dir = os.path.join(tmp, 'labelsTr')
         unlabelled_dir = os.path.join(tmp, UNLABELLED_IMAGES_FOLDER)
@@ -509,18 +545,11 @@ def build_demo_federation(dataset_id: int = DEMO_DATASET_ID, name: str = DEMO_DA
                             f'({", ".join(f"{s.name}: {s.n_cases}" for s in sites)} cases), synthetic subjects '
                             f'from random deformations of the MNI ICBM152 2009a T1 template and its GM/WM '
                             f'probability maps (as shipped with nilearn), size={size}, seed={seed}.'),
-            'reference': 'Fonov et al., NeuroImage 54(1) 2011; Fonov et al., NeuroImage 47 S102 2009 '
-                         '(MNI ICBM152 2009a, Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging '
-                         'Centre, Montreal Neurological Institute, McGill University)',
+            'reference': TEMPLATE_REFERENCE,
         }
         with open(os.path.join(tmp, 'dataset.json'), 'w') as f:
             json.dump(dataset_json, f, indent=2)
         write_sites_json(tmp, assignment, server)
-        Federation.from_folder(tmp)  # the contract holds before the folder becomes visible
-        _move_into_place(tmp, target, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if verbose:
         print(f'[demo] wrote {target} ({n_cases} cases, {time.perf_counter() - t_start:.1f} s)', flush=True)
     return target
@@ -565,6 +594,39 @@ def _public_set_entry(site: SiteScanner, first: bool, few_labels: int, validatio
         'large' if site.n_cases >= PUBLIC_SET_LARGE_SITE else 'small']
     return {'cases': cases[:labelled], 'unlabelled': cases[labelled:split], 'validation': cases[split:],
             'network': network}
+
+
+def prepare_target(dataset_id: int, name: str, raw_root: Optional[str], overwrite: bool) -> str:
+    """The dataset's folder under ``raw_root`` (default ``$nnUNet_raw``), after checking that it may be written."""
+    if raw_root is None:
+        raw_root = os.environ.get('nnUNet_raw')
+        if not raw_root:
+            raise ValueError('no raw_root given and $nnUNet_raw is not set')
+    raw_root = os.path.abspath(raw_root)
+    target = os.path.join(raw_root, dataset_folder_name(dataset_id, name))
+    _check_target(raw_root, target, int(dataset_id), overwrite)
+    os.makedirs(raw_root, exist_ok=True)
+    return target
+
+
+@contextlib.contextmanager
+def building(target: str, overwrite: bool):
+    """A hidden temporary sibling of ``target`` to write the dataset into; when the block ends, the folder is checked
+    against the data contract (``Federation.from_folder``) and renamed into place. On any error it is removed, so an
+    interrupted build never leaves a folder that looks complete."""
+    from fednnunet.federation import Federation
+    raw_root = os.path.dirname(target)
+    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(target)}.building-', dir=raw_root)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the dataset should look like any other folder
+        yield tmp
+        Federation.from_folder(tmp)  # the contract holds before the folder becomes visible
+        _move_into_place(tmp, target, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _check_target(raw_root: str, target: str, dataset_id: int, overwrite: bool):

@@ -97,29 +97,18 @@ def load_predictor(model_folder: str, folds: Union[int, str, Sequence] = 0,
     quiet = contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext()
     with quiet, fednnunet_trainers_findable(), checkpoints_loaded_without_pickle():  # nnU-Net narrates its lookup
         predictor.initialize_from_trained_model_folder(model_folder, tuple(folds), checkpoint_name)
-    if handles_missing_channels(predictor):
+    if handles_missing_channels(predictor.trainer_name):
         # a case may lack some channel files: its channels are taken from the files' names, the others are zeros
         predictor.configuration_manager = MissingChannelsConfiguration(predictor.configuration_manager.configuration)
     return predictor
 
 
-def model_handles_missing_channels(model_folder: str, configuration: str) -> bool:
-    """Whether the model in ``model_folder`` (its plans.json) predicts cases without some of their channels."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    plans_file = join(model_folder, 'plans.json')
-    if not os.path.isfile(plans_file):
-        return False
-    try:
-        architecture = PlansManager(plans_file).get_configuration(configuration).network_arch_class_name
-    except Exception:  # noqa: BLE001 - a configuration the plans lack is the predictor's error to give
-        return False
-    return architecture == 'fednnunet.networks.fedmm.FedMMUNet'
-
-
-def handles_missing_channels(predictor: nnUNetPredictor) -> bool:
-    """Whether the predictor's network reads which channels a case has from its input (FedMM's network)."""
-    from fednnunet.networks.fedmm import FedMMUNet
-    return isinstance(getattr(predictor.network, '_orig_mod', predictor.network), FedMMUNet)
+def handles_missing_channels(trainer_name: str) -> bool:
+    """Whether models of this trainer predict cases without some of their channels: its method trains sites that lack
+    channels (FedMM's network reads which ones a case has from its input; Multi-FedAvg's and local models take the
+    absent ones as zeros, as they were trained)."""
+    from fednnunet.methods import METHODS
+    return any(m.trainer.__name__ == trainer_name and m.trainer.handles_missing_channels for m in METHODS.values())
 
 
 class MissingChannelsConfiguration(ConfigurationManager):

@@ -19,6 +19,7 @@ METHODS: Dict[str, tuple] = {
     'fedfixmatch': ('FedFixMatchTrainer', 'semi-supervised FedAvg: FixMatch pseudo-labels on unlabelled cases'),
     'hssf': ('HSSFTrainer', 'HSSF: semi-supervised, per-site networks, predictions on a public set'),
     'fedmm': ('FedMMTrainer', 'FedMM: an encoder per modality, each averaged over the sites that have it'),
+    'multifedavg': ('MultiFedAvgTrainer', "FedAvg at sites with different channels: a site's missing ones are zeros"),
 }
 
 #: the pooled baseline: nnU-Net's trainer on every site's data in one place (simulation only)

@@ -9,6 +9,7 @@ from fednnunet.trainers.fedavg import FedAvgTrainer
 from fednnunet.trainers.fedbn import FedBNTrainer
 from fednnunet.trainers.feddp import FedDPTrainer
 from fednnunet.trainers.fedmm import FedMMTrainer
+from fednnunet.trainers.multifedavg import MultiFedAvgTrainer
 from fednnunet.trainers.fedfixmatch import FedFixMatchTrainer
 from fednnunet.trainers.lcfed import LCFedTrainer
 from fednnunet.trainers.fedper import FedPerTrainer
@@ -43,6 +44,7 @@ _BUILT = {
     'fedfixmatch': (FedFixMatchTrainer, FedAvg),
     'hssf': (HSSFTrainer, KnowledgeExchange),
     'fedmm': (FedMMTrainer, ModalityFedAvg),
+    'multifedavg': (MultiFedAvgTrainer, FedAvg),
 }
 
 #: every method, with its summary from fednnunet.method_names (the light list the command lines check)

@@ -1,4 +1,5 @@
 """The demo federation (fednnunet.demo): deterministic, correct geometry, usable by stock nnU-Net."""
+import dataclasses
 import json
 import os
 
@@ -267,3 +268,68 @@ def test_the_public_set_demo_gives_the_server_labels_and_most_sites_none(built, 
         other = _read(_files(folder, site.case_ids()[-1])[0])[0]
         assert abs(np.median(image[brain]) - np.median(other[other > 0])) > 0.05 * np.median(other[other > 0])
     assert json.load(open(os.path.join(folder, 'dataset.json')))['numTraining'] == 1 + len(TEST_SITES) + len(public)
+
+
+def test_the_multimodal_demo_gives_each_site_its_contrasts_a_flair_lesion_and_its_own_drift(tmp_path, monkeypatch):
+    """fednnunet_demo_data --multimodal: dataset.json's three contrasts, each site's training images of its own
+    contrasts only (sites.json 'channels'), held-out test cases with every contrast; the lesion is clearly visible in
+    FLAIR and faint in T1 and T2; the contrasts' drift differs between sites; a site's cases do not depend on which
+    contrasts it keeps; --site writes one hospital's part."""
+    from fednnunet import demo_multimodal as mm
+    from fednnunet.cli import demo_data_entry
+    monkeypatch.setenv('nnUNet_raw', str(tmp_path / 'raw'))
+    demo_data_entry(['--test-sites', '--size', str(SIZE), '--multimodal'])
+    folder = str(tmp_path / 'raw' / demo.dataset_folder_name(mm.MULTIMODAL_DATASET_ID, mm.MULTIMODAL_DATASET_NAME))
+    dj = json.load(open(os.path.join(folder, 'dataset.json')))
+    assert dj['channel_names'] == {'0': 'T1', '1': 'T2', '2': 'FLAIR'}
+    assert dj['labels'] == {'background': 0, 'grey_matter': 1, 'white_matter': 2, 'lesion': 3}
+    spec = json.load(open(os.path.join(folder, 'sites.json')))
+    federation = Federation.from_folder(folder)
+    for site in mm.TEST_MULTIMODAL_SITES:
+        assert spec['sites'][site.name] == {'cases': list(site.case_ids()), 'channels': list(site.channels)}
+        codes = {f'{mm.MODALITIES.index(m):04d}' for m in site.channels}
+        for case in site.case_ids():
+            assert {f[len(case) + 1:-7] for f in os.listdir(os.path.join(folder, 'imagesTr'))
+                    if f.startswith(case + '_')} == codes
+        assert mm.test_cases(folder, site.name) == list(site.test_case_ids(1))
+        assert len(federation.sites[site.name].present_channels) == len(site.channels)
+    for (test,) in [mm.TEST_MULTIMODAL_SITES[0].test_case_ids(1)]:
+        assert sorted(f for f in os.listdir(os.path.join(folder, 'imagesTs')) if f.startswith(test)) == [
+            f'{test}_{c:04d}.nii.gz' for c in range(3)]
+
+    ratios = {}  # (site, modality): lesion / white matter signal, over a site's case
+    for site in mm.TEST_MULTIMODAL_SITES:
+        images, label, _ = mm.generate_multimodal_case(site, 0, SIZE, 0)
+        lesion, wm = label == demo.LESION_LABEL, label == 2
+        assert lesion.sum() > 0
+        for m, image in images.items():
+            ratios[site.name, m] = image[lesion].mean() / image[wm].mean()
+        # the written training images are the generated ones (the site's contrasts only)
+        for m in site.channels:
+            written = _read(os.path.join(folder, 'imagesTr', f'{site.case_ids()[0]}_{mm.MODALITIES.index(m):04d}'
+                                                              f'.nii.gz'))[0][0]
+            np.testing.assert_allclose(written, images[m].transpose(2, 1, 0))
+        # a site that kept other contrasts would have the very same images of this subject
+        other = dataclasses.replace(site, channels=('T1',))
+        again, _, _ = mm.generate_multimodal_case(other, 0, SIZE, 0)
+        assert all(np.array_equal(again[m], images[m]) for m in mm.MODALITIES)
+    for site in mm.TEST_MULTIMODAL_SITES:
+        assert ratios[site.name, 'FLAIR'] > 1.3, ratios
+        assert 0.9 < ratios[site.name, 'T1'] < 1.1 and 0.9 < ratios[site.name, 'T2'] < 1.1, ratios
+    # per-site drift: B's T2 (scale 1.6x, gamma 1.3x of its scanner's) against the same subject without the drift
+    b = mm.TEST_MULTIMODAL_SITES[1]
+    for drifted, plain in [(mm.generate_multimodal_case(b, 0, SIZE, 0),
+                            mm.generate_multimodal_case(dataclasses.replace(b, drift=((1.0, 1.0),) * 3), 0, SIZE, 0))]:
+        label = drifted[1]
+        grey_white = [images['T2'][label == 1].mean() / images['T2'][label == 2].mean()
+                      for images in (drifted[0], plain[0])]
+        assert grey_white[0] > grey_white[1] * 1.05, grey_white
+        assert drifted[0]['T2'][label > 0].mean() > 1.3 * plain[0]['T2'][label > 0].mean()
+        assert np.array_equal(drifted[0]['T1'], plain[0]['T1'])  # T1's drift is 1 at B
+
+    monkeypatch.setenv('nnUNet_raw', str(tmp_path / 'hospital_C'))
+    demo_data_entry(['--test-sites', '--size', str(SIZE), '--multimodal', '--site', 'C'])
+    own = str(tmp_path / 'hospital_C' / os.path.basename(folder))
+    assert set(json.load(open(os.path.join(own, 'sites.json')))['sites']) == {'C'}
+    assert {f.split('_')[0] for sub in ('imagesTr', 'imagesTs') for f in os.listdir(os.path.join(own, sub))} == {'C'}
+    assert json.load(open(os.path.join(own, 'dataset.json'))) == dj

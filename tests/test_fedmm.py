@@ -138,3 +138,28 @@ def test_the_server_sends_and_accepts_a_modality_encoder_only_to_and_from_its_ow
             present_channels(bad, dataset_json, 'B')
     with pytest.raises(ValueError, match="did not say which channels"):
         strategy.configure_fit(0, 'C', state)
+
+
+def test_fedmm_trains_and_predicts_in_2d(two_channel_raw, tmp_path):
+    """The 2d configuration: FedMM's network from nnU-Net's 2d plans (2d encoders per modality), trained over the
+    federation whose sites lack a channel each, its global model predicting C's case from its T2 file alone."""
+    import SimpleITK as sitk
+    from fednnunet.cli import predict_entry
+    from fednnunet.federation import Federation
+    from fednnunet.plan_and_preprocess import plan_and_preprocess
+    federation = Federation.from_raw(DATASET_NAME)
+    plan_and_preprocess(SimulationEngine.for_federation(federation), DATASET_NAME, ['2d'], 'nnUNetPlannerCPU')
+    train_entry([DATASET_NAME, '2d'] + TRAIN[2:] + ['--no-val'])
+    base = os.path.join(os.environ['nnUNet_results'], DATASET_NAME, f'FedMMTrainer__{PLANS}__2d')
+    weights = _final(base)
+    assert weights['encoders.1.stages.0.0.convs.0.conv.weight'].dim() == 4  # 2d convolutions, one input channel
+    assert weights['encoders.1.stages.0.0.convs.0.conv.weight'].shape[1] == 1
+    c = federation.sites['C']
+    images = tmp_path / 'in'
+    images.mkdir()
+    (t2,) = c.image_files(c.cases[0])
+    os.symlink(t2, images / os.path.basename(t2))
+    predict_entry(['-i', str(images), '-o', str(tmp_path / 'out'), '-d', DATASET_NAME, '-c', '2d', '-p', PLANS,
+                   '--method', 'fedmm', '-device', 'cpu'])
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'out' / f'{c.cases[0]}.nii.gz')))
+    assert seg.shape == sitk.GetArrayFromImage(sitk.ReadImage(t2)).shape and set(np.unique(seg)) <= {0, 1, 2}

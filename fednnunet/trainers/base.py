@@ -377,6 +377,26 @@ class FederatedTrainer(nnUNetTrainer):
     def _build_loss(self):
         return LossWithMethodTerm(super()._build_loss(), self)
 
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's, on a batch whose missing channels (a site without some of the dataset's channels) are zero
+        again: nnU-Net's augmentation adds noise to every channel, and the site's cases have zeros there (its
+        preprocessing, and prediction, fill them so)."""
+        if self.network.training and not self.unlabelled_only:
+            batch = dict(batch, data=self.zero_missing_channels(batch['data']))
+        return super().train_step(batch)
+
+    def zero_missing_channels(self, data: torch.Tensor) -> torch.Tensor:
+        """``data`` (batch, channels, ...) with the channels this site lacks set to 0 (unchanged where it has all)."""
+        if self.present_channels is None:
+            return data
+        have = {int(c) for c in self.present_channels}
+        missing = [c for c in range(data.shape[1]) if c not in have]
+        if not missing:
+            return data
+        out = data.clone()
+        out[:, missing] = 0
+        return out
+
     # ------------------------------------------------------------------ what is shared
     @property
     def unwrapped_network(self) -> nn.Module:

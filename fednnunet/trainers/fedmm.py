@@ -61,14 +61,13 @@ class FedMMTrainer(FederatedTrainer):
         return super().train_step(batch)
 
     def drop_modalities(self, data: torch.Tensor) -> torch.Tensor:
-        """The site's missing channels are zeroed again (nnU-Net's augmentation adds noise to every channel, and the
-        network reads a modality's presence from a non-zero channel); then each sample keeps all the site's
-        modalities with probability full_set_probability, else a random non-empty proper subset of them."""
+        """Each sample keeps all the site's modalities with probability full_set_probability, else a random non-empty
+        proper subset of them (the site's missing channels are zeroed by nnU-Net's train_step here, see
+        FederatedTrainer.train_step)."""
         channels = data.shape[1]
         have = (list(range(channels)) if self.present_channels is None
                 else sorted(int(c) for c in self.present_channels))
         out = data.clone()
-        out[:, [c for c in range(channels) if c not in have]] = 0
         for b in range(data.shape[0]):
             if len(have) < 2 or float(torch.rand(())) < float(self.full_set_probability):
                 continue
