@@ -80,11 +80,17 @@ def _add_federation_args(parser):
     parser.add_argument('--verbose', action='store_true', help="show the sites' nnU-Net logs on the console")
 
 
-def _add_model_args(parser):
-    """Which trained model: nnU-Net's -d -c -f -p -chk, and the method that trained it."""
+def _add_model_args(parser, several_folds: bool = False):
+    """Which trained model: nnU-Net's -d -c -f -p -chk, and the method that trained it. ``several_folds``: -f takes
+    several folds (an ensemble, as nnUNetv2_predict), by default every trained one."""
     parser.add_argument('-d', required=True, help='dataset id or name')
     parser.add_argument('-c', required=True, help='configuration, e.g. 3d_fullres')
-    parser.add_argument('-f', type=fold, default='0', help='fold: 0-4 or all (default 0)')
+    if several_folds:
+        parser.add_argument('-f', nargs='+', type=fold, default=None,
+                            help="fold(s): 0-4 or all; several are ensembled, as nnU-Net does (default: every "
+                                 "trained fold of the model, as nnUNetv2_predict)")
+    else:
+        parser.add_argument('-f', type=fold, default='0', help='fold: 0-4 or all (default 0)')
     parser.add_argument('--method', type=method(), default='fedavg',
                         help='the method that trained the model (default fedavg; the list is below)')
     parser.add_argument('-p', default='nnUNetPlans',
@@ -110,8 +116,9 @@ def _model_base(args, dataset_name: str, command: str) -> str:
     trainer_class, _ = _trained_by(args.method)
     base = results_folder(dataset_name, trainer_class, args.p, args.c)
     if not os.path.isdir(base):
+        asked_fold = args.f[0] if isinstance(args.f, list) else args.f or '0'
         raise FederationError(missing_model_message(
-            dataset_name, str(args.d), args.method, args.p, args.c, args.f, base, command, args.chk,
+            dataset_name, str(args.d), args.method, args.p, args.c, asked_fold, base, command, args.chk,
             predict=command.startswith('fednnunet_predict'), site=getattr(args, 'site', None)))
     return base
 
@@ -138,7 +145,15 @@ def train_parser() -> FedArgumentParser:
         epilog=methods_epilog())
     parser.add_argument('dataset_name_or_id')
     parser.add_argument('configuration', help='e.g. 3d_fullres, 2d')
-    parser.add_argument('fold', nargs='?', type=fold, default='0', help='0-4 or all (default 0)')
+    parser.add_argument('fold', nargs='*', type=fold, default=None,
+                        help="0-4 or all (default 0); several (e.g. 0 1 2 3 4: the federation's cross-validation, fold "
+                             "k being every site's own fold k) train one after the other")
+    parser.add_argument('-f', nargs='+', type=fold, default=None, dest='folds', metavar='FOLD',
+                        help='the folds, as nnU-Net\'s -f (instead of the positional fold)')
+    parser.add_argument('--npz', action='store_true',
+                        help="the sites' final validation also saves the class probabilities (.npz, as nnU-Net's "
+                             "--npz; they stay at the site): needed to ensemble configurations "
+                             "(fednnunet_find_best_configuration)")
     parser.add_argument('--method', type=method(), default='fedavg',
                         help='the training method (default fedavg; the list is below)')
     parser.add_argument('-p', default='nnUNetPlans', help='plans identifier (default nnUNetPlans; the demo uses '
@@ -192,12 +207,27 @@ def training_engine(federation, args):
 def train_entry(argv=None):
     args = train_parser().parse_args(argv)
     check_device(args.device)
+    if args.fold and args.folds:
+        _fail('give the folds either as the positional fold or with -f, not both')
+    folds = list(dict.fromkeys(args.folds or args.fold or ['0']))  # in the order given, each once
+    for k, f in enumerate(folds):
+        if len(folds) > 1:
+            print(f'fednnunet: fold {f} ({k + 1} of {len(folds)})', flush=True)
+        args.fold = f
+        train_fold(args)
+
+
+def train_fold(args):
+    """One fold's training (every site's fold ``args.fold``), then its final validation table."""
     try:
         hyperparameters = hyperparameters_from_args(args)
         strategy_options = strategy_options_from_args(args, args.method)
         if args.centralized_iterations is not None and args.method != method_names.CENTRALIZED:
             raise FederationError('--centralized-iterations applies to --method centralized only',
                                   field='--centralized-iterations')
+        if args.npz and args.method == method_names.CENTRALIZED:
+            raise FederationError("--npz applies to the federated methods (the centralized baseline's sites measure "
+                                  "with fednnunet_evaluate)", field='--npz')
     except (ValueError, FederationError) as e:
         _fail(e)
 
@@ -218,7 +248,8 @@ def train_entry(argv=None):
             from fednnunet.training_server import FederatedTraining, TrainingConfig
             config = TrainingConfig(federation.dataset_name, args.configuration, _fold(args.fold), args.method, args.p,
                                     args.rounds, args.local_iterations, args.val_iterations, args.seed,
-                                    hyperparameters, strategy_options, validate=not args.no_val)
+                                    hyperparameters, strategy_options, validate=not args.no_val,
+                                    save_probabilities=args.npz)
             from fednnunet.server_data import public_set_worker
             server_data = public_set_worker(federation.server, federation.dataset_name, args.np,
                                             device=device_name(args.device), verbose=args.verbose)
@@ -316,7 +347,7 @@ def predict_parser() -> FedArgumentParser:
         epilog=methods_epilog())
     parser.add_argument('-i', required=True, help='input folder (nnU-Net naming: CASE_XXXX.ending, XXXX the channel)')
     parser.add_argument('-o', required=True, help='output folder')
-    _add_model_args(parser)
+    _add_model_args(parser, several_folds=True)
     parser.add_argument('--site', default=None, help="use this site's personalized model")
     add_device_argument(parser)
     parser.add_argument('-npp', type=int_at_least(0), default=0,
@@ -334,7 +365,7 @@ def predict_entry(argv=None):
     from fednnunet.inference import handles_missing_channels, input_files, load_predictor, predict_cases
     from fednnunet.method_names import trainer_name_of
     from fednnunet.site_training import resolve_device
-    from fednnunet.trained_models import sites_with_model
+    from fednnunet.trained_models import sites_with_model, trained_folds
 
     try:
         dataset_name = dataset_name_from_id(args.d)
@@ -343,24 +374,31 @@ def predict_entry(argv=None):
         if args.site is None and not has_global:
             raise FederationError(f'{args.method} keeps parts of the model at the sites; choose a site\'s '
                                   f'personalized model with --site', field='--site')
-        model_folder = base
+        model_folder = base if args.site is None else os.path.join(base, 'sites', args.site)
+        folds = args.f or trained_folds(model_folder, args.chk)
         if args.site is not None:
-            model_folder = os.path.join(base, 'sites', args.site)
-            trained = sites_with_model(base, args.f, args.chk)
-            if args.site not in trained:
-                start = (f"site {args.site!r} has no fold_{args.f}/{args.chk} (was its training finished?)"
+            missing = [f for f in folds if args.site not in sites_with_model(base, f, args.chk)]
+            if missing or not folds:
+                trained = sites_with_model(base, (folds or ['0'])[0], args.chk)
+                what = (', '.join(f'fold_{f}/{args.chk}' for f in missing) if missing else
+                        f'fold with {args.chk}')
+                start = (f"site {args.site!r} has no {what} (was its training finished?)"
                          if os.path.isdir(model_folder) else f'unknown site {args.site!r}')
                 raise FederationError(f"{start}; sites with a trained model: {', '.join(trained) or 'none'}")
+        if not folds:
+            raise FederationError(f'{base} holds no fold with {args.chk} (was the training finished?)', field='-f')
         dataset_json = load_json(os.path.join(model_folder, 'dataset.json'), what='dataset.json')
         lists = input_files(args.i, dataset_json, handles_missing_channels(trainer_name_of(args.method)))
-        predictor = load_predictor(model_folder, _fold(args.f), args.chk, resolve_device(device_name(args.device)),
+        predictor = load_predictor(model_folder, [_fold(f) for f in folds], args.chk,
+                                   resolve_device(device_name(args.device)),
                                    use_mirroring=not args.disable_tta, allow_tqdm=True)
         ending = predictor.dataset_json['file_ending']
         cases = [os.path.basename(files[0])[:-len(ending) - 5] for files in lists]
         predict_cases(predictor, lists, [os.path.join(args.o, c) for c in cases], args.npp, args.save_probabilities)
     except (FederationError, NotImplementedError, ValueError) as e:
         _fail(e)
-    print(f'{len(cases)} case(s) predicted into {args.o}')
+    print(f"{len(cases)} case(s) predicted into {args.o} (fold(s) {', '.join(folds)}"
+          f"{', ensembled' if len(folds) > 1 else ''})")
 
 
 def demo_data_entry(argv=None):

@@ -79,6 +79,7 @@ RUN_CONFIG_DEFAULTS = {
     'weighting': 'num_examples',
     'server-optimizer': '{}',          # JSON, e.g. {"server_optimizer": "adam", "server_lr": 0.01}
     'validate': True,
+    'npz': False,                      # the sites' final validation also saves class probabilities (--npz)
     'continue': False,
     'overwrite': False,                # a new run in a results folder with an earlier run (deletes its round state)
     'sites': '',                       # the federation's sites (space separated); '' = whoever connects
@@ -289,7 +290,7 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
             plans_identifier=plans_identifier or 'nnUNetPlans', rounds=int(cfg['rounds']),
             local_iterations=int(cfg['local-iterations']), val_iterations=int(cfg['val-iterations']),
             seed=int(cfg['seed']), hyperparameters=json.loads(str(cfg['hyperparameters']) or '{}'),
-            strategy_options=strategy_options, validate=bool(cfg['validate']),
+            strategy_options=strategy_options, validate=bool(cfg['validate']), save_probabilities=bool(cfg['npz']),
             min_sites=min_sites)
         if cfg['continue']:
             _members_from_checkpoint(engine, config)

@@ -211,6 +211,8 @@ def server_parser() -> argparse.ArgumentParser:
     add_schedule_arguments(p)
     add_method_arguments(p)
     p.add_argument('--no-val', action='store_true', help='skip the final validation at every site')
+    p.add_argument('--npz', action='store_true', help="the sites' final validation also saves the class probabilities "
+                                                      "(nnU-Net's --npz; they stay at the sites)")
     p.add_argument('--server-data', default=None, metavar='SITES_JSON',
                    help="the server's labelled public set: a sites.json (or the raw folder holding one) on the "
                         "server's disk whose 'server' entry lists it; planned as one more participant, and trained on "
@@ -270,6 +272,7 @@ def run_config_from_args(args) -> dict:
         'gpu-memory-target': float(args.gpu_memory_target or 0.0), 'method': args.method, 'rounds': args.rounds,
         'local-iterations': args.local_iterations, 'val-iterations': args.val_iterations, 'seed': args.seed,
         'hyperparameters': json.dumps(hyper), 'weighting': args.weighting, 'validate': not args.no_val,
+        'npz': bool(args.npz),
         'server-optimizer': json.dumps({k: v for k, v in strategy_options.items() if k != 'weighting'}),
         'continue': bool(args.continue_training), 'overwrite': bool(args.overwrite),
         'configurations': ' '.join(args.preprocess_configurations or [args.c]), 'sites': ' '.join(args.sites or []),

@@ -193,10 +193,20 @@ def training_config(config, site: Optional[str] = None) -> dict:
                                               for k, v in hyper.items()):
         raise FederationError('hyper-parameters must be names with finite numbers', site=site,
                               field='hyperparameters')
-    for flag in ('overwrite', 'continue', 'validate'):
+    for flag in ('overwrite', 'continue', 'validate', 'save_probabilities'):
         if flag in config and not isinstance(config[flag], bool):
             raise FederationError(f'{config[flag]!r} is not true or false', site=site, field=flag)
     return config
+
+
+def results_folder_name(value, site: Optional[str] = None, field: str = 'results_folder_name') -> str:
+    """nnU-Net's name of a trained model's folder: Trainer__Plans__configuration, each part an identifier."""
+    name = identifier(value, field, site)
+    parts = name.split('__')
+    if len(parts) != 3 or not all(parts):
+        raise FederationError(f'{name!r} is not an nnU-Net results folder name (Trainer__Plans__configuration)',
+                              site=site, field=field)
+    return name
 
 
 def evaluate_config(config, site: Optional[str] = None) -> dict:
@@ -204,11 +214,7 @@ def evaluate_config(config, site: Optional[str] = None) -> dict:
     checkpoint file name and the fold."""
     if not isinstance(config, dict):
         raise FederationError('the request config must be an object', site=site, field='config')
-    name = identifier(config.get('results_folder_name'), 'results_folder_name', site)
-    parts = name.split('__')
-    if len(parts) != 3 or not all(parts):
-        raise FederationError(f'{name!r} is not an nnU-Net results folder name (Trainer__Plans__configuration)',
-                              site=site, field='results_folder_name')
+    results_folder_name(config.get('results_folder_name'), site)
     if config.get('model') not in ('site', 'global'):
         raise FederationError(f"{config.get('model')!r} is not a model (site or global)", site=site, field='model')
     checkpoint = identifier(config.get('checkpoint'), 'checkpoint', site)

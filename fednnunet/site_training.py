@@ -440,7 +440,8 @@ def finish(worker, message: Message) -> Message:
                                       'validation split); nothing to validate')
         elif config.get('validate', True):
             summary = evaluate_model(worker, config, trainer.output_folder_base, 'checkpoint_final.pth',
-                                     join(trainer.output_folder, 'validation'))
+                                     join(trainer.output_folder, 'validation'),
+                                     save_probabilities=bool(config.get('save_probabilities')))
     finally:
         trainer.close()
     if trainer.configuration_name != config['configuration']:  # its own network's (model-heterogeneous methods)
@@ -461,10 +462,12 @@ def validation_cases(worker, fold) -> list:
     return list(splits[int(fold)]['val'])
 
 
-def evaluate_model(worker, config: dict, model_folder: str, checkpoint: str, output_folder: str) -> dict:
+def evaluate_model(worker, config: dict, model_folder: str, checkpoint: str, output_folder: str,
+                   save_probabilities: bool = False) -> dict:
     """Predicts the site's validation cases with the model in ``model_folder`` and measures them (nnU-Net's
-    metrics + HD95); writes predictions and summary.json to ``output_folder``. Returns what may leave the site:
-    the per-case numbers without file paths."""
+    metrics + HD95); writes predictions and summary.json to ``output_folder`` (``save_probabilities``: also the class
+    probabilities, nnU-Net's ``.npz`` + ``.pkl``, for ensembles). Returns what may leave the site: the per-case numbers
+    without file paths."""
     from fednnunet.evaluation import evaluate_cases, shareable_summary
     from fednnunet.inference import load_predictor
     predictor = load_predictor(model_folder, config['fold'], checkpoint, worker.device, verbose=worker.verbose)
@@ -476,7 +479,7 @@ def evaluate_model(worker, config: dict, model_folder: str, checkpoint: str, out
     summary = evaluate_cases(predictor, cases, {c: worker.site.image_files(c) for c in cases},
                              {c: worker.site.label_file(c) for c in cases}, output_folder,
                              num_processes=worker.num_processes if worker.num_processes > 1 else 0,
-                             verbose=worker.verbose)
+                             verbose=worker.verbose, save_probabilities=save_probabilities)
     return shareable_summary(summary, predictor.dataset_json['file_ending'])
 
 

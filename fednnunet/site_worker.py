@@ -20,7 +20,7 @@ from fednnunet.wire import Message
 
 #: every request a site answers (the Flower ClientApp registers one handler per kind)
 MESSAGE_KINDS = ('identify', 'describe', 'fingerprint', 'count_leq', 'release_fingerprint', 'preprocess',
-                 'check_training', 'fit', 'finish', 'evaluate')
+                 'check_training', 'fit', 'finish', 'evaluate', 'crossval_counts', 'store_postprocessing')
 
 
 def package_version(name: str) -> Optional[str]:
@@ -70,8 +70,15 @@ class SiteWorker:
             'fit': lambda m: self._site_training().fit(self, m),
             'finish': lambda m: self._site_training().finish(self, m),
             'evaluate': lambda m: self._site_training().evaluate(self, m),
+            'crossval_counts': lambda m: self._crossval().crossval_counts(self, m),
+            'store_postprocessing': lambda m: self._crossval().store_postprocessing(self, m),
         }
         assert set(self.handlers) == set(MESSAGE_KINDS)
+
+    @staticmethod
+    def _crossval():
+        from fednnunet import crossval
+        return crossval
 
     @staticmethod
     def _site_training():

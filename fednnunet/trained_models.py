@@ -17,6 +17,11 @@ def _folds_with(folder: str, checkpoint: str) -> List[str]:
     return [f for f in FOLDS if os.path.isfile(os.path.join(folder, f'fold_{f}', checkpoint))]
 
 
+def trained_folds(model_folder: str, checkpoint: str = FINAL) -> List[str]:
+    """The folds of a model folder (global, or a site's ``sites/<site>``) that hold ``checkpoint``: 0-4, then all."""
+    return _folds_with(model_folder, checkpoint)
+
+
 def sites_with_model(model_base: str, fold: str, checkpoint: str = FINAL) -> List[str]:
     """The sites that hold a personalized model ``sites/<site>/fold_<fold>/<checkpoint>`` in a results folder."""
     root = os.path.join(model_base, 'sites')

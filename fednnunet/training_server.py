@@ -75,6 +75,8 @@ class TrainingConfig:
     hyperparameters: dict = field(default_factory=dict)
     strategy_options: dict = field(default_factory=dict)
     validate: bool = True
+    #: the sites' final validation also writes the class probabilities (.npz, nnU-Net's --npz): for ensembles
+    save_probabilities: bool = False
     #: rounds go on while at least this many sites answer (None: every site must answer)
     min_sites: Optional[int] = None
     #: seconds between two progress.png (plotting costs ~0.3 s; nnU-Net plots every epoch)
@@ -513,7 +515,8 @@ class FederatedTraining:
     def finish(self, global_state: Dict[str, np.ndarray]) -> dict:
         """Sites store their final models and validate them; the server stores the global model."""
         c = self.config
-        requests = {s: Message('finish', self.site_config(s, validate=c.validate),
+        requests = {s: Message('finish', self.site_config(s, validate=c.validate,
+                                                             save_probabilities=c.save_probabilities),
                                arrays=self.strategy.configure_fit(c.rounds, s, global_state))
                     for s in sorted(self.engine.site_names)}
         replies = self.engine.ask(requests)

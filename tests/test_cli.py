@@ -207,7 +207,9 @@ def test_fold_is_0_to_4_or_all(capsys, command):
         assert f"argument {name}: a fold is 0, 1, 2, 3, 4 or all, got '{bad}'" in err
     for good in ('0', '4', 'all'):
         args = parser().parse_args(with_fold(good))
-        assert getattr(args, 'fold', getattr(args, 'f', None)) == good
+        value = getattr(args, 'fold', getattr(args, 'f', None))
+        # fednnunet_train and fednnunet_predict take several folds (cross-validation, fold ensembles)
+        assert value == ([good] if command in ('fednnunet_train', 'fednnunet_predict') else good)
     assert '0-4 or all' in parser().format_help()
 
 
@@ -303,6 +305,9 @@ def test_predict_with_an_unknown_site_lists_the_sites(fresh_results, tmp_path, c
     assert _error(capsys, predict_entry, argv + ['Z']) == \
         "fednnunet: error: unknown site 'Z'; sites with a trained model: A, B, C"
     assert _error(capsys, predict_entry, argv + ['D']) == \
+        "fednnunet: error: site 'D' has no fold with checkpoint_final.pth (was its training finished?); sites with " \
+        "a trained model: A, B, C"
+    assert _error(capsys, predict_entry, argv + ['D', '-f', '0']) == \
         "fednnunet: error: site 'D' has no fold_0/checkpoint_final.pth (was its training finished?); sites with a " \
         "trained model: A, B, C"
     assert not (tmp_path / 'out').exists()
