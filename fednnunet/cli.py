@@ -498,7 +498,45 @@ def demo_parser() -> FedArgumentParser:
     add_schedule_arguments(parser, rounds=10, local_iterations=50, val_iterations=10, seed=None)
     add_device_argument(parser)
     parser.add_argument('-np', type=int_at_least(1), default=1, help='processes per site for preprocessing')
+    parser.add_argument('--full', action='store_true',
+                        help="nnU-Net's whole pipeline instead: 2d and 3d_fullres, each trained on all 5 folds of the "
+                             "federation's cross-validation (--npz) with the first method, "
+                             "fednnunet_find_best_configuration, then a new scan predicted as its "
+                             "inference_instructions.txt says (see documentation/pipeline.md; 10 trainings: use a "
+                             "small --rounds on a CPU)")
     return parser
+
+
+FULL_CONFIGURATIONS = ['2d', '3d_fullres']
+
+
+def demo_full(args, federation, plans: str, device: list, t0: float):
+    """fednnunet_demo --full: both configurations on the five folds, find_best_configuration, and a new scan (site
+    A's first case, as a new hospital scan would come) predicted and postprocessed as the instructions say."""
+    import shutil
+    from fednnunet import demo
+    from fednnunet.cli_pipeline import find_best_configuration_entry, run_instructions
+    m = args.methods[0]
+    for c in FULL_CONFIGURATIONS:
+        t1 = time.time()
+        print(f'[demo] {c}, folds 0-4 with {m}: {args.rounds} rounds x {args.local_iterations} iterations per site')
+        train_entry([str(demo.DEMO_DATASET_ID), c, '0', '1', '2', '3', '4', '--npz', '--method', m, '-p', plans,
+                     '--rounds', str(args.rounds), '--local-iterations', str(args.local_iterations),
+                     '--val-iterations', str(args.val_iterations), '--overwrite'] + device)
+        print(f'[demo] {c} done in {time.time() - t1:.1f} s')
+    find_best_configuration_entry([str(demo.DEMO_DATASET_ID), '-c'] + FULL_CONFIGURATIONS + ['-p', plans,
+                                                                                            '--method', m])
+    from nnunetv2.paths import nnUNet_results
+    text = open(os.path.join(str(nnUNet_results), federation.dataset_name, 'inference_instructions.txt')).read()
+    site = federation.sites[federation.site_names[0]]
+    scans = os.path.join(os.path.abspath(args.workdir), 'new_scans')
+    shutil.rmtree(scans, ignore_errors=True)
+    os.makedirs(scans)
+    for f in site.image_files(site.cases[0]):
+        shutil.copy(f, scans)
+    final = run_instructions(text, scans, os.path.join(os.path.abspath(args.workdir), 'predictions'), device)
+    print(f'[demo] a new scan predicted as inference_instructions.txt says: {final}')
+    print(f'[demo] total {time.time() - t0:.1f} s')
 
 
 def demo_next_steps(dataset_id: int, raw_folder: str, configuration: str, plans: str, methods, site: str,
@@ -544,12 +582,15 @@ def demo_entry(argv=None):
         print(f'[demo] federation written to {folder} ({time.time() - t0:.1f} s)')
         federation = Federation.from_folder(folder)
         summary = plan_and_preprocess(planning_engine(SimulationEngine.for_federation(federation, args.np), federation,
-                                                      args.np), federation.dataset_name, [args.c], 'nnUNetPlannerCPU')
+                                                      args.np), federation.dataset_name,
+                                      FULL_CONFIGURATIONS if args.full else [args.c], 'nnUNetPlannerCPU')
     except (FederationError, FileExistsError, ValueError) as e:
         _fail(e)
     print(f"[demo] plans '{summary['plans_identifier']}' negotiated by sites {list(summary['sites'])} and "
           f"preprocessed ({time.time() - t0:.1f} s)")
     device = ['-device', args.device] if args.device else []
+    if args.full:
+        return demo_full(args, federation, summary['plans_identifier'], device, t0)
     for m in args.methods:
         t1 = time.time()
         print(f'[demo] training {m}: {args.rounds} rounds x {args.local_iterations} iterations per site')

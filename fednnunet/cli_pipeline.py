@@ -172,3 +172,26 @@ def apply_postprocessing_entry(argv=None):
                                    dataset_json, args.np)
     steps = ', '.join(f"{s['function']} {s['labels_or_regions']}" for s in chain)
     print(f"postprocessed into {args.o}: {steps or 'no step (the decision keeps the predictions as they are)'}")
+
+
+def instruction_commands(text: str) -> list:
+    """The fednnunet commands of an inference_instructions.txt, in order, each as an argument list."""
+    import shlex
+    return [shlex.split(line) for line in text.splitlines() if line.startswith('fednnunet_')]
+
+
+def run_instructions(text: str, input_folder: str, output_root: str, extra_predict_args=()) -> str:
+    """Runs the commands of an inference_instructions.txt on ``input_folder`` (INPUT_FOLDER), with every
+    OUTPUT_FOLDER... under ``output_root``; returns the final folder (the postprocessed one)."""
+    from fednnunet.cli import predict_entry
+    entries = {'fednnunet_predict': predict_entry, 'fednnunet_ensemble': ensemble_entry,
+               'fednnunet_apply_postprocessing': apply_postprocessing_entry}
+    final = None
+    for cmd in instruction_commands(text):
+        if cmd[0] not in entries:
+            raise FederationError(f'{cmd[0]} is not a command of the instructions', field='instructions')
+        argv = [input_folder if a == 'INPUT_FOLDER' else
+                os.path.join(output_root, a) if a.startswith('OUTPUT_FOLDER') else a for a in cmd[1:]]
+        entries[cmd[0]](argv + (list(extra_predict_args) if cmd[0] == 'fednnunet_predict' else []))
+        final = argv[argv.index('-o') + 1]
+    return final

@@ -5,7 +5,6 @@ requests are refused by name."""
 import json
 import math
 import os
-import shlex
 import shutil
 
 import numpy as np
@@ -14,7 +13,8 @@ import SimpleITK as sitk
 
 from fednnunet.best_configuration import BestConfiguration, Model, checked_counts, scores
 from fednnunet.cli import predict_entry, train_entry
-from fednnunet.cli_pipeline import apply_postprocessing_entry, ensemble_entry, find_best_configuration_entry
+from fednnunet.cli_pipeline import (apply_postprocessing_entry, ensemble_entry, find_best_configuration_entry,
+                                    instruction_commands, run_instructions)
 from fednnunet.errors import FederationError
 from fednnunet.federation import SITES_FILE, Federation, site_folder
 from fednnunet.wire import Message
@@ -288,19 +288,23 @@ def test_the_written_instructions_predict_new_scans(one_site, tmp_path, capsys):
     image = Federation.from_raw(DATASET_NAME).sites['A'].image_files('C_001')[0]
     shutil.copy(image, scans)
     text = open(root / 'nnUNet_results' / DATASET_NAME / 'inference_instructions.txt').read()
-    commands = [shlex.split(line) for line in text.splitlines() if line.startswith('fednnunet_')]
-    entries = {'fednnunet_predict': predict_entry, 'fednnunet_ensemble': ensemble_entry,
-               'fednnunet_apply_postprocessing': apply_postprocessing_entry}
+    final = run_instructions(text, str(scans), str(tmp_path), ['-device', 'cpu'])
+    predicted = capsys.readouterr().out
+    assert predicted.count('fold(s) 0, 1, 2, 3, 4, ensembled') == sum(c[0] == 'fednnunet_predict'
+                                                                     for c in instruction_commands(text)) > 0
+    assert final == str(tmp_path / 'OUTPUT_FOLDER_PP')
     folders = {}
-    for cmd in commands:
-        argv = [a.replace('INPUT_FOLDER', str(scans)) for a in cmd[1:]]
-        argv = [str(tmp_path / a) if a.startswith('OUTPUT_FOLDER') else a for a in argv]
-        entries[cmd[0]](argv + (['-device', 'cpu'] if cmd[0] == 'fednnunet_predict' else []))
-        if cmd[0] == 'fednnunet_predict':
-            assert 'fold(s) 0, 1, 2, 3, 4, ensembled' in capsys.readouterr().out
     final = tmp_path / 'OUTPUT_FOLDER_PP' / 'C_001.nii.gz'
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(final)))
     assert seg.shape == sitk.GetArrayFromImage(sitk.ReadImage(image)).shape and set(np.unique(seg)) <= {0, 1, 2}
+    # the JSON decision applied as nnU-Net's tool applies its pickle
+    from batchgenerators.utilities.file_and_folder_operations import load_pickle
+    from nnunetv2.postprocessing.remove_connected_components import apply_postprocessing_to_folder
+    info = json.load(open(root / 'nnUNet_results' / DATASET_NAME / 'inference_information.json'))
+    fns, kwargs = load_pickle(info['best_model_or_ensemble']['postprocessing_file'])
+    apply_postprocessing_to_folder(str(tmp_path / 'OUTPUT_FOLDER'), str(tmp_path / 'nnunet_pp'), fns, kwargs,
+                                   info['best_model_or_ensemble']['some_plans_file'], None, 1)
+    assert np.array_equal(seg, sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / 'nnunet_pp' / 'C_001.nii.gz'))))
     # both configurations' fold ensembles, then their ensemble, whatever won
     for c in ('2d', '3d_fullres'):
         folders[c] = tmp_path / f'pred_{c}'
