@@ -25,7 +25,7 @@ def main():
 
     from fednnunet.engines.simulation import SimulationEngine
     from fednnunet.federation import Federation
-    from fednnunet.site_training import SiteStateStore, started_trainer
+    from fednnunet.site_training import started_trainer
     from fednnunet.trainers.feddp import igc_term
     from fednnunet.training_server import SERVER_CHECKPOINT, FederatedTraining, TrainingConfig
 

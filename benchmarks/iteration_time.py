@@ -122,7 +122,7 @@ def main():
                 print(f'  fednnunet, trainer {k:7s}: {it * 1000:.1f} ms per iteration '
                       f'(runs {[round(x, 1) for x in times[k]]} s); ratio nnU-Net / fednnunet {nn_it / it:.3f}; '
                       f'fixed cost per round {[round(x, 2) for x in best[k]]} s')
-            print(f'  goal: ratio >= 0.97 with the kept trainer; fixed cost per round <= 1 s')
+            print('  goal: ratio >= 0.97 with the kept trainer; fixed cost per round <= 1 s')
 
 
 if __name__ == '__main__':

@@ -49,6 +49,7 @@ class Model:
     trainer: str
     plans: str
     configuration: str
+    previous_stage: Optional[str] = None  # a cascade stage's (its predictions need the previous stage's first)
 
     @property
     def name(self) -> str:
@@ -260,7 +261,9 @@ class BestConfiguration:
     def selected(self, source: Tuple[str, ...]) -> List[dict]:
         by_name = {m.name: m for m in self.models}
         return [{'configuration': by_name[n].configuration, 'trainer': by_name[n].trainer,
-                 'plans_identifier': by_name[n].plans, 'method': by_name[n].method} for n in source]
+                 'plans_identifier': by_name[n].plans, 'method': by_name[n].method,
+                 **({'previous_stage': by_name[n].previous_stage} if by_name[n].previous_stage else {})}
+                for n in source]
 
     def write(self) -> dict:
         pooled = self.groups[0]
@@ -326,9 +329,16 @@ def _predict_commands(dataset: str, selected: List[dict], folds, site: Optional[
     lines = []
     for j, m in enumerate(selected):
         folder = f'{out}_MODEL_{j + 1}' if ensemble else out
-        lines.append(f"fednnunet_predict -d {dataset} -i INPUT_FOLDER -o {folder} -f {' '.join(map(str, folds))} "
-                     f"-c {m['configuration']} -p {m['plans_identifier']} --method {m['method']}"
-                     + (f' --site {site}' if site else '') + (' --save_probabilities' if ensemble else ''))
+        common = (f"-f {' '.join(map(str, folds))} -p {m['plans_identifier']} --method {m['method']}"
+                  + (f' --site {site}' if site else ''))
+        previous = ''
+        if m.get('previous_stage'):  # the cascade: its previous stage first, as nnU-Net's instructions
+            previous_folder = f'{out}_PREV_STAGE' + (f'_{j + 1}' if ensemble else '')
+            lines.append(f"fednnunet_predict -d {dataset} -i INPUT_FOLDER -o {previous_folder} -c "
+                         f"{m['previous_stage']} {common}")
+            previous = f' -prev_stage_predictions {previous_folder}'
+        lines.append(f"fednnunet_predict -d {dataset} -i INPUT_FOLDER -o {folder} -c {m['configuration']} {common}"
+                     + previous + (' --save_probabilities' if ensemble else ''))
     if ensemble:
         lines += ['', 'Then ensemble them with:', '',
                   f"fednnunet_ensemble -i {' '.join(f'{out}_MODEL_{j + 1}' for j in range(len(selected)))} -o {out}"]

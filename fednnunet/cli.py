@@ -354,6 +354,9 @@ def predict_parser() -> FedArgumentParser:
                         help='processes for pre/postprocessing (default 0: in-process)')
     parser.add_argument('--disable_tta', action='store_true', help='no mirroring at test time (as nnU-Net)')
     parser.add_argument('--save_probabilities', action='store_true', help='also write the softmax (as nnU-Net)')
+    parser.add_argument('-prev_stage_predictions', default=None,
+                        help="a cascade stage (3d_cascade_fullres): the folder of the previous stage's predictions of "
+                             "the same cases (as nnU-Net)")
     return parser
 
 
@@ -394,7 +397,8 @@ def predict_entry(argv=None):
                                    use_mirroring=not args.disable_tta, allow_tqdm=True)
         ending = predictor.dataset_json['file_ending']
         cases = [os.path.basename(files[0])[:-len(ending) - 5] for files in lists]
-        predict_cases(predictor, lists, [os.path.join(args.o, c) for c in cases], args.npp, args.save_probabilities)
+        predict_cases(predictor, lists, [os.path.join(args.o, c) for c in cases], args.npp, args.save_probabilities,
+                      args.prev_stage_predictions)
     except (FederationError, NotImplementedError, ValueError) as e:
         _fail(e)
     print(f"{len(cases)} case(s) predicted into {args.o} (fold(s) {', '.join(folds)}"

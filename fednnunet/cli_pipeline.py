@@ -51,13 +51,12 @@ def trained_models(dataset_name: str, methods, plans_identifiers, configurations
                 plans_file = os.path.join(server_folder(dataset_name), p + '.json')
                 if not os.path.isfile(plans_file):
                     raise FederationError(f'no plans {p} in {server_folder(dataset_name)}', field='-p')
-                if c not in load_json(plans_file)['configurations']:
+                plans = load_json(plans_file)
+                if c not in plans['configurations']:
                     log(f'configuration {c} is not in the plans {p}: skipped')
                     continue
-                if c == '3d_cascade_fullres':
-                    log(f'{c}: the federated cascade is not built yet (issue 15): skipped')
-                    continue
-                model = Model(m, trainer_name_of(m), p, c)
+                from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+                model = Model(m, trainer_name_of(m), p, c, PlansManager(plans).get_configuration(c).previous_stage_name)
                 folder = os.path.join(str(nnUNet_results), dataset_name, model.name)
                 # the server's summary of a finished federated training of that fold
                 missing = [f for f in folds if not os.path.isfile(os.path.join(folder, f'fold_{f}',
@@ -70,28 +69,29 @@ def trained_models(dataset_name: str, methods, plans_identifiers, configurations
     return models
 
 
-def find_best_configuration_entry(argv=None):
-    args = find_best_configuration_parser().parse_args(argv)
+def find_best(engine, dataset_name: str, methods, plans_identifiers, configurations, folds,
+              allow_ensembling: bool = True, log=print) -> dict:
+    """The federated find_best_configuration over ``engine`` (simulation or Flower): the trained candidate models,
+    then :class:`fednnunet.best_configuration.BestConfiguration` (per-site choices too where a method has no global
+    model). Returns nnU-Net's inference information (and the instructions' text)."""
     from fednnunet.best_configuration import BestConfiguration
-    from fednnunet.engines.simulation import SimulationEngine
-    from fednnunet.federation import Federation, dataset_name_from_id
+    from fednnunet.cli_args import FOLDS
     from fednnunet.methods import get_method
-    engine = None
-    try:
-        dataset_name = dataset_name_from_id(args.dataset_name_or_id)
-        folds = list(dict.fromkeys(args.f))
-        models = trained_models(dataset_name, list(dict.fromkeys(args.method)), list(dict.fromkeys(args.p)),
-                                list(dict.fromkeys(args.c)), folds)
-        federation = Federation.from_raw(args.dataset_name_or_id, args.sites)
-        engine = SimulationEngine.for_federation(federation, args.np, device='cpu')
-        per_site = any(not get_method(m.method).has_global_model for m in models)
-        info = BestConfiguration(engine, dataset_name, models, [f if f == 'all' else int(f) for f in folds],
-                                 not args.disable_ensembling, per_site).run()
-    except (FederationError, ValueError, FileNotFoundError) as e:
-        fail(e)
-    finally:
-        if engine is not None:
-            engine.close()
+    from fednnunet.server_input import identifier
+    folds = list(dict.fromkeys(str(f) for f in folds))
+    for f in folds:  # (they name folders; over Flower they come from the run config)
+        if f not in FOLDS:
+            raise FederationError(f'{f!r} is not a fold (0-4 or all)', field='-f')
+    for name in list(plans_identifiers) + list(configurations):
+        identifier(name, 'plans or configuration')
+    models = trained_models(dataset_name, list(dict.fromkeys(methods)), list(dict.fromkeys(plans_identifiers)),
+                            list(dict.fromkeys(configurations)), folds, log)
+    per_site = any(not get_method(m.method).has_global_model for m in models)
+    return BestConfiguration(engine, dataset_name, models, [f if f == 'all' else int(f) for f in folds],
+                             allow_ensembling, per_site, log=log).run()
+
+
+def print_best(info: dict):
     print('\n***All results:***')
     for k, v in info['all_results'].items():
         print(f'{k}: {v}')
@@ -99,7 +99,25 @@ def find_best_configuration_entry(argv=None):
     print(f"\n*Best*: {' + '.join(m['configuration'] for m in best['selected_model_or_models'])}: "
           f"{best['result_on_crossval_pre_pp']} (pooled Dice {best['pooled_dice_pre_pp']:.4f}); after postprocessing "
           f"{best['result_on_crossval_post_pp']} ({', '.join(best['postprocessing_fns']) or 'no postprocessing'})\n")
-    print(info['instructions'])
+    print(info['instructions'], flush=True)
+
+
+def find_best_configuration_entry(argv=None):
+    args = find_best_configuration_parser().parse_args(argv)
+    from fednnunet.engines.simulation import SimulationEngine
+    from fednnunet.federation import Federation, dataset_name_from_id
+    engine = None
+    try:
+        dataset_name = dataset_name_from_id(args.dataset_name_or_id)
+        federation = Federation.from_raw(args.dataset_name_or_id, args.sites)
+        engine = SimulationEngine.for_federation(federation, args.np, device='cpu')
+        info = find_best(engine, dataset_name, args.method, args.p, args.c, args.f, not args.disable_ensembling)
+    except (FederationError, ValueError, FileNotFoundError) as e:
+        fail(e)
+    finally:
+        if engine is not None:
+            engine.close()
+    print_best(info)
 
 
 def ensemble_parser() -> FedArgumentParser:
@@ -130,6 +148,11 @@ def ensemble_entry(argv=None):
         ensemble_folders(args.i, args.o, args.save_npz, args.np)
     except AssertionError as e:
         fail(f'fednnunet_ensemble: {e}')
+    # nnU-Net's ensembling writes dataset.json only; the first folder's plans.json goes beside it, so that the
+    # ensemble folder postprocesses as a prediction folder does (fednnunet_apply_postprocessing -i)
+    import shutil
+    if not os.path.isfile(os.path.join(args.o, 'plans.json')):
+        shutil.copy(os.path.join(args.i[0], 'plans.json'), os.path.join(args.o, 'plans.json'))
     print(f'ensemble of {len(args.i)} folders written to {args.o}')
 
 

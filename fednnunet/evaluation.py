@@ -75,16 +75,17 @@ def summarize_cases(results: List[dict], labels: List) -> dict:
 
 def evaluate_cases(predictor, cases: Sequence[str], image_files: Dict[str, List[str]], label_files: Dict[str, str],
                    output_folder: str, num_processes: int = 0, verbose: bool = False,
-                   save_probabilities: bool = False) -> dict:
+                   save_probabilities: bool = False, previous_stage_predictions: Optional[str] = None) -> dict:
     """Predicts ``cases`` with nnU-Net's predictor into ``output_folder`` (``save_probabilities``: with nnU-Net's
-    ``.npz``/``.pkl`` class probabilities) and writes nnU-Net's summary.json (with HD95) there. Returns the summary as
+    ``.npz``/``.pkl`` class probabilities; ``previous_stage_predictions``: a cascade stage's input, nnU-Net's
+    folder_with_segs_from_prev_stage) and writes nnU-Net's summary.json (with HD95) there. Returns the summary as
     written (label keys as strings)."""
     from fednnunet.inference import predict_cases
     os.makedirs(output_folder, exist_ok=True)
     ending = predictor.dataset_json['file_ending']
     with contextlib.redirect_stdout(io.StringIO()) if not verbose else contextlib.nullcontext():
         predict_cases(predictor, [image_files[c] for c in cases], [os.path.join(output_folder, c) for c in cases],
-                      num_processes, save_probabilities)
+                      num_processes, save_probabilities, previous_stage_predictions)
     lm = predictor.plans_manager.get_label_manager(predictor.dataset_json)
     labels = lm.foreground_regions if lm.has_regions else lm.foreground_labels
     reader = predictor.plans_manager.image_reader_writer_class()

@@ -62,7 +62,7 @@ def mark_task_received():
 #: every key of the run config, with its default (Flower refuses overrides of keys that are not declared)
 RUN_CONFIG_DEFAULTS = {
     'dataset': '',                     # -d: id or DatasetXXX_Name; every site must hold it
-    'phase': 'all',                    # plan | train | all
+    'phase': 'all',                    # plan | train | all | find_best
     'configuration': '3d_fullres',     # the configuration to train
     'configurations': '',              # configurations to preprocess (space separated; default: configuration)
     'fold': '0',
@@ -80,6 +80,9 @@ RUN_CONFIG_DEFAULTS = {
     'server-optimizer': '{}',          # JSON, e.g. {"server_optimizer": "adam", "server_lr": 0.01}
     'validate': True,
     'npz': False,                      # the sites' final validation also saves class probabilities (--npz)
+    'find-best-configurations': '',    # find_best: the configurations (space separated; '' = nnU-Net's four)
+    'find-best-folds': '0 1 2 3 4',    # find_best: the folds (space separated)
+    'disable-ensembling': False,       # find_best: no ensembles of two configurations
     'continue': False,
     'overwrite': False,                # a new run in a results folder with an earlier run (deletes its round state)
     'sites': '',                       # the federation's sites (space separated); '' = whoever connects
@@ -203,8 +206,13 @@ def _log(text: str):
     print(f'[fednnunet server] {stamped(text)}', flush=True)
 
 
+#: the phase after training: nnU-Net's find_best_configuration over the sites' cross-validation (counts only)
+FIND_BEST = 'find_best'
+
+
 def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) -> dict:
-    """The server's whole run over a Flower grid: plan and preprocess, then train (same code as simulation)."""
+    """The server's whole run over a Flower grid: plan and preprocess, then train (same code as simulation); or,
+    after the folds are trained, find the best configuration (phase find_best)."""
     from fednnunet.errors import FederationError
     cfg = dict(RUN_CONFIG_DEFAULTS)
     unknown = set(run_config) - set(cfg)
@@ -212,14 +220,16 @@ def run_server(grid, run_config: dict, engine: Optional[FlowerEngine] = None) ->
         raise ValueError(f'unknown run config keys {sorted(unknown)}')
     cfg.update(run_config)
     phase = str(cfg['phase'])
-    if phase not in ('plan', 'train', 'all'):
-        raise ValueError(f"phase must be plan, train or all, not {phase!r}")
+    if phase not in ('plan', 'train', 'all', FIND_BEST):
+        raise ValueError(f"phase must be plan, train, all or {FIND_BEST}, not {phase!r}")
     if cfg['continue'] and cfg['overwrite']:
         raise ValueError('continue and overwrite exclude each other')
     strategy_options = {}
-    if phase != 'plan':
+    if phase in ('train', 'all'):
         check_method(str(cfg['method']), json.loads(str(cfg['hyperparameters']) or '{}'))
         strategy_options = strategy_options_of(cfg)
+    elif phase == FIND_BEST:
+        check_method(str(cfg['method']), {})
     sites = str(cfg['sites']).split()
     min_sites = int(cfg['min-sites']) or None
     if engine is None:
@@ -305,6 +315,13 @@ def _run_phases(engine: FlowerEngine, cfg: dict, phase: str, min_sites: Optional
                                f"{config.method}: final validation, fold {config.fold}",
                                labels=training.dataset_json.get('labels')), flush=True)
         _log(f"results: {result['training']['results_folder']}")
+    if phase == FIND_BEST:
+        from fednnunet.cli_pipeline import DEFAULT_CONFIGURATIONS, find_best, print_best
+        result[FIND_BEST] = find_best(engine, dataset_name, [str(cfg['method'])], [plans_identifier or 'nnUNetPlans'],
+                                      str(cfg['find-best-configurations']).split() or DEFAULT_CONFIGURATIONS,
+                                      str(cfg['find-best-folds']).split(), not bool(cfg['disable-ensembling']),
+                                      log=_log)
+        print_best(result[FIND_BEST])
     _log(f'done in {time.time() - t0:.0f} s; bytes to/from each site: ' +
          ', '.join(f'{s} {engine.bytes_sent.get(s, 0) / 1e6:.1f}/{engine.bytes_received.get(s, 0) / 1e6:.1f} MB'
                    for s in engine.site_names))

@@ -192,9 +192,11 @@ def server_parser() -> argparse.ArgumentParser:
                     'validate and store its final model. Holds no images.',
         epilog=methods_epilog(centralized=False))
     p.add_argument('-d', required=True, help='dataset id or name (every site must hold it)')
-    p.add_argument('--phase', choices=['all', 'plan', 'train'], default=None,
+    p.add_argument('--phase', choices=['all', 'plan', 'train', 'find_best'], default=None,
                    help='plan: fingerprint, plans, preprocessing; train: rounds on existing plans; all (default; '
-                        'with --continue: train)')
+                        'with --continue: train); find_best: after every fold is trained (--npz), nnU-Net\'s '
+                        'find_best_configuration over the sites\' cross-validation (fednnunet_find_best_configuration '
+                        'over Flower; -p, --method, --find-best-configurations, --find-best-folds)')
     p.add_argument('-c', default='3d_fullres', help='configuration to train (default 3d_fullres)')
     p.add_argument('--preprocess-configurations', nargs='+', default=None, metavar='CONFIGURATION',
                    help='configurations to preprocess at every site when planning (default: the -c configuration), '
@@ -213,6 +215,13 @@ def server_parser() -> argparse.ArgumentParser:
     p.add_argument('--no-val', action='store_true', help='skip the final validation at every site')
     p.add_argument('--npz', action='store_true', help="the sites' final validation also saves the class probabilities "
                                                       "(nnU-Net's --npz; they stay at the sites)")
+    p.add_argument('--find-best-configurations', nargs='+', default=None, metavar='CONFIGURATION',
+                   help='--phase find_best: the configurations to choose from (default 2d 3d_fullres 3d_lowres '
+                        '3d_cascade_fullres; those not in the plans are skipped)')
+    p.add_argument('--find-best-folds', nargs='+', type=fold, default=None, metavar='FOLD',
+                   help='--phase find_best: the folds (default 0 1 2 3 4)')
+    p.add_argument('--disable_ensembling', action='store_true',
+                   help='--phase find_best: no ensembles of two configurations')
     p.add_argument('--server-data', default=None, metavar='SITES_JSON',
                    help="the server's labelled public set: a sites.json (or the raw folder holding one) on the "
                         "server's disk whose 'server' entry lists it; planned as one more participant, and trained on "
@@ -282,12 +291,15 @@ def run_config_from_args(args) -> dict:
         'settle-seconds': float(args.settle_seconds),
         'site-keys': json.dumps(keys['digests']),
         'server-data': os.path.abspath(args.server_data) if args.server_data else '',
+        'find-best-configurations': ' '.join(args.find_best_configurations or []),
+        'find-best-folds': ' '.join(args.find_best_folds or ['0', '1', '2', '3', '4']),
+        'disable-ensembling': bool(args.disable_ensembling),
     }
     if args.auth_keys and args.sites:
         unkeyed = sorted(set(args.sites) - set(keys['paths']))
         if unkeyed:
             raise CliError(f'--auth-keys has no key for site(s) {unkeyed} of --sites')
-    if phase == 'train' and not args.p:
+    if phase in ('train', 'find_best') and not args.p:
         config['plans'] = 'nnUNetPlans'
     return config
 
@@ -470,8 +482,13 @@ def check_server_args(parser, args):
     if phase == 'all' and args.preprocess_configurations and args.c not in args.preprocess_configurations:
         parser.error(f"-c {args.c} must be one of --preprocess-configurations "
                      f"({' '.join(args.preprocess_configurations)}): it is trained right after preprocessing")
-    if args.preprocess_configurations and phase == 'train':
-        parser.error('--preprocess-configurations applies to planning (--phase plan or all), not to --phase train')
+    if args.preprocess_configurations and phase in ('train', 'find_best'):
+        parser.error(f'--preprocess-configurations applies to planning (--phase plan or all), not to --phase {phase}')
+    if phase != 'find_best' and (args.find_best_configurations or args.find_best_folds or args.disable_ensembling):
+        parser.error('--find-best-configurations, --find-best-folds and --disable_ensembling apply to --phase '
+                     'find_best')
+    if phase == 'find_best' and args.continue_training:
+        parser.error('--continue resumes a training; --phase find_best trains nothing')
 
 
 def server_entry(argv=None):
@@ -498,7 +515,8 @@ def run_server_command(args) -> int:
     if config['phase'] != 'plan':
         from fednnunet.flower_app import check_method
         try:
-            check_method(config['method'], json.loads(config['hyperparameters']))
+            check_method(config['method'], json.loads(config['hyperparameters']) if config['phase'] != 'find_best'
+                         else {})
         except Exception as e:  # noqa: BLE001 - an unknown method or hyper-parameter, said before anything starts
             raise CliError(str(e)) from None
     _check_security(args, args.superlink.rsplit(':', 1)[0] if args.superlink else args.host, bool(args.auth_keys))

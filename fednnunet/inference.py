@@ -122,14 +122,29 @@ class MissingChannelsConfiguration(ConfigurationManager):
 
 
 def predict_cases(predictor: nnUNetPredictor, list_of_lists: List[List[str]], output_truncated: Sequence[str],
-                  num_processes: int = 0, save_probabilities: bool = False):
-    """nnU-Net's prediction from raw files; ``num_processes`` 0: in this process (nnU-Net's -npp 0 -nps 0)."""
+                  num_processes: int = 0, save_probabilities: bool = False,
+                  previous_stage_predictions: Optional[str] = None):
+    """nnU-Net's prediction from raw files; ``num_processes`` 0: in this process (nnU-Net's -npp 0 -nps 0).
+    ``previous_stage_predictions``: for a cascade stage, the folder of the previous stage's segmentations of the same
+    cases (nnU-Net's -prev_stage_predictions); a case without one there is an error naming it."""
+    previous = predictor.configuration_manager.previous_stage_name
+    if previous is not None:
+        if previous_stage_predictions is None:
+            raise FederationError(f"the model is a cascade stage: it needs the '{previous}' predictions of the same "
+                                  f"cases (-prev_stage_predictions)", field='-prev_stage_predictions')
+        ending = predictor.dataset_json['file_ending']
+        lacking = [os.path.basename(o) for o in output_truncated
+                   if not os.path.isfile(os.path.join(previous_stage_predictions, os.path.basename(o) + ending))]
+        if lacking:
+            raise FederationError(f"no '{previous}' prediction of {_listing(lacking)} in {previous_stage_predictions}",
+                                  field='-prev_stage_predictions')
     os.makedirs(os.path.dirname(os.path.abspath(output_truncated[0])), exist_ok=True)
     if num_processes <= 0:
-        predictor.predict_from_files_sequential(list_of_lists, list(output_truncated), save_probabilities, True)
+        predictor.predict_from_files_sequential(list_of_lists, list(output_truncated), save_probabilities, True,
+                                                previous_stage_predictions)
     else:
         predictor.predict_from_files(list_of_lists, list(output_truncated), save_probabilities, True,
-                                     num_processes, num_processes)
+                                     num_processes, num_processes, previous_stage_predictions)
 
 
 def _listing(names: Sequence[str], shown: int = 5) -> str:

@@ -182,7 +182,7 @@ class LiveTrainer:
     server that resumes from an earlier round gets a trainer rebuilt from the site's state of that round)."""
 
     #: request fields that change from message to message within one run
-    PER_MESSAGE = ('round', 'overwrite', 'continue', 'validate')
+    PER_MESSAGE = ('round', 'overwrite', 'continue', 'validate', 'save_probabilities')
 
     def __init__(self, key: str, trainer: FederatedTrainer):
         self.key, self.trainer = key, trainer
@@ -333,7 +333,7 @@ def check_training(worker, message: Message) -> Message:
         raise FederationError(f"the site has no plans '{plans_id}' (in {worker.folder}): run `{hint}` first",
                               site=worker.site.name, field='-p')
     plans = server_input.plans(load_json(plans_file), worker.site.name)
-    check_trainable(plans, plans_id, configuration)
+    check_trainable(plans, plans_id, configuration, get_method(config['method']).trainer)
     trained_configuration(plans, config, worker.site.name)
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     semi_supervised = get_method(config['method']).trainer.uses_unlabelled_data
@@ -357,6 +357,20 @@ def check_training(worker, message: Message) -> Message:
         raise FederationError(f"configuration '{configuration}' is not preprocessed at this site ({len(absent)} of "
                               f"{len(worker.site.labelled)} cases missing in {data}, e.g. {absent[0]}): run `{hint}`",
                               site=worker.site.name, field='-c')
+    previous = PlansManager(plans).get_configuration(configuration).previous_stage_name
+    if previous is not None:  # a cascade stage: the site's out-of-fold predictions of the previous stage
+        from fednnunet.cascade import missing_previous_stage, previous_stage_folder
+        folder = previous_stage_folder(join(str(nnUNet_results), worker.dataset_name),
+                                       get_method(config['method']).trainer.__name__, plans['plans_name'], previous,
+                                       configuration, worker.site.name)
+        absent = missing_previous_stage(folder, worker.site.labelled)
+        if absent:
+            raise FederationError(f"'{configuration}' needs the site's '{previous}' prediction of every case, and "
+                                  f"{len(absent)} of {len(worker.site.labelled)} are missing in {folder} (e.g. "
+                                  f"{absent[0]}): train '{previous}' on every fold first (fednnunet_train "
+                                  f"{worker.dataset_name} {previous} 0 1 2 3 4 --method {config['method']} -p "
+                                  f"{plans_id}), with its final validation", site=worker.site.name,
+                                  field='previous_stage')
     num_unlabelled = 0
     if semi_supervised and worker.site.unlabelled:
         unlabelled = unlabelled_data_folder(worker.folder, data_identifier)
@@ -442,6 +456,11 @@ def finish(worker, message: Message) -> Message:
             summary = evaluate_model(worker, config, trainer.output_folder_base, 'checkpoint_final.pth',
                                      join(trainer.output_folder, 'validation'),
                                      save_probabilities=bool(config.get('save_probabilities')))
+            from fednnunet.cascade import export_next_stages  # a cascade's first stage: its out-of-fold predictions
+            exported = export_next_stages(trainer, trainer.output_folder_base, validation_cases(worker, config['fold']),
+                                          worker.device, worker.verbose)
+            if exported:
+                trainer.print_to_log_file(f'final validation: {exported}')
     finally:
         trainer.close()
     if trainer.configuration_name != config['configuration']:  # its own network's (model-heterogeneous methods)
@@ -476,10 +495,17 @@ def evaluate_model(worker, config: dict, model_folder: str, checkpoint: str, out
         raise FederationError(f"the site has no validation case in fold {config['fold']} (no labelled case to "
                               f"measure: list some as 'validation' in sites.json)", site=worker.site.name,
                               field='validation')
+    previous = predictor.configuration_manager.previous_stage_name
+    previous_predictions = None
+    if previous is not None:  # a cascade stage: the previous stage's predictions of the same cases, same fold
+        previous_predictions = join(str(nnUNet_results), worker.dataset_name,
+                                    f'{predictor.trainer_name}__{predictor.plans_manager.plans_name}__{previous}',
+                                    'sites', worker.site.name, f"fold_{config['fold']}", 'validation')
     summary = evaluate_cases(predictor, cases, {c: worker.site.image_files(c) for c in cases},
                              {c: worker.site.label_file(c) for c in cases}, output_folder,
                              num_processes=worker.num_processes if worker.num_processes > 1 else 0,
-                             verbose=worker.verbose, save_probabilities=save_probabilities)
+                             verbose=worker.verbose, save_probabilities=save_probabilities,
+                             previous_stage_predictions=previous_predictions)
     return shareable_summary(summary, predictor.dataset_json['file_ending'])
 
 

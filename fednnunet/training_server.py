@@ -83,17 +83,16 @@ class TrainingConfig:
     plot_interval_seconds: float = 30.0
 
 
-def check_trainable(plans: dict, plans_identifier: str, configuration: str):
-    """The configuration exists in the plans and is not a cascade stage (which needs every site's predictions of
-    the previous stage, not implemented)."""
+def check_trainable(plans: dict, plans_identifier: str, configuration: str, trainer_class=None):
+    """The configuration exists in the plans; a cascade stage only for a method whose network takes the previous
+    stage's segmentation as more input channels (fednnunet.cascade)."""
     if configuration not in plans['configurations']:
         raise FederationError(f"the plans '{plans_identifier}' have no configuration '{configuration}' (they have "
                               f"{sorted(plans['configurations'])})", field='configuration')
     previous = PlansManager(plans).get_configuration(configuration).previous_stage_name
-    if previous is not None:
-        raise NotImplementedError(f"'{configuration}' is the second stage of nnU-Net's cascade (it needs every "
-                                  f"site's '{previous}' predictions as input); federated cascade training is not "
-                                  f"implemented: train '{previous}' or 3d_fullres")
+    if previous is not None and trainer_class is not None:
+        from fednnunet.cascade import refuse_cascade
+        refuse_cascade(trainer_class, configuration, previous)
 
 
 def plan_and_preprocess_hint(dataset_name: str, plans_identifier: str, configuration: str) -> str:
@@ -136,7 +135,7 @@ class FederatedTraining:
         self.strategy = self.method.strategy(**config.strategy_options)
         self.has_global_model = self.strategy.produces_global_model and self.method.has_global_model
         self.plans = load_plans(config.dataset_name, config.plans_identifier, config.configuration)
-        check_trainable(self.plans, config.plans_identifier, config.configuration)
+        check_trainable(self.plans, config.plans_identifier, config.configuration, self.method.trainer)
         self.results_base = results_folder(config.dataset_name, self.method.trainer, config.plans_identifier,
                                            config.configuration)
         self.output_folder = join(self.results_base, f'fold_{config.fold}')

@@ -42,7 +42,8 @@ def test_scores_are_nnunets_means_over_the_union_of_the_cases_and_the_pooled_dic
     assert s['foreground_mean']['Dice'] == pytest.approx(np.mean([2.25 / 3, 1.25 / 2]))
     assert s['pooled_dice']['1'] == pytest.approx(2 * 36 / (2 * 36 + 12 + 22))
     no_case = {'1': _counts(0.0, 0, 0, 0, 0), '2': _counts(1.0, 1, 4, 0, 0)}
-    assert math.isnan(scores([no_case])['mean']['1']['Dice']) and math.isnan(scores([no_case])['foreground_mean']['Dice'])
+    assert math.isnan(scores([no_case])['mean']['1']['Dice'])
+    assert math.isnan(scores([no_case])['foreground_mean']['Dice'])
 
 
 @pytest.mark.parametrize('bad, field', [
@@ -356,6 +357,30 @@ def test_several_sites_score_as_nnunet_on_the_union_of_their_predictions(planned
         assert set(config) <= {'counts', 'num_cases'}
         assert all(set(c) == {'1', '2'} for c in config.get('counts', []))
     assert not any(case in json.dumps(sent) for case in ('A_000', 'B_000', 'C_000'))
+
+    # over Flower (fednnunet_server --phase find_best; every message through Flower's encoding): the same decision
+    pytest.importorskip('flwr')
+    from test_flower import InProcessGrid, _workers, site_node
+    from flwr.supercore.task_identity import TaskIdentity
+    from fednnunet.engines.flower import FlowerEngine, from_record_dict
+    from fednnunet.flower_app import run_server
+    os.remove(fresh_results / DATASET_NAME / 'inference_information.json')
+    grid = InProcessGrid({i: site_node(w, s) for i, (s, w) in enumerate(sorted(_workers(planned).items()), 1)})
+    engine = FlowerEngine(grid, sites=['A', 'B', 'C'], dataset=DATASET_NAME, log=lambda t: None)
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # as test_flower's task_identity
+    try:
+        result = run_server(grid, {'dataset': DATASET_NAME, 'phase': 'find_best', 'plans': PLANS,
+                                   'find-best-configurations': '2d 3d_fullres', 'find-best-folds': '0 1',
+                                   'sites': 'A B C'}, engine=engine)['find_best']
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+    assert result['all_results'] == info['all_results']
+    assert result['best_model_or_ensemble'] == info['best_model_or_ensemble']
+    assert json.load(open(fresh_results / DATASET_NAME / 'inference_information.json'))['all_results'] == \
+        info['all_results']
+    kinds = {from_record_dict(m.content).kind for m in grid.sent}
+    assert kinds >= {'crossval_counts'} and kinds <= {'identify', 'crossval_counts', 'store_postprocessing'}
 
 
 def test_apply_postprocessing_reads_the_json_decision_and_refuses_anything_else(tmp_path, capsys):

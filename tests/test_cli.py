@@ -14,6 +14,7 @@ from fednnunet.cli import (demo_next_steps, demo_parser, evaluate_entry, evaluat
 from fednnunet.cli_args import FedArgumentParser, other_spelling
 from fednnunet.errors import FederationError
 from fednnunet.evaluation import format_table
+from fednnunet.cli_pipeline import apply_postprocessing_parser, ensemble_parser, find_best_configuration_parser
 from fednnunet.flower_cli import run_config_from_args, server_entry, server_parser, site_entry, site_parser
 
 from conftest import DATASET_ID, DATASET_NAME
@@ -27,7 +28,7 @@ PARSERS = {'fednnunet_train': (train_parser, ['501', '3d_fullres']),
 
 
 ALL_PARSERS = (train_parser, predict_parser, evaluate_parser, plan_and_preprocess_parser, demo_parser, server_parser,
-               site_parser)
+               site_parser, find_best_configuration_parser, ensemble_parser, apply_postprocessing_parser)
 
 
 #: a stand-in for a method the project plans but has not built
@@ -441,11 +442,31 @@ def test_flags_have_one_style_and_accept_the_other_spelling(capsys):
 def test_every_long_flag_has_one_style():
     """fednnunet-only flags are kebab-case; nnU-Net's keep nnU-Net's spelling."""
     nnunet_spellings = {'--no_pp', '--disable_tta', '--save_probabilities', '-gpu_memory_target',
-                        '-overwrite_plans_name', '-overwrite_target_spacing'}
+                        '-overwrite_plans_name', '-overwrite_target_spacing', '-prev_stage_predictions',
+                        '--disable_ensembling', '--save_npz', '-plans_json', '-dataset_json',
+                        '-pp_json'}  # (the last: nnU-Net's -pp_pkl_file, as JSON)
     for parser in ALL_PARSERS:
         for action in parser()._actions:
             for option in action.option_strings:
                 assert '_' not in option or option in nnunet_spellings, option
+
+
+def test_the_server_finds_the_best_configuration_with_nnunets_options(capsys):
+    """fednnunet_server --phase find_best: the configurations, folds and ensembling reach the run config; they apply
+    to that phase only, and it trains nothing (no --continue)."""
+    args = server_parser().parse_args(['-d', '501', '--phase', 'find_best', '--find-best-configurations', '2d',
+                                       '3d_fullres', '--find-best-folds', '0', '1', '--disable_ensembling'])
+    config = run_config_from_args(args)
+    assert (config['phase'], config['find-best-configurations'], config['find-best-folds'],
+            config['disable-ensembling'], config['plans']) == ('find_best', '2d 3d_fullres', '0 1', True, 'nnUNetPlans')
+    assert run_config_from_args(server_parser().parse_args(['-d', '501', '--phase', 'find_best']))[
+        'find-best-folds'] == '0 1 2 3 4'
+    for argv, says in ((['--find-best-folds', '0'], 'apply to --phase find_best'),
+                       (['--phase', 'find_best', '--continue'], 'trains nothing'),
+                       (['--phase', 'find_best', '--find-best-folds', '5'], 'a fold is 0, 1, 2, 3, 4 or all')):
+        with pytest.raises(SystemExit):
+            server_entry(['-d', '501'] + argv)
+        assert says in capsys.readouterr().err
 
 
 def test_fednnunet_parser_errors_are_one_line(capsys):

@@ -1,6 +1,5 @@
 """FedMM's network: one nnU-Net encoder per modality, fusion over the present modalities only, nnU-Net's decoder and
 a shared separate decoder."""
-import pytest
 import torch
 
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans

@@ -10,7 +10,6 @@ import torch
 
 from fednnunet import knowledge, public_patches
 from fednnunet.engines.simulation import SimulationEngine
-from fednnunet.errors import FederationError
 from fednnunet.federation import SERVER_DATA, SITES_FILE, Federation
 from fednnunet.plan_and_preprocess import plan_and_preprocess
 from fednnunet.server_data import planning_engine

@@ -17,7 +17,7 @@ import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from fednnunet.child_processes import end_processes
 from fednnunet.errors import FederationError

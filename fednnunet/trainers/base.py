@@ -91,6 +91,9 @@ class FederatedTrainer(nnUNetTrainer):
     #: True when the method trains sites that lack some of the dataset's channels (sites.json ``channels``; their
     #: missing channels are preprocessed as zeros)
     handles_missing_channels: bool = False
+    #: False where the method's network reads its input channels as image channels only (FedMM: an encoder per
+    #: modality), so it cannot be a cascade stage (the previous stage's segmentation comes as more input channels)
+    takes_previous_stage_channels: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -137,6 +140,11 @@ class FederatedTrainer(nnUNetTrainer):
             os.rmdir(nnunet_default)  # simulation it is the server's fold folder, which then already holds its log)
         except OSError:
             pass
+        if self.is_cascaded:  # the site's own out-of-fold predictions of the previous stage (fednnunet.cascade)
+            from fednnunet.cascade import previous_stage_folder
+            self.folder_with_segs_from_previous_stage = previous_stage_folder(
+                os.path.dirname(results_folder_base), type(self).__name__, self.plans_manager.plans_name,
+                self.configuration_manager.previous_stage_name, self.configuration_name, site_name)
         self.log_file = join(self.output_folder, 'training_log.txt')
         self.logger = RoundLogger(self.output_folder, False, plot_every=self.plot_every, num_rounds=int(rounds))
         self.num_epochs = int(rounds)
@@ -389,8 +397,10 @@ class FederatedTrainer(nnUNetTrainer):
         """``data`` (batch, channels, ...) with the channels this site lacks set to 0 (unchanged where it has all)."""
         if self.present_channels is None:
             return data
+        from fednnunet.preprocessing import channel_count
         have = {int(c) for c in self.present_channels}
-        missing = [c for c in range(data.shape[1]) if c not in have]
+        # the image channels only: a cascade stage's previous-stage segmentation follows them (one-hot)
+        missing = [c for c in range(channel_count(self.dataset_json)) if c not in have]
         if not missing:
             return data
         out = data.clone()

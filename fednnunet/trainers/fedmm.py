@@ -24,6 +24,7 @@ class FedMMTrainer(FederatedTrainer):
     method_name = 'fedmm'
     network_class_name = 'fednnunet.networks.fedmm.FedMMUNet'
     handles_missing_channels = True
+    takes_previous_stage_channels = False  # an encoder per image channel
     uses_hooks = True  # the network keeps the separate decoder's outputs of a training forward for the loss
     hyperparameters = {'full_set_probability': 0.6, 'separate_weight': 1.0}
 
