@@ -60,14 +60,20 @@ def export_next_stages(trainer, model_folder: str, cases: List[str], device: tor
     predictor = load_predictor(model_folder, trainer.fold, 'checkpoint_final.pth', device, verbose=verbose)
     source = trainer.preprocessed_dataset_folder
     dataset_val = infer_dataset_class(source)(source, cases)
+    targets = {}  # next stage: (its preprocessed folder, nnU-Net's dataset class there, or None)
+    for n in next_stages:
+        target_folder = join(trainer.preprocessed_dataset_folder_base,
+                             trainer.plans_manager.get_configuration(n).data_identifier)
+        try:
+            targets[n] = (target_folder, infer_dataset_class(target_folder) if os.path.isdir(target_folder) else None)
+        except AssertionError:  # nnU-Net cannot tell the folder's format (empty): as not preprocessed
+            targets[n] = (target_folder, None)
     done, skipped = 0, []
     for case in cases:
         data, _, _, properties = dataset_val.load_case(case)
         logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data[:]))).cpu()
         for n in next_stages:
-            cm = trainer.plans_manager.get_configuration(n)
-            target_folder = join(trainer.preprocessed_dataset_folder_base, cm.data_identifier)
-            target_class = infer_dataset_class(target_folder) if os.path.isdir(target_folder) else None
+            target_folder, target_class = targets[n]
             try:
                 target = target_class(target_folder, [case]).load_case(case)[0] if target_class else None
             except FileNotFoundError:

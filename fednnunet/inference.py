@@ -128,6 +128,9 @@ def predict_cases(predictor: nnUNetPredictor, list_of_lists: List[List[str]], ou
     ``previous_stage_predictions``: for a cascade stage, the folder of the previous stage's segmentations of the same
     cases (nnU-Net's -prev_stage_predictions); a case without one there is an error naming it."""
     previous = predictor.configuration_manager.previous_stage_name
+    if previous is None and previous_stage_predictions is not None:
+        raise FederationError('the model is not a cascade stage: it takes no previous-stage predictions',
+                              field='-prev_stage_predictions')
     if previous is not None:
         if previous_stage_predictions is None:
             raise FederationError(f"the model is a cascade stage: it needs the '{previous}' predictions of the same "

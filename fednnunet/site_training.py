@@ -363,6 +363,11 @@ def check_training(worker, message: Message) -> Message:
         folder = previous_stage_folder(join(str(nnUNet_results), worker.dataset_name),
                                        get_method(config['method']).trainer.__name__, plans['plans_name'], previous,
                                        configuration, worker.site.name)
+        if worker.site.validation:  # its validation-only cases validate every fold: no training case is out of fold
+            raise FederationError(f"'{configuration}' trains on the site's out-of-fold '{previous}' predictions of its "
+                                  f"training cases, and a site with validation-only cases (sites.json 'validation') "
+                                  f"has none: train '{configuration}' without this site (--sites) or use "
+                                  f"'{previous}' or 3d_fullres", site=worker.site.name, field='previous_stage')
         absent = missing_previous_stage(folder, worker.site.labelled)
         if absent:
             raise FederationError(f"'{configuration}' needs the site's '{previous}' prediction of every case, and "
@@ -371,6 +376,19 @@ def check_training(worker, message: Message) -> Message:
                                   f"{worker.dataset_name} {previous} 0 1 2 3 4 --method {config['method']} -p "
                                   f"{plans_id}), with its final validation", site=worker.site.name,
                                   field='previous_stage')
+        if config.get('validate', True):  # the final validation reads that fold's previous-stage validation
+            validated = join(str(nnUNet_results), worker.dataset_name,
+                             f"{get_method(config['method']).trainer.__name__}__{plans['plans_name']}__{previous}",
+                             'sites', worker.site.name, f"fold_{config['fold']}", 'validation')
+            ending = load_json(join(worker.folder, 'dataset.json'))['file_ending']
+            absent = [c for c in validation_cases(worker, config['fold'])
+                      if not os.path.isfile(join(validated, c + ending))]
+            if absent:
+                raise FederationError(f"the final validation of '{configuration}' fold {config['fold']} reads the "
+                                      f"'{previous}' validation predictions of the same fold, and {len(absent)} are "
+                                      f"missing in {validated} (e.g. {absent[0]}): train '{previous}' fold "
+                                      f"{config['fold']} with its final validation, or train with --no-val",
+                                      site=worker.site.name, field='previous_stage')
     num_unlabelled = 0
     if semi_supervised and worker.site.unlabelled:
         unlabelled = unlabelled_data_folder(worker.folder, data_identifier)

@@ -344,7 +344,8 @@ class FederatedTraining:
     def check_sites_ready(self):
         """Every site has what this training needs (the plans, the preprocessed configuration, its splits, no state of
         another run unless overwriting), asked before anything is written."""
-        replies = self.engine.ask({s: Message('check_training', self.site_config(s, round=0))
+        replies = self.engine.ask({s: Message('check_training',
+                                              self.site_config(s, round=0, validate=self.config.validate))
                                    for s in sorted(self.engine.site_names)})
         self.check_quorum(-1, replies, what='training check')
         # the most training cases a site may weigh in with: what it declared at planning (else now)

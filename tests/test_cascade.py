@@ -1,6 +1,8 @@
 """nnU-Net's cascade, federated: 3d_lowres on the federation's folds leaves every site its own out-of-fold
 predictions; 3d_cascade_fullres trains on them (they reach its network), validates and predicts with the previous
 stage's predictions; find_best_configuration writes the two-stage commands, and they predict."""
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -22,6 +24,14 @@ PLANS = 'nnUNetCPULowresPlans'
 TINY = ['-p', PLANS, '--rounds', '1', '--local-iterations', '1', '--val-iterations', '1', '-device', 'cpu']
 LOWRES = f'FedAvgTrainer__{PLANS}__3d_lowres'
 CASCADE = f'FedAvgTrainer__{PLANS}__3d_cascade_fullres'
+
+
+def _refused(entry, argv) -> str:
+    """What a command that must refuse says on stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        entry(argv)
+    return err.getvalue()
 
 
 @pytest.fixture(scope='module')
@@ -48,9 +58,20 @@ def cascade_trained(tmp_path_factory):
                 json.dump(splits, f)
         plans = json.load(open(root / 'nnUNet_preprocessed' / DATASET_NAME / f'{PLANS}.json'))
         assert plans['configurations']['3d_cascade_fullres']['previous_stage'] == '3d_lowres'
-        with pytest.raises(SystemExit):  # before the first stage: the sites have no predictions of it
-            train_entry([DATASET_NAME, '3d_cascade_fullres', '0'] + TINY)
-        train_entry([DATASET_NAME, '3d_lowres', '0', '1', '--npz'] + TINY)
+        # before the first stage: the sites have no predictions of it
+        said = _refused(train_entry, [DATASET_NAME, '3d_cascade_fullres', '0'] + TINY)
+        assert "field 'previous_stage'" in said and 'site ' in said, said
+        # fold 0 alone: each site exports its fold-0 validation cases and no other (its training cases come from the
+        # other fold); the cascade is still refused, naming what is missing
+        train_entry([DATASET_NAME, '3d_lowres', '0', '--npz'] + TINY)
+        for name in federation.sites:
+            folder = (root / 'nnUNet_results' / DATASET_NAME / LOWRES / 'sites' / name / 'predicted_next_stage' /
+                      '3d_cascade_fullres')
+            exported = sorted(f.split('.')[0] for f in os.listdir(folder) if f.endswith('.b2nd'))
+            splits = json.load(open(os.path.join(site_folder(DATASET_NAME, name), 'splits_final.json')))
+            assert exported == sorted(splits[0]['val']), name
+        assert 'are missing in' in _refused(train_entry, [DATASET_NAME, '3d_cascade_fullres', '0'] + TINY)
+        train_entry([DATASET_NAME, '3d_lowres', '1', '--npz'] + TINY)
         train_entry([DATASET_NAME, '3d_cascade_fullres', '0', '--npz'] + TINY)
     return root
 
@@ -92,6 +113,10 @@ def test_every_site_predicts_its_cases_out_of_fold_and_the_cascade_reads_them(ca
         predict_entry(args + ['-o', str(tmp_path / 'x'), '-c', '3d_cascade_fullres'])
     assert "field '-prev_stage_predictions'" in capsys.readouterr().err and not (tmp_path / 'x').exists()
     predict_entry(args + ['-o', str(tmp_path / 'lowres'), '-c', '3d_lowres'])
+    with pytest.raises(SystemExit):  # a model that is not a cascade stage takes no previous stage
+        predict_entry(args + ['-o', str(tmp_path / 'y'), '-c', '3d_lowres', '-prev_stage_predictions',
+                              str(tmp_path / 'lowres')])
+    assert 'not a cascade stage' in capsys.readouterr().err and not (tmp_path / 'y').exists()
     empty = tmp_path / 'empty_lowres'
     empty.mkdir()
     image = sitk.ReadImage(str(tmp_path / 'lowres' / f'{case}.nii.gz'))

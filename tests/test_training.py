@@ -11,6 +11,7 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from fednnunet.errors import FederationError
 from fednnunet.cli import evaluate_entry, predict_entry, train_entry
 from fednnunet.engines.simulation import SimulationEngine
 from fednnunet.federation import Federation, server_folder, site_folder
@@ -384,11 +385,15 @@ def test_bad_training_requests_are_clear(planned, fresh_results, capsys, monkeyp
     with pytest.raises(SystemExit):
         train_entry(['501', '3d_lowres', '--method', 'fedavg'] + FAST)  # the tiny plans dropped 3d_lowres
     assert f"the plans '{PLANS}' have no configuration '3d_lowres'" in capsys.readouterr().err
-    # nnU-Net's cascade stage (as nnU-Net's planner writes it) is refused by name, before anything is written
+    # nnU-Net's cascade stage (as nnU-Net's planner writes it): a method whose network cannot take the previous
+    # stage's segmentation refuses it by name, before anything is written (tests/test_cascade.py trains one)
     plans = json.load(open(os.path.join(server_folder(DATASET_NAME), PLANS + '.json')))
     plans['configurations']['3d_cascade_fullres'] = {'inherits_from': '3d_fullres', 'previous_stage': '3d_lowres'}
-    with pytest.raises(NotImplementedError, match="second stage of nnU-Net's cascade"):
-        check_trainable(plans, PLANS, '3d_cascade_fullres')
+    from fednnunet.trainers.fedavg import FedAvgTrainer
+    from fednnunet.trainers.fedmm import FedMMTrainer
+    check_trainable(plans, PLANS, '3d_cascade_fullres', FedAvgTrainer)
+    with pytest.raises(FederationError, match='an encoder per image channel'):
+        check_trainable(plans, PLANS, '3d_cascade_fullres', FedMMTrainer)
     with pytest.raises(SystemExit):
         train_entry(['501', '3d_fullres', '--method', 'lcfed', '--hp', 'stage2_lr=fast'] + FAST)
     assert '--hp stage2_lr=fast: the value must be a number' in capsys.readouterr().err
