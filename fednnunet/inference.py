@@ -19,7 +19,7 @@ from batchgenerators.utilities.file_and_folder_operations import join
 
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
-from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
+from nnunetv2.utilities.utils import create_paths_fn
 
 import fednnunet.trainers
 from fednnunet.errors import FederationError
@@ -189,4 +189,7 @@ def input_files(folder: str, dataset_json: dict, missing_channels_ok: bool = Fal
         incomplete = sorted({m[:-len(ending) - 5] for m in missing})
         raise FederationError(f'-i {folder}: {len(incomplete)} case(s) lack a channel (every case needs every '
                               f'channel, {expected}); missing: {_listing(missing)}')
-    return create_lists_from_splitted_dataset_folder(folder, ending, sorted(cases), num_processes=1)
+    # nnU-Net's per-case file matching, without the forking Pool its create_lists_from_splitted_dataset_folder
+    # starts (forked from this process's threads, a worker can deadlock)
+    files = sorted(os.listdir(folder))
+    return [create_paths_fn(folder, files, ending, case) for case in sorted(cases)]

@@ -42,6 +42,16 @@ def demo_raw(nnunet_environment):
                                  seed=0, verbose=False)
 
 
+def no_fork_pools(monkeypatch):
+    """nnU-Net's file listing (nnunetv2.utilities.utils) starts a default, forking multiprocessing Pool; forked from
+    this test process, which by then runs many threads (torch, tqdm, earlier tests), a worker can deadlock on a lock
+    another thread held (seen once in a full run, stuck for minutes). Stock nnU-Net calls in the tests get a spawn
+    pool instead; fednnunet's own code never lists files through it."""
+    import multiprocessing
+    import nnunetv2.utilities.utils as nnunet_utils
+    monkeypatch.setattr(nnunet_utils, 'Pool', multiprocessing.get_context('spawn').Pool)
+
+
 def point_nnunet_folder(monkeypatch, var: str, folder):
     """Points nnU-Net's folder ``var`` (nnUNet_raw/_preprocessed/_results) at ``folder`` until ``monkeypatch``
     undoes it. nnunetv2 reads its folders once, when nnunetv2.paths is first imported, and every module keeps the

@@ -16,7 +16,7 @@ from fednnunet.engines.simulation import SimulationEngine
 from fednnunet.federation import Federation, server_folder
 from fednnunet.plan_and_preprocess import plan_and_preprocess
 
-from conftest import DATASET_ID, DATASET_NAME, point_nnunet_folder
+from conftest import DATASET_ID, DATASET_NAME, no_fork_pools, point_nnunet_folder
 
 EXACT_STATS = ('min', 'max', 'median', 'percentile_00_5', 'percentile_99_5')
 ACCUMULATED_STATS = ('mean', 'std')  # nnU-Net accumulates these in float32
@@ -32,6 +32,7 @@ def pooled_vs_federated(demo_raw, tmp_path_factory):
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv('nnUNet_n_proc_DA', '1')  # stock nnU-Net 2.8.1 planning crashes with 0
+        no_fork_pools(mp)
         point_nnunet_folder(mp, 'nnUNet_preprocessed', root / 'stock')
         os.makedirs(root / 'stock')
         out['stock_fingerprint'] = _jsonable(extract_fingerprint_dataset(DATASET_ID, num_processes=1, clean=True,
@@ -140,6 +141,7 @@ def test_two_channels_and_a_case_without_foreground(raw_copy, tmp_path, monkeypa
     empty.CopyInformation(label)
     sitk.WriteImage(empty, str(raw_copy / 'labelsTr' / 'C_001.nii.gz'))
 
+    no_fork_pools(monkeypatch)
     point_nnunet_folder(monkeypatch, 'nnUNet_preprocessed', tmp_path / 'stock')
     os.makedirs(tmp_path / 'stock')
     stock = _jsonable(extract_fingerprint_dataset(DATASET_ID, num_processes=1, clean=True, verbose=False,

@@ -14,7 +14,7 @@ from fednnunet.federation import Federation, server_folder, site_folder
 from fednnunet.plan_and_preprocess import plan_and_preprocess
 from fednnunet.preprocessing import site_splits
 
-from conftest import DATASET_ID, DATASET_NAME, point_nnunet_folder
+from conftest import DATASET_ID, DATASET_NAME, no_fork_pools, point_nnunet_folder
 
 CONFIGS = ('2d', '3d_fullres')
 
@@ -32,6 +32,7 @@ def preprocessed(demo_raw, tmp_path_factory):
         for f in ('nnUNetCPUPlans.json', 'dataset.json'):
             shutil.copy(os.path.join(server_folder(DATASET_NAME), f), stock / f)
         point_nnunet_folder(mp, 'nnUNet_preprocessed', root / 'stock')
+        no_fork_pools(mp)
         preprocess_dataset(DATASET_ID, 'nnUNetCPUPlans', CONFIGS, [1], show_progress_bar=False)
         point_nnunet_folder(mp, 'nnUNet_preprocessed', root / 'federated')
         sites = {s: site_folder(DATASET_NAME, s) for s in fed.sites}
