@@ -34,6 +34,13 @@ def previous_stage_folder(results_root: str, trainer_name: str, plans_name: str,
                 configuration)
 
 
+def previous_stage_validation_folder(results_root: str, trainer_name: str, plans_name: str, previous_stage: str,
+                                     site: str, fold) -> str:
+    """The site's previous-stage validation predictions of ``fold`` (what a cascade stage's final validation reads)."""
+    return join(results_root, f'{trainer_name}__{plans_name}__{previous_stage}', 'sites', site, f'fold_{fold}',
+                'validation')
+
+
 def refuse_cascade(method_trainer, configuration: str, previous: str):
     """Methods whose networks or data cannot take the previous stage's segmentation as input channels."""
     if not method_trainer.takes_previous_stage_channels:

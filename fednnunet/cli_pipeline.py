@@ -44,6 +44,7 @@ def trained_models(dataset_name: str, methods, plans_identifiers, configurations
     from fednnunet.federation import load_json
     from fednnunet.method_names import trainer_name_of
     from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     models = []
     for m in methods:
         for c in configurations:
@@ -55,7 +56,6 @@ def trained_models(dataset_name: str, methods, plans_identifiers, configurations
                 if c not in plans['configurations']:
                     log(f'configuration {c} is not in the plans {p}: skipped')
                     continue
-                from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
                 model = Model(m, trainer_name_of(m), p, c, PlansManager(plans).get_configuration(c).previous_stage_name)
                 folder = os.path.join(str(nnUNet_results), dataset_name, model.name)
                 # the server's summary of a finished federated training of that fold

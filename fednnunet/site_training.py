@@ -333,17 +333,19 @@ def check_training(worker, message: Message) -> Message:
         raise FederationError(f"the site has no plans '{plans_id}' (in {worker.folder}): run `{hint}` first",
                               site=worker.site.name, field='-p')
     plans = server_input.plans(load_json(plans_file), worker.site.name)
-    check_trainable(plans, plans_id, configuration, get_method(config['method']).trainer)
+    trainer_class = get_method(config['method']).trainer
+    check_trainable(plans, plans_id, configuration, trainer_class)
     trained_configuration(plans, config, worker.site.name)
-    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
-    semi_supervised = get_method(config['method']).trainer.uses_unlabelled_data
+    configuration_manager = PlansManager(plans).get_configuration(configuration)
+    data_identifier = configuration_manager.data_identifier
+    semi_supervised = trainer_class.uses_unlabelled_data
     if not worker.site.cases and not semi_supervised:
         raise FederationError(f"the site has no labelled training case (sites.json lists only unlabelled ones for "
                               f"it), and {config['method']} trains on labelled cases; a site with unlabelled cases "
                               f"only takes part in a semi-supervised method ({', '.join(semi_supervised_methods())}) "
                               f"or is left out with --sites", site=worker.site.name, field='cases')
     missing = worker.site.missing_channels
-    if missing and not get_method(config['method']).trainer.handles_missing_channels:
+    if missing and not trainer_class.handles_missing_channels:
         names = worker.site.channel_names
         able = missing_channel_methods()
         raise FederationError(f"the site has no images of channel(s) {', '.join(f'{c} ({names[c]})' for c in missing)} "
@@ -357,11 +359,11 @@ def check_training(worker, message: Message) -> Message:
         raise FederationError(f"configuration '{configuration}' is not preprocessed at this site ({len(absent)} of "
                               f"{len(worker.site.labelled)} cases missing in {data}, e.g. {absent[0]}): run `{hint}`",
                               site=worker.site.name, field='-c')
-    previous = PlansManager(plans).get_configuration(configuration).previous_stage_name
+    previous = configuration_manager.previous_stage_name
     if previous is not None:  # a cascade stage: the site's out-of-fold predictions of the previous stage
-        from fednnunet.cascade import missing_previous_stage, previous_stage_folder
-        folder = previous_stage_folder(join(str(nnUNet_results), worker.dataset_name),
-                                       get_method(config['method']).trainer.__name__, plans['plans_name'], previous,
+        from fednnunet.cascade import missing_previous_stage, previous_stage_folder, previous_stage_validation_folder
+        results_root = join(str(nnUNet_results), worker.dataset_name)
+        folder = previous_stage_folder(results_root, trainer_class.__name__, plans['plans_name'], previous,
                                        configuration, worker.site.name)
         if worker.site.validation:  # its validation-only cases validate every fold: no training case is out of fold
             raise FederationError(f"'{configuration}' trains on the site's out-of-fold '{previous}' predictions of its "
@@ -377,9 +379,8 @@ def check_training(worker, message: Message) -> Message:
                                   f"{plans_id}), with its final validation", site=worker.site.name,
                                   field='previous_stage')
         if config.get('validate', True):  # the final validation reads that fold's previous-stage validation
-            validated = join(str(nnUNet_results), worker.dataset_name,
-                             f"{get_method(config['method']).trainer.__name__}__{plans['plans_name']}__{previous}",
-                             'sites', worker.site.name, f"fold_{config['fold']}", 'validation')
+            validated = previous_stage_validation_folder(results_root, trainer_class.__name__, plans['plans_name'],
+                                                         previous, worker.site.name, config['fold'])
             ending = load_json(join(worker.folder, 'dataset.json'))['file_ending']
             absent = [c for c in validation_cases(worker, config['fold'])
                       if not os.path.isfile(join(validated, c + ending))]
@@ -516,9 +517,10 @@ def evaluate_model(worker, config: dict, model_folder: str, checkpoint: str, out
     previous = predictor.configuration_manager.previous_stage_name
     previous_predictions = None
     if previous is not None:  # a cascade stage: the previous stage's predictions of the same cases, same fold
-        previous_predictions = join(str(nnUNet_results), worker.dataset_name,
-                                    f'{predictor.trainer_name}__{predictor.plans_manager.plans_name}__{previous}',
-                                    'sites', worker.site.name, f"fold_{config['fold']}", 'validation')
+        from fednnunet.cascade import previous_stage_validation_folder
+        previous_predictions = previous_stage_validation_folder(
+            join(str(nnUNet_results), worker.dataset_name), predictor.trainer_name,
+            predictor.plans_manager.plans_name, previous, worker.site.name, config['fold'])
     summary = evaluate_cases(predictor, cases, {c: worker.site.image_files(c) for c in cases},
                              {c: worker.site.label_file(c) for c in cases}, output_folder,
                              num_processes=worker.num_processes if worker.num_processes > 1 else 0,
