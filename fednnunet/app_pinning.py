@@ -98,6 +98,8 @@ def run_pinned_clientapp(runtime_api_address: str, token: str, expected_hash: st
 
     flower_clientapp.pull_task_input = pull_and_remember
     flower_clientapp.install_from_fab = install_only_own
+    from fednnunet.object_pulls import shorten_object_pull_waits
+    shorten_object_pull_waits(flower_clientapp)  # its SuperNode, on this machine, may still be receiving the message
     flower_clientapp.run_clientapp(runtime_api_address=runtime_api_address, token=token, insecure=True,
                                    certificates=None, parent_pid=parent_pid, runtime_dependency_install=False)
 
@@ -155,22 +157,41 @@ def superexec_secret():
             pass
 
 
+#: the launcher's wait between looks for a ClientApp task while the site is idle (Flower's SuperExec: 1 s)
+POLL_SECONDS = 0.1
+#: ... and during the first FAST_WINDOW_SECONDS after a ClientApp ended, when the next message is due
+FAST_POLL_SECONDS, FAST_WINDOW_SECONDS = 0.02, 5.0
+#: while a ClientApp runs the launcher waits for its end, and looks for a task at least this often anyway
+BUSY_LOOK_SECONDS = 1.0
+
+
+def _bounded(seconds: float) -> float:
+    return min(max(float(seconds), 0.01), 60.0)
+
+
 class PinnedClientAppLauncher(threading.Thread):
     """The SuperExec of a site's SuperNode (process isolation): acquires ClientApp tasks and starts each in
     fednnunet's checked ClientApp process. A task whose run names another bundle is still handed to that process,
     which refuses it before installing anything and so answers the server with the reason."""
 
     def __init__(self, runtime_api_address: str, secret_file: str, expected_hash: Optional[str] = None,
-                 poll_seconds: Optional[float] = None, env: Optional[dict] = None):
-        """env: set for every ClientApp (where the site's daemon listens: fednnunet.site_daemon)."""
+                 poll_seconds: Optional[float] = None, env: Optional[dict] = None,
+                 fast_poll_seconds: float = FAST_POLL_SECONDS, fast_window_seconds: float = FAST_WINDOW_SECONDS):
+        """env: set for every ClientApp (where the site's daemon listens: fednnunet.site_daemon).
+        poll_seconds: the wait between looks for a task while the site is idle (default: Flower's SuperExec setting
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL of this process's environment, else :data:`POLL_SECONDS`).
+        fast_poll_seconds, fast_window_seconds: the wait during the first seconds after a ClientApp ended, when
+        fednnunet's next message is due (the server sends it as soon as every site has answered)."""
         super().__init__(daemon=True, name='fednnunet-clientapp-launcher')
         self.runtime_api_address = runtime_api_address
         with open(secret_file, 'rb') as f:
             self._secret = f.read()
         self.expected_hash = expected_hash or own_app_bundle_hash()
-        # Flower's SuperExec setting (flower_cli.flower_env sets 0.1 s: every fednnunet message is a ClientApp)
-        self.poll_seconds = poll_seconds or min(max(float(os.environ.get('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', 1.0)),
-                                                    0.01), 60.0)
+        self.poll_seconds = _bounded(poll_seconds or float(os.environ.get('FLWR_SUPEREXEC_TASK_POLL_INTERVAL',
+                                                                           POLL_SECONDS)))
+        self.fast_poll_seconds = _bounded(min(fast_poll_seconds, self.poll_seconds))
+        self.fast_window_seconds = float(fast_window_seconds)
+        self._last_ended = float('-inf')  # time.monotonic() when the last ClientApp of this launcher ended
         self._stopping = threading.Event()
         self.env = dict(env or {})
         self.processes: List[subprocess.Popen] = []
@@ -208,8 +229,26 @@ class PinnedClientAppLauncher(threading.Thread):
                 client = None
                 self._stopping.wait(2.0)
                 continue
-            self.processes = [p for p in self.processes if p.poll() is None]
-            self._stopping.wait(self.poll_seconds)
+            self.wait_before_next_look()
+
+    def wait_before_next_look(self):
+        """Flower's SuperNode hands out one message at a time and pulls the next only after the ClientApp's reply,
+        so while a ClientApp runs there is no task to look for: the launcher waits for it to end (looking again
+        at least every ``BUSY_LOOK_SECONDS``, in case one hangs after its reply). The next message is due right
+        after (the server sends it once every site has answered): for ``fast_window_seconds`` the launcher looks
+        every ``fast_poll_seconds``, then every ``poll_seconds``."""
+        running = [p for p in self.processes if p.poll() is None]
+        self.processes = running
+        if running:
+            deadline = time.monotonic() + BUSY_LOOK_SECONDS
+            while not self._stopping.is_set() and time.monotonic() < deadline and \
+                    any(p.poll() is None for p in running):
+                self._stopping.wait(self.fast_poll_seconds)
+            if all(p.poll() is not None for p in running):
+                self._last_ended = time.monotonic()
+            return
+        fast = time.monotonic() - self._last_ended < self.fast_window_seconds
+        self._stopping.wait(self.fast_poll_seconds if fast else self.poll_seconds)
 
     def _clientapp_process(self) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, '-m', 'fednnunet.app_pinning', '--runtime-api-address',

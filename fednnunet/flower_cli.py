@@ -596,9 +596,9 @@ def site_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-wait-time', type=positive_number, default=None,
                    help='give up after this many seconds without the server (default: keep trying)')
     p.add_argument('--pull-interval', type=pull_interval, default=0.2, metavar='SECONDS',
-                   help="at most this many seconds between the SuperNode's requests for the next message and "
-                        "between its looks for the reply (Flower's own: 3 and 0.5; default 0.2, between 0.05 and "
-                        "3; see fednnunet.supernode_runner)")
+                   help="at most this many seconds between the SuperNode's requests for the next message "
+                        "(0.05 s in the 3 s after a reply; Flower's own: 3; default 0.2, between 0.05 and 3; its "
+                        "local looks for the ClientApp's reply: every 0.02 s; see fednnunet.supernode_runner)")
     p.add_argument('--heartbeat-interval', type=heartbeat_interval, default=30.0, metavar='SECONDS',
                    help="seconds between the SuperNode's heartbeats (Flower's 30; 10-1800): a site that dies is "
                         "declared gone after two intervals without one")
@@ -708,10 +708,22 @@ def site_setup(args, superexec_secret_file: str) -> Tuple[List[str], dict]:
     return cmd, node_config
 
 
+def site_launcher(supernode_cmd: List[str], secret_file: str, env: dict, socket_path: str, site: str):
+    """The SuperExec of the site's SuperNode (app_pinning.PinnedClientAppLauncher, a thread of this process): its
+    idle wait between looks for a task is Flower's SuperExec setting of ``env`` (flower_env), and its ClientApps
+    hand their message to the site daemon at ``socket_path``."""
+    from fednnunet.app_pinning import PinnedClientAppLauncher, own_app_bundle_hash
+    from fednnunet.site_daemon import SITE_VARIABLE, SOCKET_VARIABLE
+    runtime_api = f"127.0.0.1:{supernode_cmd[supernode_cmd.index('--port') + 1]}"
+    return PinnedClientAppLauncher(runtime_api, secret_file, own_app_bundle_hash(),
+                                   poll_seconds=float(env['FLWR_SUPEREXEC_TASK_POLL_INTERVAL']),
+                                   env={SOCKET_VARIABLE: socket_path, SITE_VARIABLE: site})
+
+
 def site_entry(argv=None):
     args = site_parser().parse_args(argv)
-    from fednnunet.app_pinning import PinnedClientAppLauncher, own_app_bundle_hash, superexec_secret
-    from fednnunet.site_daemon import SITE_VARIABLE, SOCKET_VARIABLE, daemon_folder
+    from fednnunet.app_pinning import superexec_secret
+    from fednnunet.site_daemon import daemon_folder
     with superexec_secret() as secret_file, daemon_folder() as folder:
         try:
             cmd, node_config = site_setup(args, secret_file)
@@ -721,9 +733,7 @@ def site_entry(argv=None):
         socket_path = os.path.join(folder, 'site.sock')
         daemon = SiteDaemonProcess(daemon_command(node_config, socket_path), env)
         daemon.start()
-        runtime_api = f"127.0.0.1:{cmd[cmd.index('--port') + 1]}"
-        launcher = PinnedClientAppLauncher(runtime_api, secret_file, own_app_bundle_hash(),
-                                           env={SOCKET_VARIABLE: socket_path, SITE_VARIABLE: args.site})
+        launcher = site_launcher(cmd, secret_file, env, socket_path, args.site)
         print(f'fednnunet_site: this site runs only the app bundle of its own fednnunet, '
               f'{launcher.expected_hash}', flush=True)
         launcher.start()

@@ -4,9 +4,11 @@ A SuperNode that pulls the SuperLink and finds no message sleeps a fixed 3 s bef
 for the ClientApp's reply every 0.5 s (flwr 1.42, ``flwr.supernode.start_client_internal``). Flower's own rounds
 are long and few messages apart; fednnunet sends a site one message per round, the next only after every site has
 answered, so the site nearly always finds nothing right after its reply and then waits up to 3 s (measured: the
-larger part of Flower's share of a round). Here every wait of that loop is at most ``--pull-interval`` seconds
-(fednnunet_site's default 0.2 s: five small requests a second to the SuperLink while the site waits, and as many
-local look-ups for the reply while it trains). Nothing else of the SuperNode changes: this module runs Flower's
+larger part of Flower's share of a round). Here the wait between pulls is at most ``--pull-interval`` seconds
+(fednnunet_site's default 0.2 s: five small requests a second to the SuperLink while the site waits), and at most
+FAST_PULL_INTERVAL during the FAST_WINDOW seconds after the site's reply, when the server's next message is due;
+the looks for the reply, local look-ups in the SuperNode's own state, come every LOCAL_WAIT seconds while the site
+trains. Nothing else of the SuperNode changes: this module runs Flower's
 own ``flower-supernode`` entry point with the same arguments. On a Flower whose SuperNode loop is not the one this
 was written for, the SuperNode runs unchanged, with a one-line notice.
 
@@ -27,14 +29,33 @@ MIN_PULL_INTERVAL = 0.05
 MIN_HEARTBEAT, MAX_HEARTBEAT, FLOWER_HEARTBEAT = 10, 1800, 30
 
 
+#: Flower's other waits in that loop (0.5 s) are local look-ups (the ClientApp's reply in the SuperNode's own state):
+#: this often instead
+LOCAL_WAIT = 0.02
+#: for FAST_WINDOW seconds after a reply the idle wait is at most FAST_PULL_INTERVAL: the server sends the next message
+#: as soon as every site has answered
+FAST_PULL_INTERVAL, FAST_WINDOW = 0.05, 3.0
+
+
 class _IdleWait:
-    """``time`` for Flower's SuperNode loop: everything as the time module, but its waits at most the interval."""
+    """``time`` for Flower's SuperNode loop: everything as the time module, but its waits shorter. The idle wait
+    between pulls (Flower's 3 s) is at most the pull interval, and at most FAST_PULL_INTERVAL during the first
+    FAST_WINDOW seconds after the site's last reply (its look-ups for the reply, Flower's local 0.5 s waits, end
+    when the reply has been sent); the local waits are LOCAL_WAIT."""
 
     def __init__(self, pull_interval: float):
         self.pull_interval = pull_interval
+        self.fast_pull_interval = min(FAST_PULL_INTERVAL, pull_interval)
+        self._last_local_wait = float('-inf')
 
     def sleep(self, seconds: float):
-        _time.sleep(min(seconds, self.pull_interval))
+        if seconds < FLOWER_IDLE_WAIT:  # waiting for a reply of this site's ClientApp (local)
+            self._last_local_wait = _time.monotonic()
+            _time.sleep(min(seconds, LOCAL_WAIT))
+        elif _time.monotonic() - self._last_local_wait < FAST_WINDOW:
+            _time.sleep(min(seconds, self.fast_pull_interval))
+        else:
+            _time.sleep(min(seconds, self.pull_interval))
 
     def __getattr__(self, name):
         return getattr(_time, name)
@@ -83,7 +104,9 @@ def main(argv: Optional[List[str]] = None):
     pull_interval = float(argv[1])
     if not MIN_PULL_INTERVAL <= pull_interval <= FLOWER_IDLE_WAIT:
         sys.exit(f'--pull-interval must be between {MIN_PULL_INTERVAL} and {FLOWER_IDLE_WAIT} s, not {pull_interval}')
-    if not shorten_waits(pull_interval):
+    from flwr.supernode import start_client_internal
+    from fednnunet.object_pulls import REMOTE_BACKOFF, shorten_object_pull_waits
+    if not shorten_waits(pull_interval) or not shorten_object_pull_waits(start_client_internal, REMOTE_BACKOFF):
         print("fednnunet_site: this Flower's SuperNode loop is not the one fednnunet shortens the waits of; it "
               "polls at Flower's own intervals", flush=True)
     if heartbeat is not None and heartbeat != FLOWER_HEARTBEAT and not set_heartbeat_interval(heartbeat):

@@ -242,3 +242,50 @@ def test_an_unneeded_clientapp_process_ends_quietly_without_a_token():
                         '--expected-hash', '0' * 64], input=b'', capture_output=True, timeout=120)
     assert p.returncode == 0, p.stderr.decode()
     assert p.stderr.decode().strip() == ''
+
+
+def test_the_sites_launcher_looks_for_tasks_at_fednnunets_interval_not_flowers(tmp_path, monkeypatch):
+    """Flower's SuperExec looks for a task every second; fednnunet_site's launcher takes the interval of the
+    environment it gives Flower's processes (flower_env: 0.1 s), not Flower's default (a second of every round was
+    waiting for it)."""
+    from fednnunet.flower_cli import flower_env, site_launcher
+    monkeypatch.delenv('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', raising=False)
+    secret = tmp_path / 'secret'
+    secret.write_bytes(b'x' * 32)
+    launcher = site_launcher(['flower-supernode', '--port', '9999'], str(secret), flower_env(), 'site.sock', 'A')
+    assert launcher.poll_seconds == 0.1
+    assert launcher.runtime_api_address == '127.0.0.1:9999'
+
+
+def test_the_launcher_waits_for_its_clientapp_then_looks_fast_for_the_next_message(tmp_path, monkeypatch):
+    """While a ClientApp runs there is no task (Flower's SuperNode hands out one message at a time): the launcher
+    waits for the process to end; the next message is due right after, so for a few seconds it looks every
+    fast_poll_seconds, then every poll_seconds."""
+    from fednnunet import app_pinning
+    secret = tmp_path / 'secret'
+    secret.write_bytes(b'x' * 32)
+    launcher = app_pinning.PinnedClientAppLauncher('127.0.0.1:1', str(secret), expected_hash='0' * 64,
+                                                   poll_seconds=0.3, fast_poll_seconds=0.02, fast_window_seconds=1.0)
+
+    def timed():
+        t = time.monotonic()
+        launcher.wait_before_next_look()
+        return time.monotonic() - t
+
+    assert timed() >= 0.29  # idle: the slow interval
+    launcher.processes = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.6)'])]
+    assert 0.4 <= timed() < 0.9  # back as soon as the ClientApp ended (not after a poll interval more)
+    assert launcher.processes == [] or launcher.processes[0].poll() is not None
+    assert max(timed() for _ in range(5)) < 0.1  # the next message is due: fast looks
+    time.sleep(1.0)
+    assert timed() >= 0.29  # the window is over
+    monkeypatch.setattr(app_pinning, 'BUSY_LOOK_SECONDS', 0.3)
+    hanging = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])
+    try:
+        launcher.processes = [hanging]
+        assert 0.25 <= timed() < 0.6  # a ClientApp that hangs after its reply: looked for tasks anyway
+        assert timed() >= 0.25 and launcher._last_ended < time.monotonic() - 1.0  # (no fast window from it)
+    finally:
+        hanging.kill()
+        hanging.wait()
+

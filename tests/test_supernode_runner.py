@@ -1,5 +1,6 @@
 """fednnunet_site runs Flower's own SuperNode with shorter waits (fednnunet.supernode_runner): the 3 s wait after
-an empty pull and the 0.5 s looks for the ClientApp's reply become at most --pull-interval."""
+an empty pull becomes at most --pull-interval (shorter right after a reply), the 0.5 s looks for the ClientApp's
+reply LOCAL_WAIT."""
 import time
 
 import pytest
@@ -21,10 +22,16 @@ def _slept(seconds: float) -> float:
 def test_the_supernodes_waits_become_at_most_the_pull_interval(monkeypatch):
     monkeypatch.setattr(start_client_internal, 'time', time)  # restored after the test
     assert _slept(supernode_runner.FLOWER_IDLE_WAIT) >= 2.9  # Flower's own, as the runner finds it
-    assert supernode_runner.shorten_waits(0.1)
-    assert _slept(supernode_runner.FLOWER_IDLE_WAIT) < 0.4
-    assert _slept(0.5) < 0.4  # the looks for the reply
-    assert _slept(0.05) >= 0.045  # a shorter wait stays as it is
+    monkeypatch.setattr(supernode_runner, 'FAST_WINDOW', 0.5)
+    assert supernode_runner.shorten_waits(0.3)
+    assert 0.29 <= _slept(supernode_runner.FLOWER_IDLE_WAIT) < 0.6  # idle: at most the pull interval
+    # the looks for the ClientApp's reply (local): LOCAL_WAIT; right after them (the reply went out, the server's
+    # next message is due) the idle wait is FAST_PULL_INTERVAL, then the pull interval again
+    assert max(_slept(0.5) for _ in range(5)) < 0.1
+    assert max(_slept(supernode_runner.FLOWER_IDLE_WAIT) for _ in range(3)) < 0.15
+    time.sleep(0.5)
+    assert _slept(supernode_runner.FLOWER_IDLE_WAIT) >= 0.29
+    assert _slept(0.01) >= 0.009  # a shorter wait stays as it is
     assert start_client_internal.time.time() == pytest.approx(time.time(), abs=1.0)
     assert not supernode_runner.shorten_waits(0.1)  # not the module it was written for (any more): unchanged
 
