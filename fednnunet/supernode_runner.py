@@ -12,6 +12,10 @@ trains. Nothing else of the SuperNode changes: this module runs Flower's
 own ``flower-supernode`` entry point with the same arguments. On a Flower whose SuperNode loop is not the one this
 was written for, the SuperNode runs unchanged, with a one-line notice.
 
+After a failed request (the server not up yet, or restarting) the SuperNode tries again within RECONNECT_WAIT
+seconds, not after Flower's doubling wait of up to 20 s (a test's site waited 15 s for a server that had been up
+for 10). Its looks for a message object still on its way: :mod:`fednnunet.object_pulls`.
+
 ``--heartbeat-interval S`` (Flower's 30 s by default; its SuperLink accepts 10-1800): how often the SuperNode tells
 the SuperLink it is alive. The SuperLink declares a node gone after two intervals without one, so a site that
 dies (power loss, kill -9) misses the current round after 2 S instead of about 60 s.
@@ -25,6 +29,8 @@ from typing import List, Optional
 #: the idle wait of flwr's SuperNode loop (its others are 0.5 s); every wait becomes at most the pull interval
 FLOWER_IDLE_WAIT = 3
 MIN_PULL_INTERVAL = 0.05
+#: the longest wait before the SuperNode tries an unreachable server again (Flower: doubling up to 20 s)
+RECONNECT_WAIT = 2.0
 #: the heartbeat intervals Flower's SuperLink accepts (flwr.common.constant HEARTBEAT_MIN/MAX_INTERVAL) and its own
 MIN_HEARTBEAT, MAX_HEARTBEAT, FLOWER_HEARTBEAT = 10, 1800, 30
 
@@ -72,6 +78,18 @@ def shorten_waits(pull_interval: float) -> bool:
     return True
 
 
+def cap_reconnect_wait(seconds: float = RECONNECT_WAIT) -> bool:
+    """The SuperNode in this process waits at most ``seconds`` (with Flower's full jitter: a random share of it)
+    before it tries the server again after a failed request, instead of Flower's doubling up to 20 s: a site that
+    starts before the server, or whose server restarts, is back within about a second of the server, not after up
+    to 20 s. False (nothing changed) if this Flower keeps that wait elsewhere."""
+    from flwr.supercore.retry import http_retry
+    if not isinstance(getattr(http_retry, 'MAX_RETRY_DELAY', None), (int, float)):
+        return False
+    http_retry.MAX_RETRY_DELAY = min(http_retry.MAX_RETRY_DELAY, seconds)
+    return True
+
+
 def set_heartbeat_interval(seconds: float) -> bool:
     """The SuperNode in this process announces and sends its heartbeat every ``seconds`` (Flower's own 30); False
     (nothing changed) if this Flower keeps the interval elsewhere."""
@@ -106,7 +124,8 @@ def main(argv: Optional[List[str]] = None):
         sys.exit(f'--pull-interval must be between {MIN_PULL_INTERVAL} and {FLOWER_IDLE_WAIT} s, not {pull_interval}')
     from flwr.supernode import start_client_internal
     from fednnunet.object_pulls import REMOTE_BACKOFF, shorten_object_pull_waits
-    if not shorten_waits(pull_interval) or not shorten_object_pull_waits(start_client_internal, REMOTE_BACKOFF):
+    if not shorten_waits(pull_interval) or not shorten_object_pull_waits(start_client_internal, REMOTE_BACKOFF) or \
+            not cap_reconnect_wait():
         print("fednnunet_site: this Flower's SuperNode loop is not the one fednnunet shortens the waits of; it "
               "polls at Flower's own intervals", flush=True)
     if heartbeat is not None and heartbeat != FLOWER_HEARTBEAT and not set_heartbeat_interval(heartbeat):

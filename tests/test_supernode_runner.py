@@ -69,3 +69,15 @@ def test_the_heartbeat_interval_reaches_flowers_supernode(monkeypatch):
     for bad in ('9', '1801', 'nan', 'x'):
         with pytest.raises(Exception):
             heartbeat_interval(bad)
+
+
+def test_a_site_tries_an_unreachable_server_again_within_seconds(monkeypatch):
+    """Flower's SuperNode waits up to 20 s (doubling, full jitter) before it tries an unreachable server again;
+    fednnunet's at most RECONNECT_WAIT."""
+    from flwr.supercore.retry import http_retry
+    monkeypatch.setattr(http_retry, 'MAX_RETRY_DELAY', http_retry.MAX_RETRY_DELAY)  # restored after the test
+    assert http_retry.MAX_RETRY_DELAY == 20
+    assert supernode_runner.cap_reconnect_wait()
+    invoker = http_retry.make_simple_http_retry_invoker()
+    waits = invoker.wait_gen_factory()
+    assert max(next(waits) for _ in range(20)) == supernode_runner.RECONNECT_WAIT
