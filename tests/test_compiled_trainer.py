@@ -11,7 +11,7 @@ from conftest import DATASET_ID, point_nnunet_folder
 from test_live_trainer import CountingBuilds
 from test_training import _config, _engine, _final_weights
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended  # 70 s on 2 CPU cores, most of it compiling
 
 
 def test_a_compiled_kept_trainer_gives_the_uncompiled_weights(planned, tmp_path, monkeypatch):

@@ -89,24 +89,25 @@ def test_a_new_run_refuses_an_earlier_run_and_overwrite_replaces_it(planned, fre
         FederatedTraining(_engine(fed), _config('fedbn', rounds=1)).run(continue_training=True, overwrite=True)
 
 
-@pytest.mark.parametrize('change, named', [
-    ({'val_iterations': 1}, 'val_iterations'),
-    ({'hyperparameters': {'mu': 0.5}}, 'hyperparameters'),
-    ({'strategy_options': {'weighting': 'uniform'}}, 'strategy_options'),
-    ({'validate': True}, 'validate'),
-])
-def test_continue_refuses_any_changed_setting_by_name(planned, fresh_results, change, named):
+CHANGED_SETTINGS = [({'val_iterations': 1}, 'val_iterations'), ({'hyperparameters': {'mu': 0.5}}, 'hyperparameters'),
+                    ({'strategy_options': {'weighting': 'uniform'}}, 'strategy_options'),
+                    ({'validate': True}, 'validate')]
+
+
+def test_continue_refuses_any_changed_setting_by_name(planned, fresh_results):
+    """One interrupted run; resuming it with any changed setting is refused by name and writes nothing; min_sites
+    is operational: a resume may ask for another quorum."""
     fed = Federation.from_raw(DATASET_ID)
     settings = dict(rounds=3, local_iterations=2, validate=False)
     with pytest.raises(KeyboardInterrupt):
         FederatedTraining(_engine(fed, RecordingEngine, stop_at_round=1), _config('fedprox', **settings)).run()
     base = _results('fedprox')
     before = _listing(base)
-    with pytest.raises(FederationError, match=f'--continue: {named} was') as e:
-        FederatedTraining(_engine(fed), _config('fedprox', **{**settings, **change})).run(continue_training=True)
-    assert '--overwrite' in str(e.value)
-    assert _listing(base) == before
-    # min_sites is operational: a resume may ask for another quorum
+    for change, named in CHANGED_SETTINGS:
+        with pytest.raises(FederationError, match=f'--continue: {named} was') as e:
+            FederatedTraining(_engine(fed), _config('fedprox', **{**settings, **change})).run(continue_training=True)
+        assert '--overwrite' in str(e.value)
+        assert _listing(base) == before, named
     FederatedTraining(_engine(fed), _config('fedprox', min_sites=2, **settings)).run(continue_training=True)
 
 
