@@ -238,6 +238,8 @@ class PinnedClientAppLauncher(threading.Thread):
         after (the server sends it once every site has answered): for ``fast_window_seconds`` the launcher looks
         every ``fast_poll_seconds``, then every ``poll_seconds``."""
         running = [p for p in self.processes if p.poll() is None]
+        if len(running) < len(self.processes):  # a ClientApp ended since the last look
+            self._last_ended = time.monotonic()
         self.processes = running
         if running:
             deadline = time.monotonic() + BUSY_LOOK_SECONDS

@@ -199,9 +199,13 @@ server_app = ServerApp()
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    from flwr.superlink.grid import http_grid
     from fednnunet.object_pulls import shorten_object_pull_waits
-    shorten_object_pull_waits(http_grid)  # a site's reply may still be on its way into the SuperLink, on this machine
+    try:
+        from flwr.superlink.grid import http_grid
+    except ImportError:  # another Flower: its own waits
+        pass
+    else:
+        shorten_object_pull_waits(http_grid)  # a site's reply may still be on its way into the SuperLink (local)
     run_server(grid, dict(context.run_config))
 
 

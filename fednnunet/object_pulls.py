@@ -8,8 +8,11 @@ is still receiving the message) looks again after 1 s, then 2 s, 4 s... up to 10
 usually arrive within milliseconds, so that first second was most of Flower's share of some rounds (measured:
 pulls of a 0.35 MB reply that took 1.0-1.2 s). fednnunet's processes look again after a short wait, doubling up
 to a cap: for a local API (ClientApp -> its SuperNode, ServerApp -> its SuperLink) 0.02 s up to 0.5 s, for the
-SuperNode's pulls over the network 0.05 s up to 1 s. Nothing else of the pull changes (Flower's limits on tries
-and time, its checks of every object's content).
+SuperNode's pulls over the network 0.05 s up to 1 s. Flower gives up on an object after 500 looks (with its own
+waits about 80 minutes); with the short waits 500 looks would be over in 4-8 minutes, less than a large message
+to many sites over a slow line may need, so the number of looks is not limited and Flower's limit on the time
+(``PULL_MAX_TIME``, 2 hours) is the one that ends the wait. Nothing else of the pull changes (its checks of every
+object's content).
 """
 import functools
 import inspect
@@ -19,6 +22,7 @@ LOCAL_BACKOFF = (0.02, 0.5)
 REMOTE_BACKOFF = (0.05, 1.0)
 #: Flower's own pull functions that take these waits as keyword arguments
 _PULLS = ('pull_objects', 'pull_and_inflate_object_from_tree')
+_KEYWORDS = ('initial_backoff', 'backoff_cap', 'max_tries_per_object')
 
 
 def shorten_object_pull_waits(module, backoff=LOCAL_BACKOFF) -> bool:
@@ -32,10 +36,15 @@ def shorten_object_pull_waits(module, backoff=LOCAL_BACKOFF) -> bool:
         pull = getattr(module, name)
         if isinstance(pull, functools.partial):  # already shortened
             continue
-        if not {'initial_backoff', 'backoff_cap'} <= set(inspect.signature(pull).parameters):
+        try:
+            parameters = set(inspect.signature(pull).parameters)
+        except (TypeError, ValueError):
+            return False
+        if not set(_KEYWORDS) <= parameters:
             return False
     for name in names:
         pull = getattr(module, name)
         if not isinstance(pull, functools.partial):
-            setattr(module, name, functools.partial(pull, initial_backoff=backoff[0], backoff_cap=backoff[1]))
+            setattr(module, name, functools.partial(pull, initial_backoff=backoff[0], backoff_cap=backoff[1],
+                                                    max_tries_per_object=None))
     return True

@@ -26,7 +26,7 @@ import sys
 import time as _time
 from typing import List, Optional
 
-#: the idle wait of flwr's SuperNode loop (its others are 0.5 s); every wait becomes at most the pull interval
+#: the idle wait of flwr's SuperNode loop between its pulls: at most the pull interval instead
 FLOWER_IDLE_WAIT = 3
 MIN_PULL_INTERVAL = 0.05
 #: the longest wait before the SuperNode tries an unreachable server again (Flower: doubling up to 20 s)
@@ -36,8 +36,8 @@ MIN_HEARTBEAT, MAX_HEARTBEAT, FLOWER_HEARTBEAT = 10, 1800, 30
 
 
 #: Flower's other waits in that loop (0.5 s) are local look-ups (the ClientApp's reply in the SuperNode's own state):
-#: this often instead
-LOCAL_WAIT = 0.02
+#: LOCAL_WAIT instead
+FLOWER_LOCAL_WAIT, LOCAL_WAIT = 0.5, 0.02
 #: for FAST_WINDOW seconds after a reply the idle wait is at most FAST_PULL_INTERVAL: the server sends the next message
 #: as soon as every site has answered
 FAST_PULL_INTERVAL, FAST_WINDOW = 0.05, 3.0
@@ -55,12 +55,12 @@ class _IdleWait:
         self._last_local_wait = float('-inf')
 
     def sleep(self, seconds: float):
-        if seconds < FLOWER_IDLE_WAIT:  # waiting for a reply of this site's ClientApp (local)
+        if seconds == FLOWER_LOCAL_WAIT:  # waiting for a reply of this site's ClientApp (local)
             self._last_local_wait = _time.monotonic()
-            _time.sleep(min(seconds, LOCAL_WAIT))
-        elif _time.monotonic() - self._last_local_wait < FAST_WINDOW:
-            _time.sleep(min(seconds, self.fast_pull_interval))
-        else:
+            _time.sleep(LOCAL_WAIT)
+        elif seconds >= FLOWER_IDLE_WAIT and _time.monotonic() - self._last_local_wait < FAST_WINDOW:
+            _time.sleep(self.fast_pull_interval)
+        else:  # Flower's idle wait, or a wait this was not written for: at most the pull interval
             _time.sleep(min(seconds, self.pull_interval))
 
     def __getattr__(self, name):
@@ -68,9 +68,10 @@ class _IdleWait:
 
 
 def shorten_waits(pull_interval: float) -> bool:
-    """Makes Flower's SuperNode loop (in this process) wait at most ``pull_interval`` s between its pulls and
-    between its looks for the ClientApp's reply. False (and nothing changed) if this Flower's SuperNode loop is not
-    the one this was written for."""
+    """Makes Flower's SuperNode loop (in this process) wait at most ``pull_interval`` s between its pulls
+    (FAST_PULL_INTERVAL right after a reply) and LOCAL_WAIT between its looks for the ClientApp's reply (see
+    :class:`_IdleWait`). False (and nothing changed) if this Flower's SuperNode loop is not the one this was written
+    for."""
     from flwr.supernode import start_client_internal
     if getattr(start_client_internal, 'time', None) is not _time:
         return False
@@ -83,7 +84,10 @@ def cap_reconnect_wait(seconds: float = RECONNECT_WAIT) -> bool:
     before it tries the server again after a failed request, instead of Flower's doubling up to 20 s: a site that
     starts before the server, or whose server restarts, is back within about a second of the server, not after up
     to 20 s. False (nothing changed) if this Flower keeps that wait elsewhere."""
-    from flwr.supercore.retry import http_retry
+    try:
+        from flwr.supercore.retry import http_retry
+    except ImportError:
+        return False
     if not isinstance(getattr(http_retry, 'MAX_RETRY_DELAY', None), (int, float)):
         return False
     http_retry.MAX_RETRY_DELAY = min(http_retry.MAX_RETRY_DELAY, seconds)
@@ -124,10 +128,13 @@ def main(argv: Optional[List[str]] = None):
         sys.exit(f'--pull-interval must be between {MIN_PULL_INTERVAL} and {FLOWER_IDLE_WAIT} s, not {pull_interval}')
     from flwr.supernode import start_client_internal
     from fednnunet.object_pulls import REMOTE_BACKOFF, shorten_object_pull_waits
-    if not shorten_waits(pull_interval) or not shorten_object_pull_waits(start_client_internal, REMOTE_BACKOFF) or \
-            not cap_reconnect_wait():
-        print("fednnunet_site: this Flower's SuperNode loop is not the one fednnunet shortens the waits of; it "
-              "polls at Flower's own intervals", flush=True)
+    for done, what in ((shorten_waits(pull_interval), 'waits between its pulls and for the reply'),
+                       (shorten_object_pull_waits(start_client_internal, REMOTE_BACKOFF),
+                        'waits for a message object still on its way'),
+                       (cap_reconnect_wait(), 'waits before it tries an unreachable server again')):
+        if not done:
+            print(f"fednnunet_site: this Flower's SuperNode is not the one fednnunet shortens the {what} of; "
+                  f"they stay Flower's own", flush=True)
     if heartbeat is not None and heartbeat != FLOWER_HEARTBEAT and not set_heartbeat_interval(heartbeat):
         print("fednnunet_site: this Flower keeps its heartbeat interval elsewhere; the SuperNode uses Flower's own",
               flush=True)

@@ -255,6 +255,10 @@ def test_the_sites_launcher_looks_for_tasks_at_fednnunets_interval_not_flowers(t
     launcher = site_launcher(['flower-supernode', '--port', '9999'], str(secret), flower_env(), 'site.sock', 'A')
     assert launcher.poll_seconds == 0.1
     assert launcher.runtime_api_address == '127.0.0.1:9999'
+    # the environment given to Flower's processes, not this process's own
+    monkeypatch.setenv('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', '1')
+    env = dict(flower_env(), FLWR_SUPEREXEC_TASK_POLL_INTERVAL='0.3')
+    assert site_launcher(['flower-supernode', '--port', '9999'], str(secret), env, 'sock', 'A').poll_seconds == 0.3
 
 
 def test_the_launcher_waits_for_its_clientapp_then_looks_fast_for_the_next_message(tmp_path, monkeypatch):
@@ -273,8 +277,10 @@ def test_the_launcher_waits_for_its_clientapp_then_looks_fast_for_the_next_messa
         return time.monotonic() - t
 
     assert timed() >= 0.29  # idle: the slow interval
+    monkeypatch.setattr(app_pinning, 'BUSY_LOOK_SECONDS', 10.0)
     launcher.processes = [subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.6)'])]
-    assert 0.4 <= timed() < 0.9  # back as soon as the ClientApp ended (not after a poll interval more)
+    assert 0.5 <= timed() < 5.0  # back when the ClientApp ended, not after BUSY_LOOK_SECONDS
+    assert time.monotonic() - launcher._last_ended < 0.1  # (the launcher saw it end)
     assert launcher.processes == [] or launcher.processes[0].poll() is not None
     assert max(timed() for _ in range(5)) < 0.1  # the next message is due: fast looks
     time.sleep(1.0)
