@@ -32,19 +32,15 @@ def shorten_object_pull_waits(module, backoff=LOCAL_BACKOFF) -> bool:
     names = [n for n in _PULLS if callable(getattr(module, n, None))]
     if not names:
         return False
-    for name in names:
-        pull = getattr(module, name)
-        if isinstance(pull, functools.partial):  # already shortened
-            continue
+    todo = [n for n in names if not isinstance(getattr(module, n), functools.partial)]  # (else already shortened)
+    for name in todo:
         try:
-            parameters = set(inspect.signature(pull).parameters)
+            parameters = set(inspect.signature(getattr(module, name)).parameters)
         except (TypeError, ValueError):
             return False
         if not set(_KEYWORDS) <= parameters:
             return False
-    for name in names:
-        pull = getattr(module, name)
-        if not isinstance(pull, functools.partial):
-            setattr(module, name, functools.partial(pull, initial_backoff=backoff[0], backoff_cap=backoff[1],
-                                                    max_tries_per_object=None))
+    for name in todo:
+        setattr(module, name, functools.partial(getattr(module, name), initial_backoff=backoff[0],
+                                                backoff_cap=backoff[1], max_tries_per_object=None))
     return True

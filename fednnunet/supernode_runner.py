@@ -29,18 +29,16 @@ from typing import List, Optional
 #: the idle wait of flwr's SuperNode loop between its pulls: at most the pull interval instead
 FLOWER_IDLE_WAIT = 3
 MIN_PULL_INTERVAL = 0.05
+#: for FAST_WINDOW seconds after a reply the idle wait is at most FAST_PULL_INTERVAL: the server sends the next message
+#: as soon as every site has answered
+FAST_PULL_INTERVAL, FAST_WINDOW = 0.05, 3.0
+#: Flower's other waits in that loop (0.5 s) are local look-ups (the ClientApp's reply in the SuperNode's own state):
+#: LOCAL_WAIT instead
+FLOWER_LOCAL_WAIT, LOCAL_WAIT = 0.5, 0.02
 #: the longest wait before the SuperNode tries an unreachable server again (Flower: doubling up to 20 s)
 RECONNECT_WAIT = 2.0
 #: the heartbeat intervals Flower's SuperLink accepts (flwr.common.constant HEARTBEAT_MIN/MAX_INTERVAL) and its own
 MIN_HEARTBEAT, MAX_HEARTBEAT, FLOWER_HEARTBEAT = 10, 1800, 30
-
-
-#: Flower's other waits in that loop (0.5 s) are local look-ups (the ClientApp's reply in the SuperNode's own state):
-#: LOCAL_WAIT instead
-FLOWER_LOCAL_WAIT, LOCAL_WAIT = 0.5, 0.02
-#: for FAST_WINDOW seconds after a reply the idle wait is at most FAST_PULL_INTERVAL: the server sends the next message
-#: as soon as every site has answered
-FAST_PULL_INTERVAL, FAST_WINDOW = 0.05, 3.0
 
 
 class _IdleWait:
